@@ -1,0 +1,33 @@
+// The CPU kernel table: one per CPU capability; Python installs the one matching ATen's choice for this CPU.
+// Every tensor handed to a kernel is already checked and dense in the layout of `input` (NCHW or channels_last);
+// per-channel vectors are contiguous in the accumulation dtype (fp32 for fp16/bf16/fp32, fp64 for fp64);
+// sums and statistics are written in fp64. An undefined tensor means "absent".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace fused_resnet {
+
+struct CpuKernels {
+  void (*batch_stats)(const at::Tensor& input, at::Tensor& mean, at::Tensor& var);
+  void (*bn_act)(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+                 const at::Tensor& residual, const at::Tensor& residual_scale, const at::Tensor& residual_shift,
+                 bool relu, at::Tensor& out);
+  void (*backward_reduce)(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
+                          const at::Tensor& mean, const at::Tensor& input2, const at::Tensor& mean2,
+                          at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& sum_dy_xmu2);
+  void (*backward_elemt)(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
+                         const at::Tensor& mean, const at::Tensor& coef_dy, const at::Tensor& coef_xmu,
+                         const at::Tensor& coef_const, const at::Tensor& input2, const at::Tensor& mean2,
+                         const at::Tensor& coef2_dy, const at::Tensor& coef2_xmu, const at::Tensor& coef2_const,
+                         bool residual_grad, at::Tensor& grad_input, at::Tensor& grad_other);
+};
+
+const CpuKernels& cpu_kernels_default();
+const CpuKernels& cpu_kernels_avx2();  // in the fused_resnet._C_avx2 module (x86-64 only)
+
+// The table the CPU ops use: the default one until use_cpu_kernels() installs another.
+const CpuKernels& cpu_kernels();
+void use_cpu_kernels(const CpuKernels* table);
+
+}  // namespace fused_resnet

@@ -1,0 +1,560 @@
+// The CPU kernels of the fused BatchNorm(+residual)+ReLU ops, compiled once per CPU capability
+// (kernels_default.cpp, kernels_avx2.cpp): include it after defining FUSED_RESNET_KERNEL_TABLE, the name of the
+// function that returns this build's table. Argument checks, layouts and allocation live in bn_act_cpu.cpp.
+//
+// An activation is 4-D and dense in one of two layouts:
+//   NCHW (contiguous):     N*C "planes" of H*W elements, one channel per plane;
+//   NHWC (channels_last):  N*H*W "rows" of C elements, one channel per element of a row.
+// Every kernel walks the tensor by those contiguous segments and vectorizes along them with at::vec;
+// a per-channel parameter is a broadcast scalar inside a plane and a vector load along a row.
+//
+// Reductions are deterministic whatever the thread count: the tensor is cut into tiles whose bounds depend
+// on the shape alone, each tile is reduced on its own, and tile results are merged in tile order. Batch
+// statistics are robust to a large mean: each tile (small enough to stay in cache) is reduced in two passes
+// (mean, then the sum of squared deviations from it) and tiles are merged with Chan et al.'s update in double.
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace fused_resnet {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+// Elements reduced together in one tile: 16 KiB of fp32, comfortably inside L1/L2 for the second pass.
+constexpr int64_t kTileElements = 4096;
+// Elements per parallel task in elementwise kernels (ATen's TensorIterator grain): less is not worth a thread.
+constexpr int64_t kGrainElements = 32768;
+
+struct Layout {
+  int64_t N, C, HW;
+  bool channels_last;
+};
+
+Layout layout_of(const at::Tensor& t) {
+  return Layout{t.size(0), t.size(1), t.size(2) * t.size(3),
+                t.suggest_memory_format() == at::MemoryFormat::ChannelsLast};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Vector load/store in the accumulation type (fp32 for bf16/fp16, the type itself otherwise).
+
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kSize = Vec::size();
+
+  static Vec load(const scalar_t* p) {
+    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+      Vec out;
+      at::vec::load_to_float(p, out);
+      return out;
+    } else {
+      return Vec::loadu(p);
+    }
+  }
+  static void store(scalar_t* p, const Vec& v) {
+    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+      at::vec::convert_from_float<scalar_t>(v, v).store(p, kSize);
+    } else {
+      v.store(p);
+    }
+  }
+};
+
+// A per-channel parameter: broadcast inside a plane (channel fixed), loaded along a row (channel = index).
+template <bool kRow, typename acc_t>
+inline Vectorized<acc_t> channel_vec(const acc_t* p, int64_t c, int64_t i) {
+  if constexpr (kRow) {
+    return Vectorized<acc_t>::loadu(p + i);
+  } else {
+    return Vectorized<acc_t>(p[c]);
+  }
+}
+
+template <bool kRow, typename acc_t>
+inline acc_t channel_val(const acc_t* p, int64_t c, int64_t i) {
+  return kRow ? p[i] : p[c];
+}
+
+// PyTorch's relu keeps NaN; threshold_backward passes the gradient unless output <= 0.
+template <typename acc_t>
+inline Vectorized<acc_t> relu(const Vectorized<acc_t>& v) {
+  return at::vec::maximum(v, Vectorized<acc_t>(acc_t(0)));
+}
+template <typename acc_t>
+inline acc_t relu(acc_t v) {
+  return std::isnan(v) ? v : std::max(v, acc_t(0));
+}
+template <typename acc_t>
+inline Vectorized<acc_t> relu_mask(const Vectorized<acc_t>& grad, const Vectorized<acc_t>& out) {
+  const Vectorized<acc_t> zero(acc_t(0));
+  return Vectorized<acc_t>::blendv(grad, zero, out <= zero);
+}
+template <typename acc_t>
+inline acc_t relu_mask(acc_t grad, acc_t out) {
+  return out <= acc_t(0) ? acc_t(0) : grad;
+}
+
+// Runs body(kRow, offset, length, channel) over every contiguous segment, in parallel.
+// kRow is std::true_type for channels_last rows (channel = index within the row), std::false_type for planes.
+template <typename Body>
+void for_each_segment(const Layout& L, const Body& body) {
+  if (L.channels_last) {
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(L.C, 1));
+    at::parallel_for(0, L.N * L.HW, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) body(std::true_type{}, row * L.C, L.C, int64_t(0));
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(L.HW, 1));
+    at::parallel_for(0, L.N * L.C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) body(std::false_type{}, plane * L.HW, L.HW, plane % L.C);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// batch_stats: per-channel mean and biased variance.
+
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+  void merge(double n_b, double mean_b, double m2_b) {
+    if (n_b == 0) return;
+    const double n = count + n_b;
+    const double delta = mean_b - mean;
+    mean += delta * (n_b / n);
+    m2 += m2_b + delta * delta * (count * n_b / n);
+    count = n;
+  }
+};
+
+// Two passes over one contiguous run of one channel's values (cache-resident): (mean, sum of squared deviations).
+template <typename scalar_t>
+std::pair<double, double> run_moments(const scalar_t* p, int64_t len) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  Vec vsum(acc_t(0));
+  int64_t i = 0;
+  for (; i + IO::kSize <= len; i += IO::kSize) vsum += IO::load(p + i);
+  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; i < len; ++i) sum += acc_t(p[i]);
+  const acc_t mean = sum / acc_t(len);
+  Vec vm2(acc_t(0));
+  const Vec vmean(mean);
+  i = 0;
+  for (; i + IO::kSize <= len; i += IO::kSize) {
+    const Vec d = IO::load(p + i) - vmean;
+    vm2 = at::vec::fmadd(d, d, vm2);
+  }
+  acc_t m2 = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vm2);
+  for (; i < len; ++i) {
+    const acc_t d = acc_t(p[i]) - mean;
+    m2 += d * d;
+  }
+  return {double(mean), double(m2)};
+}
+
+template <typename scalar_t>
+void batch_stats_planes(const scalar_t* x, const Layout& L, double* mean_out, double* var_out) {
+  at::parallel_for(0, L.C, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      Moments acc;
+      for (int64_t n = 0; n < L.N; ++n) {
+        const scalar_t* plane = x + (n * L.C + c) * L.HW;
+        for (int64_t start = 0; start < L.HW; start += kTileElements) {
+          const int64_t len = std::min(kTileElements, L.HW - start);
+          const auto [m, m2] = run_moments(plane + start, len);
+          acc.merge(double(len), m, m2);
+        }
+      }
+      mean_out[c] = acc.mean;
+      var_out[c] = acc.m2 / acc.count;
+    }
+  });
+}
+
+// Rows per tile for channels_last reductions: about kTileElements elements, whole rows.
+int64_t rows_per_tile(const Layout& L) { return std::max<int64_t>(1, kTileElements / std::max<int64_t>(L.C, 1)); }
+
+template <typename scalar_t>
+void batch_stats_rows(const scalar_t* x, const Layout& L, double* mean_out, double* var_out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const int64_t rows = L.N * L.HW, C = L.C;
+  const int64_t tile_rows = rows_per_tile(L);
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  // Per tile and channel: mean and M2 (the count of a tile is its number of rows).
+  std::vector<double> tile_mean(tiles * C), tile_m2(tiles * C);
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<acc_t> sum(C), m2(C);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t r0 = t * tile_rows, r1 = std::min(rows, r0 + tile_rows);
+      const acc_t inv_n = acc_t(1) / acc_t(r1 - r0);
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(m2.begin(), m2.end(), acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = x + r * C;
+        int64_t i = 0;
+        for (; i + IO::kSize <= C; i += IO::kSize) (Vec::loadu(sum.data() + i) + IO::load(row + i)).store(sum.data() + i);
+        for (; i < C; ++i) sum[i] += acc_t(row[i]);
+      }
+      for (int64_t c = 0; c < C; ++c) sum[c] *= inv_n;  // now the tile mean
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = x + r * C;
+        int64_t i = 0;
+        for (; i + IO::kSize <= C; i += IO::kSize) {
+          const Vec d = IO::load(row + i) - Vec::loadu(sum.data() + i);
+          at::vec::fmadd(d, d, Vec::loadu(m2.data() + i)).store(m2.data() + i);
+        }
+        for (; i < C; ++i) {
+          const acc_t d = acc_t(row[i]) - sum[i];
+          m2[i] += d * d;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        tile_mean[t * C + c] = sum[c];
+        tile_m2[t * C + c] = m2[c];
+      }
+    }
+  });
+  at::parallel_for(0, C, 16, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      Moments acc;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t n = std::min(rows, (t + 1) * tile_rows) - t * tile_rows;
+        acc.merge(double(n), tile_mean[t * C + c], tile_m2[t * C + c]);
+      }
+      mean_out[c] = acc.mean;
+      var_out[c] = acc.m2 / acc.count;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bn_act: out = [relu](x * scale[c] + shift[c] + residual term)
+
+enum class Residual { kNone, kIdentity, kAffine };  // none; + r; + r * residual_scale[c] + residual_shift[c]
+
+template <typename scalar_t, Residual kResidual, bool kRelu>
+void bn_act_kernel(const Layout& L, const scalar_t* x, const acc_type<scalar_t>* scale,
+                   const acc_type<scalar_t>* shift, const scalar_t* res, const acc_type<scalar_t>* res_scale,
+                   const acc_type<scalar_t>* res_shift, scalar_t* out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  for_each_segment(L, [&](auto row_tag, int64_t off, int64_t len, int64_t c) {
+    constexpr bool kRow = decltype(row_tag)::value;
+    int64_t i = 0;
+    for (; i + IO::kSize <= len; i += IO::kSize) {
+      Vec v = at::vec::fmadd(IO::load(x + off + i), channel_vec<kRow>(scale, c, i), channel_vec<kRow>(shift, c, i));
+      if constexpr (kResidual == Residual::kIdentity) v += IO::load(res + off + i);
+      if constexpr (kResidual == Residual::kAffine) {
+        v += at::vec::fmadd(IO::load(res + off + i), channel_vec<kRow>(res_scale, c, i),
+                            channel_vec<kRow>(res_shift, c, i));
+      }
+      if constexpr (kRelu) v = relu(v);
+      IO::store(out + off + i, v);
+    }
+    for (; i < len; ++i) {
+      acc_t v = acc_t(x[off + i]) * channel_val<kRow>(scale, c, i) + channel_val<kRow>(shift, c, i);
+      if constexpr (kResidual == Residual::kIdentity) v += acc_t(res[off + i]);
+      if constexpr (kResidual == Residual::kAffine) {
+        v += acc_t(res[off + i]) * channel_val<kRow>(res_scale, c, i) + channel_val<kRow>(res_shift, c, i);
+      }
+      if constexpr (kRelu) v = relu(v);
+      out[off + i] = scalar_t(v);
+    }
+  });
+}
+
+template <typename scalar_t, Residual kResidual>
+void bn_act_dispatch_relu(bool relu, const Layout& L, const scalar_t* x, const acc_type<scalar_t>* scale,
+                          const acc_type<scalar_t>* shift, const scalar_t* res, const acc_type<scalar_t>* res_scale,
+                          const acc_type<scalar_t>* res_shift, scalar_t* out) {
+  if (relu) {
+    bn_act_kernel<scalar_t, kResidual, true>(L, x, scale, shift, res, res_scale, res_shift, out);
+  } else {
+    bn_act_kernel<scalar_t, kResidual, false>(L, x, scale, shift, res, res_scale, res_shift, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bn_act_backward_reduce: per channel, with gm = grad masked by relu(output):
+//   sum(gm), sum(gm * (x - mean)) and, for a second BN sharing the gradient, sum(gm * (x2 - mean2)).
+
+// The terms one element adds to the sums: gm, gm * (x - mean) and gm * (x2 - mean2); T is a Vec or a scalar.
+template <typename scalar_t, bool kMask, bool kSecond>
+struct ReduceTerms {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t *g, *out, *x, *x2;
+  const acc_t *mean, *mean2;
+
+  template <bool kRow>
+  void vec(int64_t off, int64_t i, int64_t c, Vectorized<acc_t> (&t)[3]) const {
+    using IO = VecIO<scalar_t>;
+    t[0] = IO::load(g + off + i);
+    if constexpr (kMask) t[0] = relu_mask(t[0], IO::load(out + off + i));
+    t[1] = t[0] * (IO::load(x + off + i) - channel_vec<kRow>(mean, c, i));
+    if constexpr (kSecond) t[2] = t[0] * (IO::load(x2 + off + i) - channel_vec<kRow>(mean2, c, i));
+  }
+  template <bool kRow>
+  void scalar(int64_t off, int64_t i, int64_t c, acc_t (&t)[3]) const {
+    t[0] = acc_t(g[off + i]);
+    if constexpr (kMask) t[0] = relu_mask(t[0], acc_t(out[off + i]));
+    t[1] = t[0] * (acc_t(x[off + i]) - channel_val<kRow>(mean, c, i));
+    if constexpr (kSecond) t[2] = t[0] * (acc_t(x2[off + i]) - channel_val<kRow>(mean2, c, i));
+  }
+};
+
+template <typename scalar_t, bool kMask, bool kSecond>
+void backward_reduce_kernel(const Layout& L, const ReduceTerms<scalar_t, kMask, kSecond>& terms, double* const sums[3]) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int kSums = kSecond ? 3 : 2;
+  if (!L.channels_last) {
+    // Planes: one channel per task; each tile sums in float lanes (registers), tiles add up in double.
+    at::parallel_for(0, L.C, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        double total[3] = {};
+        for (int64_t n = 0; n < L.N; ++n) {
+          const int64_t plane = (n * L.C + c) * L.HW;
+          for (int64_t start = 0; start < L.HW; start += kTileElements) {
+            const int64_t off = plane + start, len = std::min(kTileElements, L.HW - start);
+            Vec lanes[3] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
+            Vec t[3];
+            int64_t i = 0;
+            for (; i + IO::kSize <= len; i += IO::kSize) {
+              terms.template vec<false>(off, i, c, t);
+              for (int s = 0; s < kSums; ++s) lanes[s] += t[s];
+            }
+            acc_t tail[3] = {}, ts[3];
+            for (; i < len; ++i) {
+              terms.template scalar<false>(off, i, c, ts);
+              for (int s = 0; s < kSums; ++s) tail[s] += ts[s];
+            }
+            for (int s = 0; s < kSums; ++s) {
+              total[s] += double(at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, lanes[s])) +
+                          double(tail[s]);
+            }
+          }
+        }
+        for (int s = 0; s < kSums; ++s) sums[s][c] = total[s];
+      }
+    });
+    return;
+  }
+  // Rows: fixed tiles of whole rows, per-tile float sums per channel, merged in tile order in double.
+  const int64_t rows = L.N * L.HW, C = L.C;
+  const int64_t tile_rows = rows_per_tile(L);
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  std::vector<double> partial(tiles * kSums * C);
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<acc_t> acc(kSums * C);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const int64_t r1 = std::min(rows, (t + 1) * tile_rows);
+      for (int64_t r = t * tile_rows; r < r1; ++r) {
+        Vec v[3];
+        int64_t i = 0;
+        for (; i + IO::kSize <= C; i += IO::kSize) {
+          terms.template vec<true>(r * C, i, 0, v);
+          for (int s = 0; s < kSums; ++s) (Vec::loadu(acc.data() + s * C + i) + v[s]).store(acc.data() + s * C + i);
+        }
+        acc_t ts[3];
+        for (; i < C; ++i) {
+          terms.template scalar<true>(r * C, i, 0, ts);
+          for (int s = 0; s < kSums; ++s) acc[s * C + i] += ts[s];
+        }
+      }
+      std::copy(acc.begin(), acc.end(), partial.begin() + t * kSums * C);
+    }
+  });
+  at::parallel_for(0, C, 16, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      for (int s = 0; s < kSums; ++s) {
+        double total = 0;
+        for (int64_t t = 0; t < tiles; ++t) total += partial[(t * kSums + s) * C + c];
+        sums[s][c] = total;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bn_act_backward_elemt: with gm = grad masked by relu(output),
+//   grad_input = coef_dy[c] * gm + coef_xmu[c] * (x - mean[c]) + coef_const[c]
+//   grad_other = the same for (input2, mean2, coef2_*), or gm itself (the gradient of an identity residual).
+
+enum class Other { kNone, kMaskedGrad, kSecondBN };
+
+template <typename scalar_t>
+struct ElemtArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t *g, *out, *x, *x2;
+  const acc_t *mean, *k_dy, *k_xmu, *k_0, *mean2, *k2_dy, *k2_xmu, *k2_0;
+  scalar_t *grad_x, *grad_other;
+};
+
+template <typename scalar_t, bool kMask, Other kOther>
+void backward_elemt_kernel(const Layout& L, const ElemtArgs<scalar_t>& a) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  for_each_segment(L, [&](auto row_tag, int64_t off, int64_t len, int64_t c) {
+    constexpr bool kRow = decltype(row_tag)::value;
+    int64_t i = 0;
+    for (; i + IO::kSize <= len; i += IO::kSize) {
+      Vec gm = IO::load(a.g + off + i);
+      if constexpr (kMask) gm = relu_mask(gm, IO::load(a.out + off + i));
+      const Vec xmu = IO::load(a.x + off + i) - channel_vec<kRow>(a.mean, c, i);
+      const Vec gx = at::vec::fmadd(channel_vec<kRow>(a.k_dy, c, i), gm,
+                                    at::vec::fmadd(channel_vec<kRow>(a.k_xmu, c, i), xmu, channel_vec<kRow>(a.k_0, c, i)));
+      IO::store(a.grad_x + off + i, gx);
+      if constexpr (kOther == Other::kMaskedGrad) IO::store(a.grad_other + off + i, gm);
+      if constexpr (kOther == Other::kSecondBN) {
+        const Vec xmu2 = IO::load(a.x2 + off + i) - channel_vec<kRow>(a.mean2, c, i);
+        const Vec g2 = at::vec::fmadd(channel_vec<kRow>(a.k2_dy, c, i), gm,
+                                      at::vec::fmadd(channel_vec<kRow>(a.k2_xmu, c, i), xmu2,
+                                                     channel_vec<kRow>(a.k2_0, c, i)));
+        IO::store(a.grad_other + off + i, g2);
+      }
+    }
+    for (; i < len; ++i) {
+      acc_t gm = acc_t(a.g[off + i]);
+      if constexpr (kMask) gm = relu_mask(gm, acc_t(a.out[off + i]));
+      const acc_t xmu = acc_t(a.x[off + i]) - channel_val<kRow>(a.mean, c, i);
+      a.grad_x[off + i] = scalar_t(channel_val<kRow>(a.k_dy, c, i) * gm + channel_val<kRow>(a.k_xmu, c, i) * xmu +
+                                   channel_val<kRow>(a.k_0, c, i));
+      if constexpr (kOther == Other::kMaskedGrad) a.grad_other[off + i] = scalar_t(gm);
+      if constexpr (kOther == Other::kSecondBN) {
+        const acc_t xmu2 = acc_t(a.x2[off + i]) - channel_val<kRow>(a.mean2, c, i);
+        a.grad_other[off + i] = scalar_t(channel_val<kRow>(a.k2_dy, c, i) * gm +
+                                         channel_val<kRow>(a.k2_xmu, c, i) * xmu2 + channel_val<kRow>(a.k2_0, c, i));
+      }
+    }
+  });
+}
+
+template <typename scalar_t, Other kOther>
+void backward_elemt_dispatch_mask(bool mask, const Layout& L, const ElemtArgs<scalar_t>& a) {
+  if (mask) {
+    backward_elemt_kernel<scalar_t, true, kOther>(L, a);
+  } else {
+    backward_elemt_kernel<scalar_t, false, kOther>(L, a);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The table entries: dtype dispatch onto the kernels above.
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+void batch_stats(const at::Tensor& input, at::Tensor& mean, at::Tensor& var) {
+  const Layout L = layout_of(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_stats", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    if (L.channels_last) {
+      batch_stats_rows(x, L, mean.data_ptr<double>(), var.data_ptr<double>());
+    } else {
+      batch_stats_planes(x, L, mean.data_ptr<double>(), var.data_ptr<double>());
+    }
+  });
+}
+
+void bn_act(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& residual,
+            const at::Tensor& residual_scale, const at::Tensor& residual_shift, bool relu, at::Tensor& out) {
+  const Layout L = layout_of(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* r = ptr_or_null<scalar_t>(residual);
+    const acc_t* s = scale.const_data_ptr<acc_t>();
+    const acc_t* b = shift.const_data_ptr<acc_t>();
+    const acc_t* rs = ptr_or_null<acc_t>(residual_scale);
+    const acc_t* rb = ptr_or_null<acc_t>(residual_shift);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (!r) {
+      bn_act_dispatch_relu<scalar_t, Residual::kNone>(relu, L, x, s, b, r, rs, rb, o);
+    } else if (!rs) {
+      bn_act_dispatch_relu<scalar_t, Residual::kIdentity>(relu, L, x, s, b, r, rs, rb, o);
+    } else {
+      bn_act_dispatch_relu<scalar_t, Residual::kAffine>(relu, L, x, s, b, r, rs, rb, o);
+    }
+  });
+}
+
+void backward_reduce(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
+                     const at::Tensor& mean, const at::Tensor& input2, const at::Tensor& mean2, at::Tensor& sum_dy,
+                     at::Tensor& sum_dy_xmu, at::Tensor& sum_dy_xmu2) {
+  const Layout L = layout_of(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act_backward_reduce", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* o = ptr_or_null<scalar_t>(output);
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* x2 = ptr_or_null<scalar_t>(input2);
+    const acc_t* m = mean.const_data_ptr<acc_t>();
+    const acc_t* m2 = ptr_or_null<acc_t>(mean2);
+    double* const sums[3] = {sum_dy.data_ptr<double>(), sum_dy_xmu.data_ptr<double>(),
+                             x2 ? sum_dy_xmu2.data_ptr<double>() : nullptr};
+    if (o && x2) backward_reduce_kernel(L, ReduceTerms<scalar_t, true, true>{g, o, x, x2, m, m2}, sums);
+    else if (o) backward_reduce_kernel(L, ReduceTerms<scalar_t, true, false>{g, o, x, x2, m, m2}, sums);
+    else if (x2) backward_reduce_kernel(L, ReduceTerms<scalar_t, false, true>{g, o, x, x2, m, m2}, sums);
+    else backward_reduce_kernel(L, ReduceTerms<scalar_t, false, false>{g, o, x, x2, m, m2}, sums);
+  });
+}
+
+void backward_elemt(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
+                    const at::Tensor& mean, const at::Tensor& coef_dy, const at::Tensor& coef_xmu,
+                    const at::Tensor& coef_const, const at::Tensor& input2, const at::Tensor& mean2,
+                    const at::Tensor& coef2_dy, const at::Tensor& coef2_xmu, const at::Tensor& coef2_const,
+                    bool residual_grad, at::Tensor& grad_input, at::Tensor& grad_other) {
+  const Layout L = layout_of(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act_backward_elemt", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const ElemtArgs<scalar_t> a{grad_output.const_data_ptr<scalar_t>(),
+                                ptr_or_null<scalar_t>(output),
+                                input.const_data_ptr<scalar_t>(),
+                                ptr_or_null<scalar_t>(input2),
+                                mean.const_data_ptr<acc_t>(),
+                                coef_dy.const_data_ptr<acc_t>(),
+                                coef_xmu.const_data_ptr<acc_t>(),
+                                coef_const.const_data_ptr<acc_t>(),
+                                ptr_or_null<acc_t>(mean2),
+                                ptr_or_null<acc_t>(coef2_dy),
+                                ptr_or_null<acc_t>(coef2_xmu),
+                                ptr_or_null<acc_t>(coef2_const),
+                                grad_input.data_ptr<scalar_t>(),
+                                grad_other.defined() ? grad_other.data_ptr<scalar_t>() : nullptr};
+    const bool mask = output.defined();
+    if (input2.defined()) backward_elemt_dispatch_mask<scalar_t, Other::kSecondBN>(mask, L, a);
+    else if (residual_grad) backward_elemt_dispatch_mask<scalar_t, Other::kMaskedGrad>(mask, L, a);
+    else backward_elemt_dispatch_mask<scalar_t, Other::kNone>(mask, L, a);
+  });
+}
+
+}  // namespace
+
+const CpuKernels& FUSED_RESNET_KERNEL_TABLE() {
+  static const CpuKernels table{&batch_stats, &bn_act, &backward_reduce, &backward_elemt};
+  return table;
+}
+
+}  // namespace fused_resnet

@@ -1,0 +1,54 @@
+// Schemas of the fused_resnet ops. Implementations register per dispatch key: csrc/cpu (CPU) and csrc/cuda (CUDA).
+// Per-channel statistics and coefficients are in the accumulation dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64.
+
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(fused_resnet, m) {
+  // Per-channel mean and biased variance of a 4-D activation.
+  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // [relu](input * scale + shift + R), R = residual * residual_scale + residual_shift, residual, or nothing.
+  m.def(
+      "bn_act(Tensor input, Tensor scale, Tensor shift, Tensor? residual, Tensor? residual_scale, "
+      "Tensor? residual_shift, bool relu) -> Tensor");
+  // With gm = grad_output where output > 0 (everywhere when output is None):
+  // (sum gm, sum gm * (input - mean), sum gm * (input2 - mean2) or an empty tensor).
+  m.def(
+      "bn_act_backward_reduce(Tensor grad_output, Tensor? output, Tensor input, Tensor mean, Tensor? input2, "
+      "Tensor? mean2) -> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor sum_dy_xmu2)");
+  // grad_input = coef_dy * gm + coef_xmu * (input - mean) + coef_const; grad_other is the same for input2, or gm
+  // when residual_grad (an identity residual's gradient), or an empty tensor.
+  m.def(
+      "bn_act_backward_elemt(Tensor grad_output, Tensor? output, Tensor input, Tensor mean, Tensor coef_dy, "
+      "Tensor coef_xmu, Tensor coef_const, Tensor? input2, Tensor? mean2, Tensor? coef2_dy, Tensor? coef2_xmu, "
+      "Tensor? coef2_const, bool residual_grad) -> (Tensor grad_input, Tensor grad_other)");
+}
+
+// `import fused_resnet._C` loads this library, which registers the ops above.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fused_resnet native kernels (the ops live in torch.ops.fused_resnet)";
+  // FUSED_RESNET_WITH_CUDA is defined by setup.py when it compiles csrc/cuda.
+#ifdef FUSED_RESNET_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+  m.def(
+      "use_cpu_kernels",
+      [](pybind11::object table) {
+        if (table.is_none()) {
+          fused_resnet::use_cpu_kernels(nullptr);
+          return;
+        }
+        auto capsule = table.cast<pybind11::capsule>();
+        TORCH_CHECK(capsule.name() != nullptr && std::strcmp(capsule.name(), "fused_resnet.CpuKernels") == 0,
+                    "use_cpu_kernels: expected the `kernels` capsule of a fused_resnet CPU kernel module");
+        fused_resnet::use_cpu_kernels(capsule.get_pointer<const fused_resnet::CpuKernels>());
+      },
+      pybind11::arg("table"),
+      "Installs a CPU kernel table (a module's `kernels` capsule), or the default one for None.");
+}
