@@ -1,0 +1,36 @@
+"""fused_resnet: fused conv-BatchNorm-ReLU and BatchNorm-add-ReLU kernels behind drop-in torchvision ResNet blocks.
+
+    model = fused_resnet.convert(torchvision.models.resnet50())   # in place, same state_dict
+    block = fused_resnet.Bottleneck(256, 64)                       # torchvision's signature
+
+Backends (see :mod:`fused_resnet.backends`): ``auto`` (default), ``torch``, ``cpu``, ``cuda``, ``triton``;
+choose with ``fused_resnet.use_backend(name)`` or the ``FUSED_RESNET_BACKEND`` environment variable.
+"""
+
+from . import ops, reference
+from .backends import available_backends, backend_status, use_backend
+from .convert import FusionWarning, convert, unfused_modules
+from .models import (
+    ResNet,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
+    wide_resnet50_2,
+    wide_resnet101_2,
+)
+from .modules import BasicBlock, Bottleneck, ConvBNReLU
+from .params import BatchNormParams, ConvBN, ConvParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasicBlock", "BatchNormParams", "Bottleneck", "ConvBN", "ConvBNReLU", "ConvParams", "FusionWarning", "ResNet",
+    "available_backends", "backend_status", "convert", "ops", "reference", "resnet18", "resnet34", "resnet50",
+    "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "unfused_modules",
+    "use_backend", "wide_resnet50_2", "wide_resnet101_2",
+]

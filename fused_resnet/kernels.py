@@ -1,0 +1,174 @@
+"""The kernel sets the fused autograd functions run on, one per backend that has kernels of its own.
+
+A kernel set supplies the memory-bound BatchNorm/residual/ReLU passes (batch statistics, the fused apply, and
+the backward's reduction and elementwise passes) and the convolutions around them. The `cpu` and `cuda` backends
+share the compiled ops in torch.ops.fused_resnet (the dispatcher picks the CPU or CUDA implementation by device)
+and run convolutions through ATen (oneDNN on the CPU, cuDNN on the GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _native
+from .params import ConvParams
+
+BackwardCoefs = tuple[Tensor, Tensor, Tensor]  # (coef_dy, coef_xmu, coef_const) of bn_act_backward_elemt
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-channel statistics and coefficients for activations of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class NativeKernels:
+    """The compiled ops of fused_resnet._C (CPU or CUDA, by the tensors' device) and ATen convolutions."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def batch_stats(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ops.fused_resnet.batch_stats(y)
+
+    def bn_act(
+        self,
+        y: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        residual: Tensor | None = None,
+        residual_scale: Tensor | None = None,
+        residual_shift: Tensor | None = None,
+        relu: bool = True,
+    ) -> Tensor:
+        return torch.ops.fused_resnet.bn_act(y, scale, shift, residual, residual_scale, residual_shift, relu)
+
+    def backward_reduce(
+        self, grad: Tensor, output: Tensor | None, y: Tensor, mean: Tensor, y2: Tensor | None = None,
+        mean2: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ops.fused_resnet.bn_act_backward_reduce(grad, output, y, mean, y2, mean2)
+
+    def backward_elemt(
+        self, grad: Tensor, output: Tensor | None, y: Tensor, mean: Tensor, coefs: BackwardCoefs,
+        y2: Tensor | None = None, mean2: Tensor | None = None, coefs2: BackwardCoefs | None = None,
+        residual_grad: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        k2 = coefs2 if coefs2 is not None else (None, None, None)
+        grad_y, grad_other = torch.ops.fused_resnet.bn_act_backward_elemt(
+            grad, output, y, mean, *coefs, y2, mean2, *k2, residual_grad
+        )
+        return grad_y, (grad_other if (y2 is not None or residual_grad) else None)
+
+    def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def conv_backward(
+        self, grad_y: Tensor, x: Tensor, conv: ConvParams, need_input: bool, need_weight: bool, need_bias: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if not (need_input or need_weight or need_bias):
+            return None, None, None
+        return torch.ops.aten.convolution_backward(
+            grad_y,
+            x,
+            conv.weight,
+            [conv.weight.shape[0]] if conv.bias is not None else None,
+            list(conv.stride),
+            list(conv.padding),
+            list(conv.dilation),
+            False,
+            [0, 0],
+            conv.groups,
+            [need_input, need_weight, need_bias and conv.bias is not None],
+        )
+
+    def conv_bias_act(
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool
+    ) -> Tensor:
+        """Inference with BN folded into (weight, bias): [relu](conv(x, weight) + bias [+ residual])."""
+        y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        ones = torch.ones(bias.shape, dtype=accumulation_dtype(y.dtype), device=y.device)
+        return self.bn_act(y, ones, bias, residual, relu=relu)
+
+
+class CpuKernels(NativeKernels):
+    """On the CPU, inference runs conv+bias+ReLU (and conv+bias+add+ReLU) as single oneDNN primitives, the ones
+    torch.compile's CPU backend uses, where oneDNN supports the dtype and layout; else conv then one fused pass."""
+
+    def conv_bias_act(
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool
+    ) -> Tensor:
+        if not self._onednn_supports(x, residual):
+            return super().conv_bias_act(x, conv, weight, bias, residual, relu)
+        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        bias = bias.to(weight.dtype)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, *geometry, "relu" if relu else "none", [None], ""
+            )
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, weight, bias, *geometry, "add", None, "relu" if relu else "none", [None], ""
+        )
+
+    def _onednn_supports(self, x: Tensor, residual: Tensor | None) -> bool:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        if x.dtype == torch.bfloat16:
+            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return False
+        elif x.dtype != torch.float32:  # oneDNN's fp16 convolution needs AVX512-FP16 or AVX-NE-CONVERT
+            return False
+        if residual is None:
+            return True
+        # The fused add falls back to an ATen add_relu that takes fp32 only, unless the layout is channels_last.
+        return x.dtype == torch.float32 or (
+            x.is_contiguous(memory_format=torch.channels_last)
+            and residual.is_contiguous(memory_format=torch.channels_last)
+        )
+
+
+def kernels_for(backend: str) -> NativeKernels:
+    """The kernel set of a concrete backend other than `torch` (which runs the reference composite)."""
+    if backend == "cpu":
+        return _CPU
+    if backend == "cuda":
+        return _CUDA
+    raise RuntimeError(f"fused_resnet backend {backend!r} has no kernels in this version")
+
+
+_CPU = CpuKernels("cpu")
+_CUDA = NativeKernels("cuda")
+
+
+def _register_fake_implementations() -> None:
+    """Shapes and dtypes of the compiled ops for meta/fake tensors (torch.compile, torch.export)."""
+
+    def channels(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        return t.new_empty((t.shape[1],), dtype=dtype or accumulation_dtype(t.dtype))
+
+    def like(t: Tensor) -> Tensor:
+        return torch.empty_like(t, memory_format=t.suggest_memory_format())
+
+    @torch.library.register_fake("fused_resnet::batch_stats")
+    def _(input):
+        return channels(input), channels(input)
+
+    @torch.library.register_fake("fused_resnet::bn_act")
+    def _(input, scale, shift, residual, residual_scale, residual_shift, relu):
+        return like(input)
+
+    @torch.library.register_fake("fused_resnet::bn_act_backward_reduce")
+    def _(grad_output, output, input, mean, input2, mean2):
+        third = channels(input) if input2 is not None else input.new_empty((0,), dtype=accumulation_dtype(input.dtype))
+        return channels(input), channels(input), third
+
+    @torch.library.register_fake("fused_resnet::bn_act_backward_elemt")
+    def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,
+          coef2_const, residual_grad):
+        other = like(input) if (input2 is not None or residual_grad) else input.new_empty((0,))
+        return like(input), other
+
+
+if _native.has_extension():
+    _register_fake_implementations()

@@ -1,0 +1,199 @@
+"""ResNets built from fused blocks, with torchvision's constructors, module structure and state_dict keys
+(a torchvision checkpoint loads with strict=True, and back). No weights are downloaded: to start from
+pretrained weights, build the torchvision model with them and call :func:`fused_resnet.convert`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .modules import BasicBlock, Bottleneck, conv1x1, conv_bn, hooks_blocker, stem_structure_blocker
+from .ops import FoldedWeights
+
+__all__ = [
+    "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+    "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+]
+
+
+def stem_blocker(model: nn.Module) -> str | None:
+    """Why a ResNet's stem (conv1, bn1, relu) runs unfused, or None."""
+    return stem_structure_blocker(model) or hooks_blocker(
+        [("conv1", model.conv1), ("bn1", model.bn1), ("relu", model.relu)]
+    )
+
+
+def stem_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """relu(bn1(conv1(x))) of a ResNet, as one fused op unless :func:`stem_blocker` says otherwise."""
+    if stem_blocker(model) is not None:
+        return model.relu(model.bn1(model.conv1(x)))
+    if "_folded" not in model.__dict__:  # a torchvision ResNet converted in place
+        model._folded = FoldedWeights()
+    return ops.conv_bn_relu(x, conv_bn(model.conv1, model.bn1, "conv1/bn1"), folded=model._folded)
+
+
+class ResNet(nn.Module):
+    """torchvision.models.ResNet with a fused stem; `block` is BasicBlock or Bottleneck (fused ones by default
+    through the factories, but any block with torchvision's constructor works)."""
+
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: list[int],
+        num_classes: int = 1000,
+        zero_init_residual: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
+        replace_stride_with_dilation: list[bool] | None = None,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self._norm_layer = norm_layer
+        self.inplanes = 64
+        self.dilation = 1
+        if replace_stride_with_dilation is None:
+            replace_stride_with_dilation = [False, False, False]
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError(
+                "replace_stride_with_dilation should be None or a 3-element tuple, "
+                f"got {replace_stride_with_dilation}"
+            )
+        self.groups = groups
+        self.base_width = width_per_group
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self._folded = FoldedWeights()
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        # Zero the last BN of each residual branch so that every block starts as an identity
+        # (Goyal et al., "Accurate, Large Minibatch SGD", 2017), as torchvision does.
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                    nn.init.constant_(m.bn3.weight, 0)
+                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                    nn.init.constant_(m.bn2.weight, 0)
+
+    def _make_layer(
+        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1, dilate: bool = False
+    ) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride), norm_layer(planes * block.expansion)
+            )
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, previous_dilation,
+                        norm_layer)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
+                                dilation=self.dilation, norm_layer=norm_layer))
+        return nn.Sequential(*layers)
+
+    def _fusion_blocker(self) -> str | None:
+        return stem_blocker(self)
+
+    def _structure_blocker(self) -> str | None:
+        return stem_structure_blocker(self)
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        x = stem_forward(self, x)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward_impl(x)
+
+
+def _resnet(name: str, block: type[BasicBlock | Bottleneck], layers: list[int], weights: Any, progress: bool,
+            **kwargs: Any) -> ResNet:
+    if weights is not None:
+        raise ValueError(
+            f"fused_resnet.{name} does not download weights; build torchvision.models.{name}(weights=...) "
+            "and pass it to fused_resnet.convert(), which keeps its parameters"
+        )
+    return ResNet(block, layers, **kwargs)
+
+
+def _fixed(kwargs: dict[str, Any], **params: Any) -> dict[str, Any]:
+    """kwargs with the parameters a named variant fixes; a conflicting value is an error, as in torchvision."""
+    for param, value in params.items():
+        if param in kwargs and kwargs[param] != value:
+            raise ValueError(f"The parameter '{param}' expected value {value} but got {kwargs[param]} instead.")
+    return {**kwargs, **params}
+
+
+def resnet18(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet("resnet18", BasicBlock, [2, 2, 2, 2], weights, progress, **kwargs)
+
+
+def resnet34(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet("resnet34", BasicBlock, [3, 4, 6, 3], weights, progress, **kwargs)
+
+
+def resnet50(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet("resnet50", Bottleneck, [3, 4, 6, 3], weights, progress, **kwargs)
+
+
+def resnet101(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet("resnet101", Bottleneck, [3, 4, 23, 3], weights, progress, **kwargs)
+
+
+def resnet152(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet("resnet152", Bottleneck, [3, 8, 36, 3], weights, progress, **kwargs)
+
+
+def resnext50_32x4d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet("resnext50_32x4d", Bottleneck, [3, 4, 6, 3], weights, progress,
+                   **_fixed(kwargs, groups=32, width_per_group=4))
+
+
+def resnext101_32x8d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet("resnext101_32x8d", Bottleneck, [3, 4, 23, 3], weights, progress,
+                   **_fixed(kwargs, groups=32, width_per_group=8))
+
+
+def resnext101_64x4d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet("resnext101_64x4d", Bottleneck, [3, 4, 23, 3], weights, progress,
+                   **_fixed(kwargs, groups=64, width_per_group=4))
+
+
+def wide_resnet50_2(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet("wide_resnet50_2", Bottleneck, [3, 4, 6, 3], weights, progress,
+                   **_fixed(kwargs, width_per_group=64 * 2))
+
+
+def wide_resnet101_2(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet("wide_resnet101_2", Bottleneck, [3, 4, 23, 3], weights, progress,
+                   **_fixed(kwargs, width_per_group=64 * 2))

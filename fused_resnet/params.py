@@ -1,0 +1,92 @@
+"""The tensors and settings a fused op needs from a Conv2d and a BatchNorm2d, with nn.BatchNorm2d's bookkeeping.
+
+Ops take these instead of modules so that the op layer never depends on nn.Module objects; modules build them
+on every call (they are cheap views of the modules' current tensors and flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvParams:
+    """A 2-D convolution with zero padding, as nn.Conv2d runs it."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        kh, kw = self.weight.shape[-2:]
+        out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return out_h, out_w
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormParams:
+    """A BatchNorm2d's parameters, buffers and flags, with its semantics.
+
+    `momentum` follows nn.BatchNorm2d: None means a cumulative average over `num_batches_tracked` batches.
+    `training` is the module's flag; batch statistics are used when training or when there are no running ones.
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None = None
+    momentum: float | None = 0.1
+    eps: float = 1e-5
+    training: bool = True
+
+    @property
+    def use_batch_stats(self) -> bool:
+        return self.training or self.running_mean is None
+
+    @property
+    def updates_running_stats(self) -> bool:
+        return self.training and self.running_mean is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBN:
+    """A convolution followed by a BatchNorm; `name` labels it in error messages (e.g. "conv2/bn2")."""
+
+    conv: ConvParams
+    bn: BatchNormParams
+    name: str = "conv/bn"
+
+
+def advance_batch_count(bn: BatchNormParams) -> float:
+    """nn.BatchNorm2d's bookkeeping for one forward in training: bumps num_batches_tracked and returns the
+    factor of the running-statistics update (0.0 when the running statistics are not updated)."""
+    if not bn.updates_running_stats:
+        return 0.0
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:
+        if bn.num_batches_tracked is None:
+            raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
+        return 1.0 / float(bn.num_batches_tracked)
+    return bn.momentum
+
+
+@torch.no_grad()
+def update_running_stats(bn: BatchNormParams, batch_mean: Tensor, batch_var: Tensor, count: int) -> None:
+    """The running-statistics update of one training forward, as nn.BatchNorm2d does it: the running variance
+    takes the unbiased batch variance. `batch_var` is the biased one; `count` the values per channel."""
+    factor = advance_batch_count(bn)
+    if not bn.updates_running_stats:
+        return
+    assert bn.running_mean is not None and bn.running_var is not None
+    unbiased = batch_var * (count / (count - 1))
+    bn.running_mean.mul_(1.0 - factor).add_(batch_mean.to(bn.running_mean.dtype), alpha=factor)
+    bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
