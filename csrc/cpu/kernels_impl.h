@@ -11,13 +11,15 @@
 // Reductions are deterministic whatever the thread count: the tensor is cut into tiles whose bounds depend
 // on the shape alone, each tile is reduced on its own, and tile results are merged in tile order. Batch
 // statistics are robust to a large mean: each tile (small enough to stay in cache) is reduced in two passes
-// (mean, then the sum of squared deviations from it) and tiles are merged with Chan et al.'s update in double.
+// (mean, then the corrected sum of squared deviations from it) and tiles are merged with Chan et al.'s update in
+// double. With mean 1e4 and spread 1 in fp32 this keeps the variance to 1e-5; sum and sum of squares lose it all.
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -139,31 +141,41 @@ struct Moments {
   }
 };
 
+// The corrected two-pass moments of n values (Chan, Golub & LeVeque 1983) from the first pass's rounded mean m
+// and the second pass's sums of d = x - m: the mean is m + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n, exact up to
+// the rounding of the sums even where m itself is off by many ulps (a large mean in fp32).
+inline std::pair<double, double> corrected_moments(double n, double m, double sum_d, double sum_d2) {
+  return {m + sum_d / n, sum_d2 - sum_d * sum_d / n};
+}
+
 // Two passes over one contiguous run of one channel's values (cache-resident): (mean, sum of squared deviations).
 template <typename scalar_t>
 std::pair<double, double> run_moments(const scalar_t* p, int64_t len) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
+  auto sum_lanes = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v); };
   Vec vsum(acc_t(0));
   int64_t i = 0;
   for (; i + IO::kSize <= len; i += IO::kSize) vsum += IO::load(p + i);
-  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  acc_t sum = sum_lanes(vsum);
   for (; i < len; ++i) sum += acc_t(p[i]);
   const acc_t mean = sum / acc_t(len);
-  Vec vm2(acc_t(0));
+  Vec vd(acc_t(0)), vd2(acc_t(0));
   const Vec vmean(mean);
   i = 0;
   for (; i + IO::kSize <= len; i += IO::kSize) {
     const Vec d = IO::load(p + i) - vmean;
-    vm2 = at::vec::fmadd(d, d, vm2);
+    vd += d;
+    vd2 = at::vec::fmadd(d, d, vd2);
   }
-  acc_t m2 = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vm2);
+  acc_t sum_d = sum_lanes(vd), sum_d2 = sum_lanes(vd2);
   for (; i < len; ++i) {
     const acc_t d = acc_t(p[i]) - mean;
-    m2 += d * d;
+    sum_d += d;
+    sum_d2 += d * d;
   }
-  return {double(mean), double(m2)};
+  return corrected_moments(double(len), double(mean), double(sum_d), double(sum_d2));
 }
 
 template <typename scalar_t>
@@ -199,11 +211,12 @@ void batch_stats_rows(const scalar_t* x, const Layout& L, double* mean_out, doub
   // Per tile and channel: mean and M2 (the count of a tile is its number of rows).
   std::vector<double> tile_mean(tiles * C), tile_m2(tiles * C);
   at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<acc_t> sum(C), m2(C);
+    std::vector<acc_t> sum(C), dsum(C), m2(C);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t r0 = t * tile_rows, r1 = std::min(rows, r0 + tile_rows);
       const acc_t inv_n = acc_t(1) / acc_t(r1 - r0);
       std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(dsum.begin(), dsum.end(), acc_t(0));
       std::fill(m2.begin(), m2.end(), acc_t(0));
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = x + r * C;
@@ -217,16 +230,18 @@ void batch_stats_rows(const scalar_t* x, const Layout& L, double* mean_out, doub
         int64_t i = 0;
         for (; i + IO::kSize <= C; i += IO::kSize) {
           const Vec d = IO::load(row + i) - Vec::loadu(sum.data() + i);
+          (Vec::loadu(dsum.data() + i) + d).store(dsum.data() + i);
           at::vec::fmadd(d, d, Vec::loadu(m2.data() + i)).store(m2.data() + i);
         }
         for (; i < C; ++i) {
           const acc_t d = acc_t(row[i]) - sum[i];
+          dsum[i] += d;
           m2[i] += d * d;
         }
       }
       for (int64_t c = 0; c < C; ++c) {
-        tile_mean[t * C + c] = sum[c];
-        tile_m2[t * C + c] = m2[c];
+        std::tie(tile_mean[t * C + c], tile_m2[t * C + c]) =
+            corrected_moments(double(r1 - r0), double(sum[c]), double(dsum[c]), double(m2[c]));
       }
     }
   });

@@ -1,0 +1,73 @@
+"""Shared helpers: error metrics, random data, the backends under test."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+import fused_resnet
+
+# The fused backends that can run on CPU tensors here (``torch`` is the reference composite itself).
+CPU_BACKENDS = [b for b in fused_resnet.available_backends() if b in ("cpu", "triton")]
+ALL_BACKENDS = ["torch", *CPU_BACKENDS]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64 (0 when both are zero)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def randomize_batchnorms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Non-trivial affine parameters and running statistics in every BatchNorm, so that tests see them."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.2)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.2)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+    return model
+
+
+def fused_copy(module: nn.Module) -> nn.Module:
+    """A converted deep copy of a torchvision module (same parameters and buffers, fused modules)."""
+    return fused_resnet.convert(copy.deepcopy(module))
+
+
+def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def grads_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+
+# Fresh data every run, reproducible on demand: FUSED_RESNET_TEST_SEED=<the seed in the header> pytest ...
+SESSION_SEED = int(os.environ.get("FUSED_RESNET_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return [f"fused_resnet test seed: {SESSION_SEED} (set FUSED_RESNET_TEST_SEED to reproduce)",
+            f"fused_resnet backends: {fused_resnet.backend_status()}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
