@@ -49,6 +49,7 @@ def _fused_stem_resnet_class() -> type:
             return ResNet._structure_blocker(self)
 
     FusedStemResNet.__module__ = __name__
+    FusedStemResNet.__qualname__ = "FusedStemResNet"  # pickled by reference: fused_resnet.convert.FusedStemResNet
     return FusedStemResNet
 
 

@@ -1,0 +1,175 @@
+"""Whole models: the factories against torchvision's, and convert() on torchvision ResNets end to end.
+
+Equality of the computation is checked in float64, where fused and torchvision agree to rounding. In float32 a
+whole ResNet-50's parameter gradients are only determined to about 1e-2 even for torchvision itself (ReLU kinks
+and max-pool ties flip with the last bit of an activation), so float32 is checked on outputs and on a few
+optimizer steps; the float32 precision of every gradient is checked block by block in test_modules.py."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fused_resnet
+from conftest import CPU_BACKENDS, assert_rel, fused_copy, randomize_batchnorms, to_layout
+from fused_resnet import use_backend
+
+FACTORIES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+             "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_factory_has_torchvision_structure_and_keys(name):
+    kwargs = dict(num_classes=10)
+    ours, tv = getattr(fused_resnet, name)(**kwargs), getattr(torchvision.models, name)(**kwargs)
+    ours_sd, tv_sd = ours.state_dict(), tv.state_dict()
+    assert list(ours_sd) == list(tv_sd)
+    assert all(ours_sd[k].shape == tv_sd[k].shape for k in tv_sd)
+    ours.load_state_dict(tv_sd, strict=True)
+    tv.load_state_dict(ours.state_dict(), strict=True)
+    assert fused_resnet.unfused_modules(ours) == {}
+
+
+def test_factory_options_follow_torchvision():
+    ours = fused_resnet.resnet50(zero_init_residual=True, replace_stride_with_dilation=[False, True, True])
+    tv = torchvision.models.resnet50(zero_init_residual=True, replace_stride_with_dilation=[False, True, True])
+    assert all(torch.equal(b.bn3.weight, torch.zeros_like(b.bn3.weight)) for b in ours.modules()
+               if isinstance(b, fused_resnet.Bottleneck))
+    assert [m.dilation for m in ours.modules() if isinstance(m, nn.Conv2d)] == \
+        [m.dilation for m in tv.modules() if isinstance(m, nn.Conv2d)]
+    with pytest.raises(ValueError, match="expected value 32 but got 8"):
+        fused_resnet.resnext50_32x4d(groups=8)
+    with pytest.raises(ValueError, match="does not download weights"):
+        fused_resnet.resnet18(weights="IMAGENET1K_V1")
+
+
+def run(model, x, train, seed=0):
+    """Forward and backward (against a gradient drawn from `seed`) of a copy-free model; returns what to compare."""
+    model.train(train)
+    model.zero_grad()
+    xi = x.clone().requires_grad_()
+    out = model(xi)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return out, xi.grad, grads, buffers
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_converted_model_matches_torchvision_in_float64(backend, name, train, channels_last):
+    tv = randomize_batchnorms(getattr(torchvision.models, name)(num_classes=10)).double()
+    fused = fused_copy(tv)
+    assert type(fused).__name__ == "FusedStemResNet" and isinstance(fused, torchvision.models.ResNet)
+    assert fused_resnet.unfused_modules(fused) == {}
+    x = to_layout(torch.randn(2, 3, 48, 40, dtype=torch.float64), channels_last)
+    with use_backend(backend):
+        out, gx, grads, buffers = run(fused, x, train)
+    ref, rgx, rgrads, rbuffers = run(tv, x, train)
+    assert_rel(out, ref, 1e-10, "output")
+    assert_rel(gx, rgx, 1e-9, "grad x")
+    for n in rgrads:
+        assert_rel(grads[n], rgrads[n], 1e-9, f"grad {n}")
+    for n in rbuffers:
+        assert_rel(buffers[n], rbuffers[n], 1e-10, n)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_converted_model_outputs_match_in_float32(backend, name, channels_last):
+    tv = randomize_batchnorms(getattr(torchvision.models, name)(num_classes=10))
+    fused = fused_copy(tv)
+    x = to_layout(torch.randn(2, 3, 64, 64), channels_last)
+    for train in (True, False):
+        tv.train(train)
+        fused.train(train)
+        with use_backend(backend):
+            out = fused(x)
+        assert_rel(out, tv(x), 1e-4, f"output (train={train})")
+        with torch.no_grad(), use_backend(backend):
+            out = fused(x)
+        assert_rel(out, tv(x), 1e-4, f"no-grad output (train={train})")
+    for (n, b), rb in zip(fused.named_buffers(), tv.buffers()):
+        assert_rel(b, rb, 1e-4, n)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_training_steps_track_torchvision(backend, dtype):
+    tv = torchvision.models.resnet18(num_classes=5).to(dtype)
+    fused = fused_copy(tv)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4) for m in (tv, fused)]
+    x, target = torch.randn(8, 3, 32, 32, dtype=dtype), torch.randint(0, 5, (8,))
+    losses = {"tv": [], "fused": []}
+    for _ in range(5):
+        for key, model, optimizer in (("tv", tv, optimizers[0]), ("fused", fused, optimizers[1])):
+            optimizer.zero_grad()
+            with use_backend(backend if key == "fused" else "torch"):
+                loss = nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+            losses[key].append(loss.item())
+    assert losses["tv"][-1] < losses["tv"][0], "the model should learn this batch"
+    # float32 rounding differences grow along a training trajectory; bound them by the scale of the loss.
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    for a, b in zip(losses["fused"], losses["tv"]):
+        assert abs(a - b) <= tol * losses["tv"][0], (losses["fused"], losses["tv"])
+
+
+def test_checkpoints_load_both_ways_and_models_pickle():
+    tv = randomize_batchnorms(torchvision.models.resnet18(num_classes=7))
+    fused = fused_copy(tv).eval()
+    assert list(fused.state_dict()) == list(tv.state_dict())
+    fresh_tv = torchvision.models.resnet18(num_classes=7)
+    fresh_tv.load_state_dict(fused.state_dict(), strict=True)
+    fresh_fused = fused_resnet.resnet18(num_classes=7)
+    fresh_fused.load_state_dict(tv.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = tv.eval()(x)
+        buffer = io.BytesIO()
+        torch.save(fused, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert type(loaded) is type(fused)
+        for model in (fresh_tv.eval(), fresh_fused.eval(), loaded, pickle.loads(pickle.dumps(fused)), copy.deepcopy(fused)):
+            assert_rel(model(x), expected, 1e-5)
+
+
+def test_convert_swaps_blocks_in_place_and_keeps_tensors():
+    tv = torchvision.models.resnet50()
+    params = {n: p for n, p in tv.named_parameters()}
+    fused = fused_resnet.convert(tv)
+    assert fused is tv
+    assert all(p is params[n] for n, p in fused.named_parameters())
+    kinds = {type(m).__name__ for m in fused.modules()}
+    assert "Bottleneck" in kinds and all(type(b) is fused_resnet.Bottleneck for b in fused.layer1)
+
+
+def test_convert_reports_what_it_cannot_fuse():
+    class CustomBlock(torchvision.models.resnet.BasicBlock):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(torchvision.models.resnet.BasicBlock(4, 4), CustomBlock(4, 4),
+                          torchvision.ops.Conv2dNormActivation(4, 4, norm_layer=nn.InstanceNorm2d))
+    with pytest.warns(fused_resnet.FusionWarning) as record:
+        fused_resnet.convert(model)
+    message = str(record[0].message)
+    assert "1: CustomBlock subclasses torchvision's BasicBlock" in message
+    assert "2: 1 is a InstanceNorm2d" in message
+    assert type(model[0]) is fused_resnet.BasicBlock and type(model[1]) is CustomBlock
+
+
+def test_convert_rejects_non_modules():
+    with pytest.raises(TypeError, match="convert: expected a torch.nn.Module, got dict"):
+        fused_resnet.convert({"conv": 1})
