@@ -63,7 +63,7 @@ def _check_channel_vector(op: str, name: str, t: Tensor | None, channels: int, r
     if t is None:
         return
     if not isinstance(t, Tensor) or t.shape != (channels,):
-        got = _describe(t) if isinstance(t, Tensor) else type(t).__name__
+        got = f"a {_describe(t)}" if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"{op}: expected {name} to hold {channels} per-channel values, got {got}")
     if not t.is_floating_point():
         raise TypeError(f"{op}: expected {name} to be floating-point, got a {_describe(t)}")
@@ -71,13 +71,15 @@ def _check_channel_vector(op: str, name: str, t: Tensor | None, channels: int, r
 
 
 def _check_batch_norm(op: str, label: str, bn: BatchNormParams, y_shape: Sequence[int], ref: Tensor) -> None:
+    """Checks a BatchNorm on a conv output of `y_shape`; `label` prefixes its field names ("" for none)."""
+    name = (lambda field: f"{label}.{field}") if label else (lambda field: field)
     channels = y_shape[1]
     for field in ("weight", "bias", "running_mean", "running_var"):
-        _check_channel_vector(op, f"{label}.{field}", getattr(bn, field), channels, ref)
+        _check_channel_vector(op, name(field), getattr(bn, field), channels, ref)
     if (bn.running_mean is None) != (bn.running_var is None):
-        raise ValueError(f"{op}: {label} needs both running_mean and running_var, or neither")
+        raise ValueError(f"{op}: expected both {name('running_mean')} and {name('running_var')}, or neither")
     if bn.eps <= 0:
-        raise ValueError(f"{op}: expected {label}.eps > 0, got {bn.eps}")
+        raise ValueError(f"{op}: expected {name('eps')} > 0, got {bn.eps}")
     if bn.use_batch_stats:
         count = y_shape[0] * y_shape[2] * y_shape[3]
         if count <= 1:
@@ -89,7 +91,7 @@ def _check_conv(op: str, label: str, conv: ConvParams, x_shape: Sequence[int], r
     """Checks `conv` on an input of `x_shape` and returns its output shape."""
     w = conv.weight
     if not isinstance(w, Tensor) or w.dim() != 4:
-        got = _describe(w) if isinstance(w, Tensor) else type(w).__name__
+        got = f"a {_describe(w)}" if isinstance(w, Tensor) else type(w).__name__
         raise ValueError(f"{op}: expected {label}.weight to be 4-D (out, in/groups, kh, kw), got {got}")
     _check_like(op, f"{label}.weight", w, ref, "the input")
     if conv.groups < 1 or x_shape[1] % conv.groups or w.shape[0] % conv.groups:
@@ -248,7 +250,7 @@ def batch_norm_act(
     if not training and running_mean is None:
         raise ValueError(f"{op}: running_mean and running_var are required when training=False")
     bn = BatchNormParams(weight, bias, running_mean, running_var, None, momentum, eps, training)
-    _check_batch_norm(op, "bn", bn, list(input.shape), input)
+    _check_batch_norm(op, "", bn, list(input.shape), input)
     if residual is not None:
         _check_activation(op, "residual", residual)
         _check_like(op, "residual", residual, input, "input")
