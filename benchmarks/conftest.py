@@ -27,7 +27,7 @@ import dataclasses
 import datetime
 import json
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,6 +87,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--no-channels-last", dest="channels_last", action="store_false")
     group.addoption("--rounds", type=int, default=None,
                     help="timed calls per benchmark (overrides the size's; op benchmarks get 4x as many)")
+    group.addoption("--threads", type=int, default=None,
+                    help="torch.set_num_threads for CPU runs (on a shared machine, fewer threads than cores gives "
+                         "steadier numbers)")
     group.addoption("--providers", default=None,
                     help="comma-separated providers to run, e.g. torchvision,fused-cpu,fused-torch,torch-compile "
                          "(default: torchvision and every fused backend but torch that runs on the device)")
@@ -236,19 +239,28 @@ _SESSION = pytest.StashKey[BenchSession]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--threads"):
+        torch.set_num_threads(config.getoption("--threads"))
     device = _device(config)
+    if device.type == "cuda":
+        # As training scripts run: cuDNN picks its fastest convolution algorithms (during the warmup calls). Every
+        # provider's convolutions are cuDNN's, so this helps each of them alike.
+        torch.backends.cudnn.benchmark = True
     providers, left_out = _select_providers(config, device)
     config.stash[_SESSION] = BenchSession(_size_config(config), device, providers, left_out)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     s = config.stash[_SESSION]
-    return [
+    lines = [
         f"fused_resnet benchmarks: size={s.size.name} device={device_name(s.device)} dtype={_dtype_name(s.size.dtype)} "
         f"memory_format={memory_format_name(s.size.channels_last)}",
         f"providers: {', '.join(p.name for p in s.providers)}"
         + "".join(f"; {name} left out: {why}" for name, why in s.left_out.items()),
     ]
+    if s.size.name == "full" and s.device.type == "cpu":
+        lines.append("warning: --size full is the GPU configuration (batch 256 at 224x224); on a CPU it takes hours")
+    return lines
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -289,12 +301,20 @@ def _seeded() -> None:
 # Step functions
 
 
-def to_benchmark_layout(t: nn.Module | torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool):
-    """A module or a 4-D tensor on the benchmark device, dtype and memory format."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if isinstance(t, nn.Module):
-        return t.to(device=device, dtype=dtype, memory_format=memory_format)
-    return t.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def to_benchmark_layout(module: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    """`module` on the benchmark device, in its dtype, its 4-D weights in its memory format."""
+    return module.to(device=device, dtype=dtype, memory_format=_memory_format(channels_last))
+
+
+def random_activation(
+    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, channels_last: bool
+) -> torch.Tensor:
+    """A standard-normal 4-D tensor made on the device (the full size's tensors are too big to make on a CPU)."""
+    return torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=_memory_format(channels_last))
 
 
 def train_step(
@@ -407,6 +427,18 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
             for row in rows]
 
 
+def _grouped(rows: list[dict]) -> list[dict]:
+    """`rows` with the providers of one measurement next to each other, the reference first (cases in the order
+    they ran)."""
+    def group(row: dict) -> tuple:
+        return row["suite"], row["case"], row["mode"], row["memory_format"], row["dtype"]
+
+    first_seen: dict[tuple, int] = {}
+    for row in rows:
+        first_seen.setdefault(group(row), len(first_seen))
+    return sorted(rows, key=lambda row: (first_seen[group(row)], not row["is_reference"]))
+
+
 def _format_table(rows: list[dict]) -> list[str]:
     columns = [  # (title, cell, right-aligned)
         ("suite", lambda r: r["suite"], False),
@@ -430,9 +462,9 @@ def _format_table(rows: list[dict]) -> list[str]:
     out = [line([title for title, _, _ in columns]), line(["-" * w for w in widths])]
     previous_case = None
     for row, values in zip(rows, cells):
-        case = (row["suite"], row["case"], row["mode"], row["memory_format"])
-        if previous_case is not None and case[:2] != previous_case[:2]:
-            out.append("")  # a blank line between cases keeps the providers of one case together
+        case = row["suite"], row["case"]
+        if previous_case is not None and case != previous_case:
+            out.append("")  # a blank line between cases keeps the measurements of one case together
         previous_case = case
         out.append(line(values))
     return out
@@ -443,7 +475,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     session = config.stash.get(_SESSION, None)
     if session is None or not session.rows:
         return
-    rows = _with_ratios(session.rows)
+    rows = _grouped(_with_ratios(session.rows))
     header = {
         "device": device_name(session.device),
         "torch": torch.__version__,
@@ -459,7 +491,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     tr.write_sep("=", "fused_resnet benchmark summary")
     tr.write_line(f"device: {header['device']}  torch {header['torch']}"
                   + (f" (CUDA {header['cuda']})" if header["cuda"] else "")
-                  + f"  fused_resnet {header['fused_resnet']}  size={header['size']}  dtype={header['dtype']}")
+                  + f"  fused_resnet {header['fused_resnet']}  size={header['size']}  dtype={header['dtype']}"
+                  + f"  blocks/models in {header['memory_format']}")
     tr.write_line("median of the timed calls; vs torchvision = img/s / torchvision's img/s for the same case in this "
                   "run (> 1 is faster; for ops the reference is the unfused PyTorch sequence); GB/s against the "
                   "bytes the op must move")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from conftest import Provider, eval_step, memory_format_name, to_benchmark_layout, train_step
+from benchmarks.conftest import (
+    Provider, eval_step, memory_format_name, random_activation, to_benchmark_layout, train_step,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +34,23 @@ class BlockCase:
         return self.stride != 1 or self.inplanes != self.out_channels
 
     @property
-    def label(self) -> str:
+    def _shape(self) -> str:
+        """The stage shape: output channels (Bottleneck: inplanes/planes) @ output resolution."""
         out_resolution = self.resolution // self.stride
         if self.kind == "BasicBlock":
-            shape = f"{self.out_channels}@{out_resolution}"
-        else:
-            shape = f"{self.inplanes}/{self.planes}@{out_resolution}"
-        return f"{self.kind} {shape}" + (f" first (proj, stride {self.stride})" if self.has_projection else "")
+            return f"{self.out_channels}@{out_resolution}"
+        return f"{self.inplanes}/{self.planes}@{out_resolution}"
+
+    @property
+    def label(self) -> str:
+        """What the summary table shows."""
+        first = f" first (proj, stride {self.stride})" if self.has_projection else ""
+        return f"{self.kind} {self._shape}{first}"
+
+    @property
+    def test_id(self) -> str:
+        """The pytest id: no spaces, so that node ids can be pasted on a command line."""
+        return f"{self.kind}-{self._shape}" + (f"-first-s{self.stride}" if self.has_projection else "")
 
     def build(self) -> nn.Module:
         downsample = None
@@ -100,8 +111,8 @@ CASES_BY_SIZE = {
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "block_case" in metafunc.fixturenames:
-        labels = CASES_BY_SIZE[metafunc.config.getoption("--size")]
-        metafunc.parametrize("block_case", [ALL_CASES[label] for label in labels], ids=labels)
+        cases = [ALL_CASES[label] for label in CASES_BY_SIZE[metafunc.config.getoption("--size")]]
+        metafunc.parametrize("block_case", cases, ids=[case.test_id for case in cases])
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -109,13 +120,10 @@ def test_block(block_case: BlockCase, mode: str, provider: Provider, size, devic
     layout = dict(device=device, dtype=size.dtype, channels_last=size.channels_last)
     block = provider.prepare(to_benchmark_layout(block_case.build(), **layout))
     batch = size.block_batch
-    x = to_benchmark_layout(torch.randn(batch, block_case.inplanes, block_case.resolution, block_case.resolution),
-                            **layout)
+    x = random_activation((batch, block_case.inplanes, block_case.resolution, block_case.resolution), **layout)
     if mode == "train":
         out_resolution = block_case.resolution // block_case.stride
-        grad_out = to_benchmark_layout(
-            torch.randn(batch, block_case.out_channels, out_resolution, out_resolution), **layout
-        )
+        grad_out = random_activation((batch, block_case.out_channels, out_resolution, out_resolution), **layout)
         step = train_step(block, x, lambda out: out.backward(grad_out), provider, device)
     else:
         step = eval_step(block, x, provider, device)

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import Provider, eval_step, memory_format_name, to_benchmark_layout, train_step
+from benchmarks.conftest import (
+    Provider, eval_step, memory_format_name, random_activation, to_benchmark_layout, train_step,
+)
 
 NUM_CLASSES = 1000
 
@@ -30,7 +32,7 @@ def test_model(model_name: str, mode: str, provider: Provider, size, device, mea
     reference = torchvision.models.get_model(model_name, weights=None, num_classes=NUM_CLASSES)
     model = provider.prepare(to_benchmark_layout(reference, **layout))
     batch, resolution = size.model_batch, size.model_resolution
-    x = to_benchmark_layout(torch.randn(batch, 3, resolution, resolution), **layout)
+    x = random_activation((batch, 3, resolution, resolution), **layout)
     if mode == "train":
         labels = torch.randint(NUM_CLASSES, (batch,), device=device)
         step = train_step(model, x, lambda logits: F.cross_entropy(logits, labels).backward(), provider, device)

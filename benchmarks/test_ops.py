@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet
-from conftest import Provider, memory_format_name, synchronize, to_benchmark_layout
+from benchmarks.conftest import Provider, memory_format_name, random_activation, synchronize
 
 TENSOR_PASSES = {"train fwd": 4, "train fwd+bwd": 12, "eval fwd": 3}
 
@@ -42,15 +42,15 @@ def _op_for(provider: Provider) -> tuple[str, Callable]:
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("op_case", list(TENSOR_PASSES))
+@pytest.mark.parametrize("op_case", list(TENSOR_PASSES), ids=lambda op_case: op_case.replace(" ", "-"))
 def test_bn_add_relu(op_case: str, channels_last: bool, provider: Provider, size, device, measure) -> None:
     n, c, h, w = size.op_shape
     layout = dict(device=device, dtype=size.dtype, channels_last=channels_last)
     training = op_case != "eval fwd"
     with_backward = op_case == "train fwd+bwd"
-    x = to_benchmark_layout(torch.randn(n, c, h, w), **layout).requires_grad_(with_backward)
-    residual = to_benchmark_layout(torch.randn(n, c, h, w), **layout).requires_grad_(with_backward)
-    grad_out = to_benchmark_layout(torch.randn(n, c, h, w), **layout)
+    x = random_activation((n, c, h, w), **layout).requires_grad_(with_backward)
+    residual = random_activation((n, c, h, w), **layout).requires_grad_(with_backward)
+    grad_out = random_activation((n, c, h, w), **layout)
     # BatchNorm's parameters and statistics stay fp32 in low-precision runs, as under autocast.
     weight = (1 + 0.1 * torch.randn(c, device=device)).requires_grad_(with_backward)
     bias = (0.1 * torch.randn(c, device=device)).requires_grad_(with_backward)

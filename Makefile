@@ -1,0 +1,36 @@
+# The two set-up-and-go commands (README.md): `make test` and `make bench`.
+# Each creates .venv at the repository root if absent, installs the dependencies, builds the extension, and runs.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Build and test dependencies. pip resolves torch to the newest release this machine's index allows; triton
+# comes with it on Linux.
+DEPS := torch torchvision triton pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis matplotlib
+INSTALLED := $(VENV)/.installed
+# Arguments for the benchmark run, e.g. `make bench BENCH_ARGS="--size full"`.
+BENCH_ARGS ?=
+
+.PHONY: test bench build clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): $(PY) Makefile
+	$(PY) -m pip install $(DEPS)
+	touch $@
+
+# An editable install: ninja rebuilds only what changed. MAX_JOBS bounds parallel compiles (default 2).
+build: $(INSTALLED)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest tests
+	# The benchmark suite must run too (its CPU timings are not judged here).
+	$(PY) -m pytest benchmarks --size smoke -q -p no:cacheprovider
+
+bench: build
+	$(PY) -m pytest benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf build fused_resnet/*.so *.egg-info benchmarks/out .pytest_cache .benchmarks
