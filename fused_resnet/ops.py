@@ -183,6 +183,13 @@ def _backward_coefs(
     return coefs, sum_dy_xmu * invstd, sum_dy
 
 
+def _dense_like(t: Tensor, ref: Tensor) -> Tensor:
+    """`t` dense in the layout of `ref` (NCHW or channels_last). Autograd may hand backward an expanded or
+    differently laid out gradient; converting it once here spares each kernel its own copy."""
+    channels_last = ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous()
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def _param_grad(grad: Tensor | None, param: Tensor | None, needed: bool) -> Tensor | None:
     """`grad` in the dtype of `param` when autograd needs it (BN vectors accumulate in fp32 for low precision)."""
     if not needed or grad is None or param is None:
@@ -211,6 +218,7 @@ class _BatchNormActFunction(torch.autograd.Function):
     def backward(ctx, grad_out, *_):
         input, out, mean, invstd, weight, bias = ctx.saved_tensors
         kernels = ctx.kernels
+        grad_out = _dense_like(grad_out, input)
         count = input.numel() // input.shape[1]
         sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_out, out, input, mean)
         coefs, grad_weight, grad_bias = _backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, ctx.use_batch_stats, count)
@@ -338,6 +346,7 @@ class _ResidualBlockFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         n = len(units)
         x, out = saved[0], saved[1]
+        grad_out = _dense_like(grad_out, out)
         flat = saved[2:2 + n * _TENSORS_PER_UNIT]
         ys = saved[2 + n * _TENSORS_PER_UNIT:2 + n * _TENSORS_PER_UNIT + n]
         vectors = saved[2 + n * _TENSORS_PER_UNIT + n:]
@@ -387,6 +396,7 @@ class _ResidualBlockFunction(torch.autograd.Function):
             grads[i * _TENSORS_PER_UNIT] = grad_w
             grads[i * _TENSORS_PER_UNIT + 1] = grad_b
             if i > 0:
+                grad_a = _dense_like(grad_a, a)
                 sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, a, ys[i - 1], means[i - 1])
                 grad_y, _ = kernels.backward_elemt(grad_a, a, ys[i - 1], means[i - 1], bn_coefs(i - 1, sum_dy, sum_dy_xmu))
             else:
