@@ -27,21 +27,25 @@ def log(message):
 
 def find_cuda_home():
     """The CUDA toolkit root, or None. nvcc on PATH may be a wrapper script, so ask nvcc where it lives
-    rather than guessing from its path, and accept the root only if it has the headers and libraries."""
+    rather than guessing from its path, and accept the root only if it has the headers and libraries
+    (in lib64/, or lib/ as in toolkits assembled from the nvidia-* wheels; torch looks in both)."""
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
     try:
-        dryrun = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        # Only a compilation's dry run prints nvcc's settings (`--dryrun --version` just prints the version).
+        dryrun = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r"^#\$ TOP=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
     root = os.path.realpath(match.group(1).strip()) if match else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.isdir(os.path.join(root, "include")) and os.path.isdir(os.path.join(root, "lib64")):
+    has_libs = any(os.path.isdir(os.path.join(root, lib)) for lib in ("lib64", "lib"))
+    if os.path.isdir(os.path.join(root, "include")) and has_libs:
         return root
-    log(f"nvcc at {nvcc} reports toolkit root {root}, which lacks include/ or lib64/; not building CUDA")
+    log(f"nvcc at {nvcc} reports toolkit root {root}, which lacks include/ or lib64/ (lib/); not building CUDA")
     return None
 
 

@@ -1,9 +1,13 @@
-// Argument checks shared by the CPU and CUDA implementations of the fused_resnet ops.
+// Argument checks and layout helpers shared by the CPU and CUDA implementations of the fused_resnet ops, so
+// that both accept the same arguments, raise the same messages and hand their kernels the same layouts.
 // Each failure names the op, the argument, what was expected and what came.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include <optional>
 
 namespace fused_resnet {
 
@@ -33,6 +37,48 @@ inline at::Tensor channel_param(const char* op, const char* name, const at::Tens
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fused_resnet::", op, ": expected ", name,
               " to be floating-point, got ", t.scalar_type());
   return t.to(acc_dtype).contiguous();
+}
+
+// A tensor that must be on the device of `ref` (the CPU kernels never see a device mismatch: the dispatcher
+// sends any call with a CUDA tensor to the CUDA implementation, which must reject the CPU ones).
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), "fused_resnet::", op, ": expected ", name, " on ", ref.device(), ", got ",
+              t.device());
+}
+
+// All activations of one call share the layout of `input`: NCHW-contiguous or channels_last.
+inline at::MemoryFormat memory_format_of(const at::Tensor& input) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                          : at::MemoryFormat::Contiguous;
+}
+
+// The checked `input` of an op, made dense in its layout.
+inline at::Tensor dense_input(const char* op, const at::Tensor& input) {
+  check_activation(op, "input", input);
+  TORCH_CHECK(input.numel() > 0, "fused_resnet::", op, ": expected a non-empty input, got shape ", input.sizes());
+  return input.contiguous(memory_format_of(input));
+}
+
+// An activation matching `input` in shape, dtype and device, made dense in its layout.
+inline at::Tensor activation_of(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  check_same_activation(op, name, t, input);
+  return t.contiguous(memory_format_of(input));
+}
+
+// An optional activation matching `input`, made dense in its layout; undefined when absent.
+inline at::Tensor optional_activation(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                      const at::Tensor& input) {
+  return t.has_value() ? activation_of(op, name, *t, input) : at::Tensor();
+}
+
+// A per-channel vector for `input`, contiguous in its accumulation dtype.
+inline at::Tensor channel_param_of(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  return channel_param(op, name, t, input.size(1), at::toOpMathType(input.scalar_type()));
+}
+
+inline at::Tensor optional_channel_param(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                         const at::Tensor& input) {
+  return t.has_value() ? channel_param_of(op, name, *t, input) : at::Tensor();
 }
 
 }  // namespace fused_resnet

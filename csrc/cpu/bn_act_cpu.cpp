@@ -27,40 +27,6 @@ void use_cpu_kernels(const CpuKernels* table) { installed_kernels.store(table, s
 
 namespace {
 
-// All activations of one call share the layout of `input`: NCHW-contiguous or channels_last.
-at::MemoryFormat layout_of(const at::Tensor& input) {
-  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                          : at::MemoryFormat::Contiguous;
-}
-
-// An activation matching `input` in shape, dtype and device, made dense in its layout.
-at::Tensor activation_of(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
-  check_same_activation(op, name, t, input);
-  return t.contiguous(layout_of(input));
-}
-
-// An optional activation matching `input`, made dense in its layout; undefined when absent.
-at::Tensor optional_activation(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                               const at::Tensor& input) {
-  return t.has_value() ? activation_of(op, name, *t, input) : at::Tensor();
-}
-
-// A per-channel vector for `input`, contiguous in its accumulation dtype.
-at::Tensor channel_param_of(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
-  return channel_param(op, name, t, input.size(1), at::toOpMathType(input.scalar_type()));
-}
-
-at::Tensor optional_channel_param(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                                  const at::Tensor& input) {
-  return t.has_value() ? channel_param_of(op, name, *t, input) : at::Tensor();
-}
-
-at::Tensor dense_input(const char* op, const at::Tensor& input) {
-  check_activation(op, "input", input);
-  TORCH_CHECK(input.numel() > 0, "fused_resnet::", op, ": expected a non-empty input, got shape ", input.sizes());
-  return input.contiguous(layout_of(input));
-}
-
 std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& input_) {
   const at::Tensor input = dense_input("batch_stats", input_);
   const auto dopts = input.options().dtype(at::kDouble);
@@ -80,7 +46,7 @@ at::Tensor bn_act_cpu(const at::Tensor& input_, const at::Tensor& scale, const a
   TORCH_CHECK(!residual_scale_.has_value() || residual_.has_value(), "fused_resnet::", op,
               ": residual_scale given without a residual");
   const at::Tensor residual = optional_activation(op, "residual", residual_, input);
-  at::Tensor out = at::empty_like(input, layout_of(input));
+  at::Tensor out = at::empty_like(input, memory_format_of(input));
   cpu_kernels().bn_act(input, channel_param_of(op, "scale", scale, input),
                    channel_param_of(op, "shift", shift, input), residual,
                    optional_channel_param(op, "residual_scale", residual_scale_, input),
@@ -123,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cpu(
   TORCH_CHECK(!(second && residual_grad), "fused_resnet::", op,
               ": residual_grad and input2 are exclusive (the second output is one or the other)");
   const at::Tensor input2 = optional_activation(op, "input2", input2_, input);
-  at::Tensor grad_input = at::empty_like(input, layout_of(input));
-  at::Tensor grad_other = (second || residual_grad) ? at::empty_like(input, layout_of(input)) : at::Tensor();
+  at::Tensor grad_input = at::empty_like(input, memory_format_of(input));
+  at::Tensor grad_other = (second || residual_grad) ? at::empty_like(input, memory_format_of(input)) : at::Tensor();
   cpu_kernels().backward_elemt(activation_of(op, "grad_output", grad_output, input),
                            optional_activation(op, "output", output, input), input,
                            channel_param_of(op, "mean", mean, input),
