@@ -102,27 +102,36 @@ def test_converted_model_outputs_match_in_float32(backend, name, channels_last):
         assert_rel(b, rb, 1e-4, n)
 
 
+def loss_trajectory(model, x, target, backend, steps=5):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with use_backend(backend):
+            loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_training_steps_track_torchvision(backend, dtype):
-    tv = torchvision.models.resnet18(num_classes=5).to(dtype)
-    fused = fused_copy(tv)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4) for m in (tv, fused)]
-    x, target = torch.randn(8, 3, 32, 32, dtype=dtype), torch.randint(0, 5, (8,))
-    losses = {"tv": [], "fused": []}
-    for _ in range(5):
-        for key, model, optimizer in (("tv", tv, optimizers[0]), ("fused", fused, optimizers[1])):
-            optimizer.zero_grad()
-            with use_backend(backend if key == "fused" else "torch"):
-                loss = nn.functional.cross_entropy(model(x), target)
-            loss.backward()
-            optimizer.step()
-            losses[key].append(loss.item())
-    assert losses["tv"][-1] < losses["tv"][0], "the model should learn this batch"
-    # float32 rounding differences grow along a training trajectory; bound them by the scale of the loss.
-    tol = 1e-9 if dtype == torch.float64 else 1e-3
-    for a, b in zip(losses["fused"], losses["tv"]):
-        assert abs(a - b) <= tol * losses["tv"][0], (losses["fused"], losses["tv"])
+def test_training_steps_track_torchvision(backend):
+    tv = torchvision.models.resnet18(num_classes=5)
+    x, target = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    exact = loss_trajectory(copy.deepcopy(tv).double(), x.double(), target, "torch")
+    fused64 = loss_trajectory(fused_copy(tv).double(), x.double(), target, backend)
+    assert exact[-1] < exact[0], "the model should learn this batch"
+    assert all(abs(a - b) <= 1e-9 * exact[0] for a, b in zip(fused64, exact)), (fused64, exact)
+    # In float32 both trajectories drift from the exact one by rounding that the kinks of ReLU amplify (up to
+    # ~1e-3 of the loss after 5 steps, for torchvision as for fused, by the luck of the draw): fused must drift
+    # no more than torchvision does, or than that floor.
+    def drift(losses):
+        return max(abs(a - b) for a, b in zip(losses, exact)) / exact[0]
+
+    tv32 = loss_trajectory(copy.deepcopy(tv), x, target, "torch")
+    fused32 = loss_trajectory(fused_copy(tv), x, target, backend)
+    assert drift(fused32) <= max(3 * drift(tv32), 2e-3), (fused32, tv32, exact)
 
 
 def test_checkpoints_load_both_ways_and_models_pickle():
