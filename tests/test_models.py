@@ -117,21 +117,16 @@ def loss_trajectory(model, x, target, backend, steps=5):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_training_steps_track_torchvision(backend):
+    """Five SGD steps of a converted model follow torchvision's loss trajectory exactly (in float64)."""
     tv = torchvision.models.resnet18(num_classes=5)
     x, target = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
     exact = loss_trajectory(copy.deepcopy(tv).double(), x.double(), target, "torch")
     fused64 = loss_trajectory(fused_copy(tv).double(), x.double(), target, backend)
     assert exact[-1] < exact[0], "the model should learn this batch"
     assert all(abs(a - b) <= 1e-9 * exact[0] for a, b in zip(fused64, exact)), (fused64, exact)
-    # In float32 both trajectories drift from the exact one by rounding that the kinks of ReLU amplify (up to
-    # ~1e-3 of the loss after 5 steps, for torchvision as for fused, by the luck of the draw): fused must drift
-    # no more than torchvision does, or than that floor.
-    def drift(losses):
-        return max(abs(a - b) for a, b in zip(losses, exact)) / exact[0]
-
-    tv32 = loss_trajectory(copy.deepcopy(tv), x, target, "torch")
-    fused32 = loss_trajectory(fused_copy(tv), x, target, backend)
-    assert drift(fused32) <= max(3 * drift(tv32), 2e-3), (fused32, tv32, exact)
+    # No float32 trajectory here: rounding amplified by the kinks of ReLU makes torchvision's own float32 drift
+    # from the exact trajectory reach 2e-2 of the loss in 5 steps (1 draw in 36), while a 10% error in every BN
+    # bias gradient drifts only 2e-3; such a check could not tell. Float32 gradients are checked block by block.
 
 
 def test_checkpoints_load_both_ways_and_models_pickle():
