@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 import fused_resnet
-from conftest import CPU_BACKENDS, assert_rel, fused_copy, randomize_batchnorms, to_layout
+from conftest import CPU_BACKENDS, assert_rel, fused_copy, randomize_batchnorms, rel_err, to_layout
 from fused_resnet import use_backend
 
 FACTORIES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
@@ -86,20 +86,28 @@ def test_converted_model_matches_torchvision_in_float64(backend, name, train, ch
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_converted_model_outputs_match_in_float32(backend, name, channels_last):
+    """Float32 outputs and running statistics are as close to the exact (float64) ones as torchvision's are: in
+    training a ResNet-50 at this size normalizes layer4 over 8 values per channel, which amplifies rounding to
+    ~1e-4 for torchvision too."""
     tv = randomize_batchnorms(getattr(torchvision.models, name)(num_classes=10))
-    fused = fused_copy(tv)
+    fused, exact = fused_copy(tv), copy.deepcopy(tv).double()
     x = to_layout(torch.randn(2, 3, 64, 64), channels_last)
+
+    def close_as_torchvision(ours, theirs, truth, what):
+        bound = 2 * rel_err(theirs, truth) + 1e-6
+        assert rel_err(ours, truth) <= bound, f"{what}: {rel_err(ours, truth):.2e} > {bound:.2e}"
+
     for train in (True, False):
-        tv.train(train)
-        fused.train(train)
-        with use_backend(backend):
-            out = fused(x)
-        assert_rel(out, tv(x), 1e-4, f"output (train={train})")
-        with torch.no_grad(), use_backend(backend):
-            out = fused(x)
-        assert_rel(out, tv(x), 1e-4, f"no-grad output (train={train})")
-    for (n, b), rb in zip(fused.named_buffers(), tv.buffers()):
-        assert_rel(b, rb, 1e-4, n)
+        for grad_enabled in (True, False):
+            for model in (tv, fused, exact):
+                model.train(train)
+            with torch.set_grad_enabled(grad_enabled):
+                with use_backend(backend):
+                    out = fused(x)
+                theirs, truth = tv(x), exact(x.double())
+            close_as_torchvision(out, theirs, truth, f"output (train={train}, grad={grad_enabled})")
+    for (n, b), rb, eb in zip(fused.named_buffers(), tv.buffers(), exact.buffers()):
+        close_as_torchvision(b, rb, eb, n)
 
 
 def loss_trajectory(model, x, target, backend, steps=5):
