@@ -88,11 +88,12 @@ def test_block_matches_torchvision(backend, name, dtype, mode, channels_last):
 def test_block_bfloat16_is_as_accurate_as_torchvision(backend, name, mode):
     """bf16 error against a float64 reference within 2x of torchvision's own bf16 error (DESIGN.md §6).
     Outputs meet it on every draw. A bf16 input gradient depends on which ReLUs flip with the rounding of the
-    forward, for torchvision as for fused: over 30 draws the ratio of the two errors had median 0.98 and a
-    tail to 2.1 either way, so gradients are judged on the median of 5 draws."""
+    forward, for torchvision as for fused: over 100 draws the ratio of the two errors had median 0.99 and tails
+    from 0.03 to 9 (mean errors 0.048 fused, 0.052 torchvision), so gradients are judged on their errors summed
+    over 10 draws (resampling those 100 draws, that ratio exceeded 2 once in 10^4)."""
     _, _, _, cin, h, w = BLOCKS[name]
-    output_ratios, grad_ratios = [], []
-    for _ in range(5):
+    output_ratios, grad_errors, tv_grad_errors = [], [], []
+    for _ in range(10):
         ref64 = torchvision_block(name, torch.float64)
         tv16 = copy.deepcopy(ref64).to(torch.bfloat16)
         fused16 = fused_copy(tv16)
@@ -104,10 +105,10 @@ def test_block_bfloat16_is_as_accurate_as_torchvision(backend, name, mode):
         assert out.dtype == torch.bfloat16
         output_ratios.append(rel_err(out, ref_out) / rel_err(tv_out, ref_out))
         if mode == "train":
-            grad_ratios.append(rel_err(gx, ref_gx) / rel_err(tv_gx, ref_gx))
+            grad_errors.append(rel_err(gx, ref_gx))
+            tv_grad_errors.append(rel_err(tv_gx, ref_gx))
     assert max(output_ratios) <= 2, output_ratios
-    if grad_ratios:
-        assert sorted(grad_ratios)[2] <= 2, grad_ratios
+    assert sum(grad_errors) <= 2 * sum(tv_grad_errors), (grad_errors, tv_grad_errors)
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
