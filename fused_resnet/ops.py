@@ -18,8 +18,8 @@ Every check happens before anything is computed or updated, so a call that raise
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -151,20 +151,32 @@ def _check_block(op: str, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut
 # BatchNorm arithmetic shared by the autograd functions (per-channel vectors in the accumulation dtype)
 
 
+class _BNSpec(NamedTuple):
+    """What an autograd node needs to know of a BatchNorm besides its tensors."""
+
+    eps: float
+    use_batch_stats: bool
+
+
+def _spec(bn: BatchNormParams) -> _BNSpec:
+    return _BNSpec(bn.eps, bn.use_batch_stats)
+
+
 def _affine(
-    kernels: NativeKernels, y: Tensor, bn: BatchNormParams
+    kernels: NativeKernels, y: Tensor, spec: _BNSpec, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """(mean, invstd, scale, shift, biased batch variance or None) so that BN(y) = y * scale + shift."""
     acc = accumulation_dtype(y.dtype)
-    if bn.use_batch_stats:
+    if spec.use_batch_stats:
         mean, var = kernels.batch_stats(y)
         batch_var = var
     else:
-        mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+        mean, var = running_mean.to(acc), running_var.to(acc)
         batch_var = None
-    invstd = torch.rsqrt(var + bn.eps)
-    scale = invstd * bn.weight.to(acc) if bn.weight is not None else invstd
-    shift = bn.bias.to(acc) - mean * scale if bn.bias is not None else -mean * scale
+    invstd = torch.rsqrt(var + spec.eps)
+    scale = invstd * weight.to(acc) if weight is not None else invstd
+    shift = bias.to(acc) - mean * scale if bias is not None else -mean * scale
     return mean, invstd, scale, shift, batch_var
 
 
@@ -198,41 +210,111 @@ def _param_grad(grad: Tensor | None, param: Tensor | None, needed: bool) -> Tens
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# batch_norm_act
+# The autograd functions. A block runs as
+#     conv -> [BN-ReLU -> conv] -> ... -> [BN (+ residual, itself possibly BN'd) -> ReLU]
+# with one node per bracket, so that each releases its saved tensors as soon as its backward is done (one node
+# for the whole block kept every saved activation to the end of its backward: on the CPU that higher peak cost
+# page faults, and 10-30% of a Bottleneck's step). A node's BatchNorm arrives as its tensors and a _BNSpec.
+
+
+def _bn_tensors(bn: BatchNormParams) -> tuple[Tensor | None, ...]:
+    """What a node takes of a BatchNorm: weight, bias, and the running statistics only when it normalizes with
+    them (in training they are updated after the node, from the batch statistics it returns)."""
+    running = (None, None) if bn.use_batch_stats else (bn.running_mean, bn.running_var)
+    return bn.weight, bn.bias, *running
+
+
+def _batch_stats_outputs(ctx, *affines) -> tuple[Tensor, ...]:
+    """The (mean, biased variance) of each BN that used batch statistics: extra outputs, not differentiable."""
+    stats = tuple(t for affine in affines if affine[4] is not None for t in (affine[0], affine[4]))
+    ctx.mark_non_differentiable(*stats)
+    return stats
 
 
 class _BatchNormActFunction(torch.autograd.Function):
+    """[relu](BN(y) + residual): the residual is `residual` itself, or BN2(y2) (a projection shortcut), or absent.
+    Saves y, the output (its ReLU mask) and, for a projection, y2."""
+
     @staticmethod
-    def forward(ctx, kernels, bn_static, relu, input, weight, bias, running_mean, running_var, residual):
-        bn = dataclasses.replace(bn_static, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-        mean, invstd, scale, shift, batch_var = _affine(kernels, input, bn)
-        out = kernels.bn_act(input, scale, shift, residual, relu=relu)
-        ctx.kernels, ctx.use_batch_stats, ctx.has_residual = kernels, bn.use_batch_stats, residual is not None
-        ctx.save_for_backward(input, out if relu else None, mean, invstd, weight, bias)
-        stats = (mean, batch_var) if batch_var is not None else ()
-        ctx.mark_non_differentiable(*stats)
-        return (out, *stats)
+    def forward(ctx, kernels, spec, relu, y, weight, bias, running_mean, running_var, residual,
+                spec2, y2, weight2, bias2, running_mean2, running_var2):
+        affine = _affine(kernels, y, spec, weight, bias, running_mean, running_var)
+        affine2 = None
+        if y2 is not None:
+            affine2 = _affine(kernels, y2, spec2, weight2, bias2, running_mean2, running_var2)
+            out = kernels.bn_act(y, affine[2], affine[3], y2, affine2[2], affine2[3], relu)
+        else:
+            out = kernels.bn_act(y, affine[2], affine[3], residual, relu=relu)
+        ctx.kernels, ctx.specs, ctx.has_residual = kernels, (spec, spec2), residual is not None
+        second = (y2, affine2[0], affine2[1], weight2, bias2) if y2 is not None else (None,) * 5
+        ctx.save_for_backward(y, out if relu else None, affine[0], affine[1], weight, bias, *second)
+        return (out, *_batch_stats_outputs(ctx, affine, *([affine2] if affine2 else [])))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, *_):
-        input, out, mean, invstd, weight, bias = ctx.saved_tensors
-        kernels = ctx.kernels
-        grad_out = _dense_like(grad_out, input)
-        count = input.numel() // input.shape[1]
-        sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_out, out, input, mean)
-        coefs, grad_weight, grad_bias = _backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, ctx.use_batch_stats, count)
-        need = ctx.needs_input_grad
-        grad_input, grad_residual = kernels.backward_elemt(
-            grad_out, out, input, mean, coefs, residual_grad=ctx.has_residual and need[8]
-        )
+        y, out, mean, invstd, weight, bias, y2, mean2, invstd2, weight2, bias2 = ctx.saved_tensors
+        kernels, need = ctx.kernels, ctx.needs_input_grad
+        grad_out = _dense_like(grad_out, y)
+        count = y.numel() // y.shape[1]
+        sum_dy, sum_dy_xmu, sum_dy_xmu2 = kernels.backward_reduce(grad_out, out, y, mean, y2, mean2)
+        spec, spec2 = ctx.specs
+        coefs, grad_weight, grad_bias = _backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, spec.use_batch_stats, count)
+        coefs2 = grad_weight2 = grad_bias2 = None
+        if y2 is not None:  # the projection's BN shares the masked gradient, so one pass serves both
+            coefs2, grad_weight2, grad_bias2 = _backward_coefs(
+                sum_dy, sum_dy_xmu2, invstd2, weight2, spec2.use_batch_stats, count)
+        grad_y, grad_other = kernels.backward_elemt(
+            grad_out, out, y, mean, coefs, y2, mean2, coefs2, residual_grad=ctx.has_residual and need[8])
         return (
             None, None, None,
-            grad_input if need[3] else None,
-            _param_grad(grad_weight, weight, need[4]),
-            _param_grad(grad_bias, bias, need[5]),
+            grad_y if need[3] else None,
+            _param_grad(grad_weight, weight, need[4]), _param_grad(grad_bias, bias, need[5]),
             None, None,
-            grad_residual,
+            grad_other if ctx.has_residual else None,
+            None,
+            grad_other if y2 is not None and need[10] else None,
+            _param_grad(grad_weight2, weight2, need[11]), _param_grad(grad_bias2, bias2, need[12]),
+            None, None,
+        )
+
+
+class _BatchNormReluConvFunction(torch.autograd.Function):
+    """conv(relu(BN(y))): the conv's input is normalized as it is consumed and never saved; backward recomputes
+    it. Saves y and per-channel vectors (DESIGN.md §4's prologue fusion)."""
+
+    @staticmethod
+    def forward(ctx, kernels, spec, conv_static, y, weight, bias, running_mean, running_var, conv_weight,
+                conv_bias):
+        affine = _affine(kernels, y, spec, weight, bias, running_mean, running_var)
+        conv = ConvParams(conv_weight, conv_bias, *conv_static)
+        out = kernels.conv(kernels.bn_act(y, affine[2], affine[3], relu=True), conv)
+        ctx.kernels, ctx.spec, ctx.conv_static = kernels, spec, conv_static
+        ctx.save_for_backward(y, *affine[:4], weight, bias, conv_weight, conv_bias)
+        return (out, *_batch_stats_outputs(ctx, affine))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, *_):
+        y, mean, invstd, scale, shift, weight, bias, conv_weight, conv_bias = ctx.saved_tensors
+        kernels, need = ctx.kernels, ctx.needs_input_grad
+        a = kernels.bn_act(y, scale, shift, relu=True)
+        grad_a, grad_conv_weight, grad_conv_bias = kernels.conv_backward(
+            grad_out, a, ConvParams(conv_weight, conv_bias, *ctx.conv_static),
+            need_input=any(need[3:6]), need_weight=need[8], need_bias=need[9])
+        grad_y = grad_weight = grad_bias = None
+        if grad_a is not None:
+            grad_a = _dense_like(grad_a, a)
+            sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, a, y, mean)
+            coefs, grad_weight, grad_bias = _backward_coefs(
+                sum_dy, sum_dy_xmu, invstd, weight, ctx.spec.use_batch_stats, y.numel() // y.shape[1])
+            grad_y, _ = kernels.backward_elemt(grad_a, a, y, mean, coefs)
+        return (
+            None, None, None,
+            grad_y if need[3] else None,
+            _param_grad(grad_weight, weight, need[4]), _param_grad(grad_bias, bias, need[5]),
+            None, None,
+            grad_conv_weight, grad_conv_bias,
         )
 
 
@@ -267,12 +349,8 @@ def batch_norm_act(
     name = select_backend(input.device, backend)
     if name == "torch":
         return reference.batch_norm_act(input, bn, residual, relu)
-    kernels = kernels_for(name)
     out, *stats = _BatchNormActFunction.apply(
-        kernels, dataclasses.replace(bn, weight=None, bias=None, running_mean=None, running_var=None), relu,
-        input, weight, bias, running_mean if not bn.use_batch_stats else None,
-        running_var if not bn.use_batch_stats else None, residual,
-    )
+        kernels_for(name), _spec(bn), relu, input, *_bn_tensors(bn), residual, *(None,) * 6)
     if stats:
         update_running_stats(bn, stats[0], stats[1], input.numel() // input.shape[1])
     return out
@@ -280,141 +358,6 @@ def batch_norm_act(
 
 # ---------------------------------------------------------------------------------------------------------------
 # residual_block and conv_bn_relu
-
-_TENSORS_PER_UNIT = 6  # conv weight, conv bias, bn weight, bn bias, running mean, running var
-
-
-def _unit_tensors(unit: ConvBN) -> list[Tensor | None]:
-    bn = unit.bn
-    running = (None, None) if bn.use_batch_stats else (bn.running_mean, bn.running_var)
-    return [unit.conv.weight, unit.conv.bias, bn.weight, bn.bias, *running]
-
-
-def _rebuild_unit(unit: ConvBN, tensors: Sequence[Tensor | None]) -> ConvBN:
-    """`unit` with the tensors the autograd function received (the same tensors, seen through autograd)."""
-    w, b, gamma, beta, running_mean, running_var = tensors
-    conv, bn = unit.conv, unit.bn
-    # Direct construction: dataclasses.replace costs 5x more, and this runs for every unit in forward and backward.
-    return ConvBN(
-        ConvParams(w, b, conv.stride, conv.padding, conv.dilation, conv.groups),
-        BatchNormParams(gamma, beta, running_mean, running_var, bn.num_batches_tracked, bn.momentum, bn.eps,
-                        bn.training),
-        unit.name,
-    )
-
-
-class _ResidualBlockFunction(torch.autograd.Function):
-    """relu(F(x) + shortcut(x)) over the kernels of one backend. Saves x, each raw convolution output, the block
-    output (its ReLU mask) and per-channel vectors; the activations between convolutions are recomputed."""
-
-    @staticmethod
-    def forward(ctx, kernels, units, shortcut_kind, x, *flat):
-        all_units = [_rebuild_unit(u, flat[i * _TENSORS_PER_UNIT:(i + 1) * _TENSORS_PER_UNIT]) for i, u in enumerate(units)]
-        main = all_units[:-1] if shortcut_kind == "projection" else all_units
-        ys, affines, stats = [], [], []
-        a = x
-        for i, unit in enumerate(main):
-            y = kernels.conv(a, unit.conv)
-            affine = _affine(kernels, y, unit.bn)
-            ys.append(y)
-            affines.append(affine)
-            if i < len(main) - 1:
-                a = kernels.bn_act(y, affine[2], affine[3], relu=True)
-        residual = residual_scale = residual_shift = None
-        if shortcut_kind == "identity":
-            residual = x
-        elif shortcut_kind == "projection":
-            y_s = kernels.conv(x, all_units[-1].conv)
-            affine = _affine(kernels, y_s, all_units[-1].bn)
-            ys.append(y_s)
-            affines.append(affine)
-            residual, residual_scale, residual_shift = y_s, affine[2], affine[3]
-        last = len(main) - 1
-        out = kernels.bn_act(ys[last], affines[last][2], affines[last][3], residual, residual_scale, residual_shift)
-
-        ctx.kernels, ctx.units, ctx.shortcut_kind = kernels, units, shortcut_kind
-        ctx.save_for_backward(
-            x, out, *flat, *ys, *(t for affine in affines for t in affine[:4])
-        )
-        for mean, _, _, _, batch_var in affines:
-            if batch_var is not None:
-                stats += [mean, batch_var]
-        ctx.mark_non_differentiable(*stats)
-        return (out, *stats)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, *_):
-        kernels, units, shortcut_kind = ctx.kernels, ctx.units, ctx.shortcut_kind
-        saved = ctx.saved_tensors
-        n = len(units)
-        x, out = saved[0], saved[1]
-        grad_out = _dense_like(grad_out, out)
-        flat = saved[2:2 + n * _TENSORS_PER_UNIT]
-        ys = saved[2 + n * _TENSORS_PER_UNIT:2 + n * _TENSORS_PER_UNIT + n]
-        vectors = saved[2 + n * _TENSORS_PER_UNIT + n:]
-        means, invstds, scales, shifts = (vectors[k::4] for k in range(4))
-        all_units = [_rebuild_unit(u, flat[i * _TENSORS_PER_UNIT:(i + 1) * _TENSORS_PER_UNIT]) for i, u in enumerate(units)]
-        projection = shortcut_kind == "projection"
-        main = all_units[:-1] if projection else all_units
-        need = ctx.needs_input_grad[4:]  # per flat tensor
-        need_x = ctx.needs_input_grad[3]
-        grads: list[Tensor | None] = [None] * len(flat)
-
-        def needs(i: int, k: int) -> bool:
-            return need[i * _TENSORS_PER_UNIT + k]
-
-        def store_bn_grads(i: int, grad_weight: Tensor, grad_bias: Tensor) -> None:
-            bn = all_units[i].bn
-            grads[i * _TENSORS_PER_UNIT + 2] = _param_grad(grad_weight, bn.weight, needs(i, 2))
-            grads[i * _TENSORS_PER_UNIT + 3] = _param_grad(grad_bias, bn.bias, needs(i, 3))
-
-        def bn_coefs(i: int, sum_dy: Tensor, sum_dy_xmu: Tensor) -> BackwardCoefs:
-            bn = all_units[i].bn
-            count = ys[i].numel() // ys[i].shape[1]
-            coefs, grad_weight, grad_bias = _backward_coefs(sum_dy, sum_dy_xmu, invstds[i], bn.weight, bn.use_batch_stats, count)
-            store_bn_grads(i, grad_weight, grad_bias)
-            return coefs
-
-        # The block's last BN, the residual add and the ReLU: one reduction and one elementwise pass (covering
-        # the projection's BN too, which shares the masked gradient).
-        last = len(main) - 1
-        s = n - 1  # the projection's index when there is one
-        y_s, mean_s = (ys[s], means[s]) if projection else (None, None)
-        sum_dy, sum_dy_xmu, sum_dy_xmu_s = kernels.backward_reduce(grad_out, out, ys[last], means[last], y_s, mean_s)
-        coefs = bn_coefs(last, sum_dy, sum_dy_xmu)
-        coefs_s = bn_coefs(s, sum_dy, sum_dy_xmu_s) if projection else None
-        grad_y, grad_residual = kernels.backward_elemt(
-            grad_out, out, ys[last], means[last], coefs, y_s, mean_s, coefs_s,
-            residual_grad=shortcut_kind == "identity" and need_x,
-        )
-
-        grad_x = None
-        for i in range(last, -1, -1):
-            conv = main[i].conv
-            a = x if i == 0 else kernels.bn_act(ys[i - 1], scales[i - 1], shifts[i - 1], relu=True)
-            grad_a, grad_w, grad_b = kernels.conv_backward(
-                grad_y, a, conv, need_input=i > 0 or need_x, need_weight=needs(i, 0), need_bias=needs(i, 1)
-            )
-            grads[i * _TENSORS_PER_UNIT] = grad_w
-            grads[i * _TENSORS_PER_UNIT + 1] = grad_b
-            if i > 0:
-                grad_a = _dense_like(grad_a, a)
-                sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, a, ys[i - 1], means[i - 1])
-                grad_y, _ = kernels.backward_elemt(grad_a, a, ys[i - 1], means[i - 1], bn_coefs(i - 1, sum_dy, sum_dy_xmu))
-            else:
-                grad_x = grad_a
-
-        if projection:
-            grad_xs, grad_w, grad_b = kernels.conv_backward(
-                grad_residual, x, all_units[s].conv, need_input=need_x, need_weight=needs(s, 0), need_bias=needs(s, 1)
-            )
-            grads[s * _TENSORS_PER_UNIT] = grad_w
-            grads[s * _TENSORS_PER_UNIT + 1] = grad_b
-            grad_residual = grad_xs
-        if need_x and grad_residual is not None:
-            grad_x = grad_x + grad_residual
-        return (None, None, None, grad_x if need_x else None, *grads)
 
 
 class FoldedWeights:
@@ -484,7 +427,8 @@ def _inference_block(
 def _needs_autograd(x: Tensor, units: Sequence[ConvBN]) -> bool:
     if not torch.is_grad_enabled():
         return False
-    return x.requires_grad or any(t is not None and t.requires_grad for u in units for t in _unit_tensors(u))
+    tensors = (t for u in units for t in (u.conv.weight, u.conv.bias, u.bn.weight, u.bn.bias))
+    return x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
 
 
 def residual_block(
@@ -512,14 +456,27 @@ def _block(
     every_unit = [*units, shortcut] if isinstance(shortcut, ConvBN) else list(units)
     if not _needs_autograd(x, every_unit) and not any(u.bn.use_batch_stats for u in every_unit):
         return _inference_block(kernels, x, units, shortcut, folded if folded is not None else FoldedWeights())
-    kind = "projection" if isinstance(shortcut, ConvBN) else ("identity" if shortcut == "identity" else "none")
-    out, *stats = _ResidualBlockFunction.apply(
-        kernels, tuple(every_unit), kind, x, *(t for u in every_unit for t in _unit_tensors(u))
-    )
-    batch_stats = iter(stats)
-    for unit, (n, _, h, w) in zip(every_unit, shapes):
-        if unit.bn.use_batch_stats:
-            update_running_stats(unit.bn, next(batch_stats), next(batch_stats), n * h * w)
+    y = kernels.conv(x, units[0].conv)
+    batch_stats: list[tuple[BatchNormParams, Tensor, Tensor, list[int]]] = []
+    for previous, unit, shape in zip(units[:-1], units[1:], shapes):
+        conv = unit.conv
+        y, *stats = _BatchNormReluConvFunction.apply(
+            kernels, _spec(previous.bn), (conv.stride, conv.padding, conv.dilation, conv.groups), y,
+            *_bn_tensors(previous.bn), conv.weight, conv.bias)
+        if stats:
+            batch_stats.append((previous.bn, *stats, shape))
+    last = units[-1].bn
+    projection = (None,) * 6
+    if isinstance(shortcut, ConvBN):
+        projection = (_spec(shortcut.bn), kernels.conv(x, shortcut.conv), *_bn_tensors(shortcut.bn))
+    out, *stats = _BatchNormActFunction.apply(
+        kernels, _spec(last), True, y, *_bn_tensors(last), x if shortcut == "identity" else None, *projection)
+    stats_of = [last] + ([shortcut.bn] if isinstance(shortcut, ConvBN) else [])
+    for bn in (b for b in stats_of if b.use_batch_stats):
+        batch_stats.append((bn, stats.pop(0), stats.pop(0), shapes[-1]))
+    # The running statistics move only once every node has run.
+    for bn, mean, var, (n, _, h, w) in batch_stats:
+        update_running_stats(bn, mean, var, n * h * w)
     return out
 
 
