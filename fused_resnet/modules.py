@@ -59,10 +59,12 @@ def hooks_blocker(modules: Sequence[tuple[str, nn.Module]]) -> str | None:
     if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks or \
             _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
         return "global module hooks are registered (they would not fire inside a fused op)"
+    # Checked on every forward: walk the modules cheaply, and name the hooked one only when there is one.
     for name, parent in modules:
-        for sub_name, sub in parent.named_modules(prefix=name):
+        for sub in parent.modules():
             if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
-                return f"{sub_name} has hooks (they would not fire inside a fused op)"
+                hooked = next(n for n, m in parent.named_modules(prefix=name) if m is sub)
+                return f"{hooked} has hooks (they would not fire inside a fused op)"
     return None
 
 

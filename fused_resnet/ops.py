@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from . import reference
 from .backends import select_backend
 from .kernels import BackwardCoefs, NativeKernels, accumulation_dtype, kernels_for
-from .params import BatchNormParams, ConvBN, ConvParams, update_running_stats
+from .params import BatchNormParams, ConvBN, ConvParams, as_dtype, update_running_stats
 
 Shortcut = ConvBN | str | None  # a projection, "identity", or None (a plain block)
 
@@ -172,11 +172,11 @@ def _affine(
         mean, var = kernels.batch_stats(y)
         batch_var = var
     else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
+        mean, var = as_dtype(running_mean, acc), as_dtype(running_var, acc)
         batch_var = None
     invstd = torch.rsqrt(var + spec.eps)
-    scale = invstd * weight.to(acc) if weight is not None else invstd
-    shift = bias.to(acc) - mean * scale if bias is not None else -mean * scale
+    scale = invstd * as_dtype(weight, acc) if weight is not None else invstd
+    shift = torch.addcmul(as_dtype(bias, acc), mean, scale, value=-1) if bias is not None else -mean * scale
     return mean, invstd, scale, shift, batch_var
 
 
@@ -186,9 +186,10 @@ def _backward_coefs(
     """The coefficients of BN's input gradient, grad_y = k_dy*g + k_xmu*(y - mean) + k_0 (g masked by the ReLU),
     and the gradients of the BN weight and bias. With batch statistics the mean and variance depend on y:
         grad_y = w*invstd * (g - mean(g) - (y - mean) * invstd^2 * mean(g * (y - mean)))."""
-    w_invstd = invstd * weight.to(invstd.dtype) if weight is not None else invstd
+    w_invstd = invstd * as_dtype(weight, invstd.dtype) if weight is not None else invstd
     if use_batch_stats:
-        coefs = (w_invstd, -w_invstd * invstd * invstd * (sum_dy_xmu / count), -w_invstd * (sum_dy / count))
+        coefs = (w_invstd, (w_invstd * invstd).mul_(invstd).mul_(sum_dy_xmu).mul_(-1.0 / count),
+                 (w_invstd * sum_dy).mul_(-1.0 / count))
     else:
         zeros = torch.zeros_like(invstd)
         coefs = (w_invstd, zeros, zeros)
@@ -206,7 +207,7 @@ def _param_grad(grad: Tensor | None, param: Tensor | None, needed: bool) -> Tens
     """`grad` in the dtype of `param` when autograd needs it (BN vectors accumulate in fp32 for low precision)."""
     if not needed or grad is None or param is None:
         return None
-    return grad.to(param.dtype)
+    return as_dtype(grad, param.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

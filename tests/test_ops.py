@@ -238,9 +238,9 @@ def test_residual_block_gradcheck(backend, spec_name, training):
         rebuilt = []
         for i, (conv, bn) in enumerate(every):
             unit = conv_bn(conv, bn, f"u{i}")
-            rebuilt.append(dataclasses.replace(
-                unit, conv=dataclasses.replace(unit.conv, weight=tensors[3 * i]),
-                bn=dataclasses.replace(unit.bn, weight=tensors[3 * i + 1], bias=tensors[3 * i + 2], training=training)))
+            rebuilt.append(unit._replace(
+                conv=unit.conv._replace(weight=tensors[3 * i]),
+                bn=unit.bn._replace(weight=tensors[3 * i + 1], bias=tensors[3 * i + 2], training=training)))
         sc = rebuilt.pop() if shortcut else ("identity" if spec.shortcut == "identity" else None)
         return ops.residual_block(x, rebuilt, sc, backend=backend)
 
