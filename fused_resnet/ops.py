@@ -8,10 +8,11 @@ Three ops serve every module of the library:
   Bottleneck: three) and an identity, projection or absent shortcut.
 
 On the ``torch`` backend they run the reference composite (:mod:`fused_resnet.reference`). On the others, in
-training (and whenever a gradient is needed) they run one autograd function per op that keeps only the raw
-convolution outputs and per-channel statistics for backward: the normalized activations between convolutions are
-recomputed there, never saved. In inference (no gradient, running statistics) BatchNorm is folded into each
-convolution's weights, cached per module, and bias, residual and ReLU run in the convolution's epilogue.
+training (and whenever a gradient is needed) a block runs as a chain of autograd nodes (see the section below)
+that keep only the raw convolution outputs, the block output and per-channel statistics for backward: the
+normalized activations between convolutions are recomputed there, never saved. In inference (no gradient,
+running statistics) BatchNorm is folded into each convolution's weights, cached per module, and bias, residual
+and ReLU run in the convolution's epilogue.
 
 Every check happens before anything is computed or updated, so a call that raises changes no running statistic.
 """
