@@ -8,12 +8,14 @@ and run convolutions through ATen (oneDNN on the CPU, cuDNN on the GPU).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _native
-from .params import ConvParams
+from .params import ConvParams, as_dtype
 
 BackwardCoefs = tuple[Tensor, Tensor, Tensor]  # (coef_dy, coef_xmu, coef_const) of bn_act_backward_elemt
 
@@ -101,23 +103,24 @@ class CpuKernels(NativeKernels):
     ) -> Tensor:
         if not self._onednn_supports(x, residual):
             return super().conv_bias_act(x, conv, weight, bias, residual, relu)
-        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        bias = bias.to(weight.dtype)
+        geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
+        bias = as_dtype(bias, weight.dtype)
+        unary = "relu" if relu else "none"
         if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, weight, bias, *geometry, "relu" if relu else "none", [None], ""
-            )
+            return torch.ops.mkldnn._convolution_pointwise.default(x, weight, bias, *geometry, unary, [None], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, weight, bias, *geometry, "add", None, "relu" if relu else "none", [None], ""
-        )
+            x, residual, weight, bias, *geometry, "add", None, unary, [None], "")
+
+    @functools.cached_property
+    def _onednn_dtypes(self) -> frozenset[torch.dtype]:
+        """The dtypes oneDNN's fused convolutions take on this CPU (asked once: the queries cost a call each)."""
+        if not torch.backends.mkldnn.is_available():
+            return frozenset()
+        # bf16 needs AVX512-BF16 or AMX; fp16 needs AVX512-FP16 or AVX-NE-CONVERT, which oneDNN reports otherwise.
+        return frozenset([torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []))
 
     def _onednn_supports(self, x: Tensor, residual: Tensor | None) -> bool:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        if x.dtype == torch.bfloat16:
-            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                return False
-        elif x.dtype != torch.float32:  # oneDNN's fp16 convolution needs AVX512-FP16 or AVX-NE-CONVERT
+        if x.dtype not in self._onednn_dtypes:
             return False
         if residual is None:
             return True
