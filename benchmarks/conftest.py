@@ -65,7 +65,7 @@ SIZES = {
                         rounds=3, warmup_rounds=1, op_rounds=5, dtype=torch.float32, channels_last=False),
     # A CPU-sized measurement: a few minutes on 2 cores.
     "default": SizeConfig("default", block_batch=8, model_batch=4, model_resolution=128, op_shape=(16, 64, 56, 56),
-                          rounds=5, warmup_rounds=2, op_rounds=20, dtype=torch.float32, channels_last=False),
+                          rounds=15, warmup_rounds=3, op_rounds=40, dtype=torch.float32, channels_last=False),
     # The GPU configuration of DESIGN.md §7. The op shape is the largest BN+add+ReLU of ResNet-50 (stage 1).
     "full": SizeConfig("full", block_batch=256, model_batch=256, model_resolution=224, op_shape=(256, 256, 56, 56),
                        rounds=20, warmup_rounds=5, op_rounds=50, dtype=torch.bfloat16, channels_last=True),
