@@ -81,4 +81,30 @@ inline at::Tensor optional_channel_param(const char* op, const char* name, const
   return t.has_value() ? channel_param_of(op, name, *t, input) : at::Tensor();
 }
 
+// Whether bn_act's residual is option A's (subsampled and zero-padded in channels) rather than an identity, and
+// if so that it fits `input`: same batch, dtype and device; input's height and width are its own subsampled by
+// `stride`; its channels land inside input's from `offset`.
+inline bool check_padded_residual(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                                  bool affine, int64_t stride, int64_t offset) {
+  const bool padded = stride != 1 || offset != 0 || (residual.has_value() && residual->dim() == 4 &&
+                                                     residual->size(1) != input.size(1));
+  if (!padded) return false;
+  TORCH_CHECK(residual.has_value(), "fused_resnet::", op, ": residual_stride and residual_channel_offset need a residual");
+  TORCH_CHECK(!affine, "fused_resnet::", op, ": a subsampled or channel-padded residual takes no residual_scale");
+  const at::Tensor& r = *residual;
+  check_activation(op, "residual", r);
+  TORCH_CHECK(stride >= 1, "fused_resnet::", op, ": expected residual_stride >= 1, got ", stride);
+  TORCH_CHECK(offset >= 0 && offset + r.size(1) <= input.size(1), "fused_resnet::", op, ": a residual of ", r.size(1),
+              " channels at residual_channel_offset ", offset, " does not fit the input's ", input.size(1), " channels");
+  TORCH_CHECK(r.size(0) == input.size(0) && (r.size(2) - 1) / stride + 1 == input.size(2) &&
+                  (r.size(3) - 1) / stride + 1 == input.size(3),
+              "fused_resnet::", op, ": a residual of shape ", r.sizes(), " subsampled by ", stride,
+              " does not match the input of shape ", input.sizes());
+  TORCH_CHECK(r.scalar_type() == input.scalar_type(), "fused_resnet::", op, ": expected residual of dtype ",
+              input.scalar_type(), ", got ", r.scalar_type());
+  TORCH_CHECK(r.device() == input.device(), "fused_resnet::", op, ": expected residual on ", input.device(), ", got ",
+              r.device());
+  return true;
+}
+
 }  // namespace fused_resnet

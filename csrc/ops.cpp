@@ -12,9 +12,12 @@ TORCH_LIBRARY(fused_resnet, m) {
   // Per-channel mean and biased variance of a 4-D activation.
   m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor var)");
   // [relu](input * scale + shift + R), R = residual * residual_scale + residual_shift, residual, or nothing.
+  // With residual_stride > 1 or residual_channel_offset > 0 (or a residual with fewer channels), R is option A's
+  // shortcut: R[n, c, h, w] = residual[n, c - residual_channel_offset, h * stride, w * stride] where residual has
+  // that channel, 0 elsewhere (no residual_scale then).
   m.def(
       "bn_act(Tensor input, Tensor scale, Tensor shift, Tensor? residual, Tensor? residual_scale, "
-      "Tensor? residual_shift, bool relu) -> Tensor");
+      "Tensor? residual_shift, bool relu, int residual_stride=1, int residual_channel_offset=0) -> Tensor");
   // With gm = grad_output where output > 0 (everywhere when output is None):
   // (sum gm, sum gm * (input - mean), sum gm * (input2 - mean2) or an empty tensor).
   m.def(

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _native
-from .params import ConvParams, as_dtype
+from .params import ConvParams, ZeroPadIdentity, as_dtype
 
 BackwardCoefs = tuple[Tensor, Tensor, Tensor]  # (coef_dy, coef_xmu, coef_const) of bn_act_backward_elemt
 
@@ -43,7 +43,12 @@ class NativeKernels:
         residual_scale: Tensor | None = None,
         residual_shift: Tensor | None = None,
         relu: bool = True,
+        padding: ZeroPadIdentity | None = None,
     ) -> Tensor:
+        """[relu](y * scale + shift + R); with `padding`, R is option A's subsampled, zero-padded `residual`."""
+        if padding is not None:
+            return torch.ops.fused_resnet.bn_act(y, scale, shift, residual, None, None, relu, padding.stride,
+                                                 padding.channels_before)
         return torch.ops.fused_resnet.bn_act(y, scale, shift, residual, residual_scale, residual_shift, relu)
 
     def backward_reduce(
@@ -86,12 +91,14 @@ class NativeKernels:
         )
 
     def conv_bias_act(
-        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
+        padding: ZeroPadIdentity | None = None,
     ) -> Tensor:
-        """Inference with BN folded into (weight, bias): [relu](conv(x, weight) + bias [+ residual])."""
+        """Inference with BN folded into (weight, bias): [relu](conv(x, weight) + bias [+ residual]), the residual
+        option A's when `padding` is given."""
         y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         ones = torch.ones(bias.shape, dtype=accumulation_dtype(y.dtype), device=y.device)
-        return self.bn_act(y, ones, bias, residual, relu=relu)
+        return self.bn_act(y, ones, bias, residual, relu=relu, padding=padding)
 
 
 class CpuKernels(NativeKernels):
@@ -100,10 +107,11 @@ class CpuKernels(NativeKernels):
     fused pass."""
 
     def conv_bias_act(
-        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
+        padding: ZeroPadIdentity | None = None,
     ) -> Tensor:
-        if not self._onednn_supports(x, residual):
-            return super().conv_bias_act(x, conv, weight, bias, residual, relu)
+        if padding is not None or not self._onednn_supports(x, residual):
+            return super().conv_bias_act(x, conv, weight, bias, residual, relu, padding)
         geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
         bias = as_dtype(bias, weight.dtype)
         unary = "relu" if relu else "none"
@@ -155,7 +163,8 @@ def _register_fake_implementations() -> None:
         return channels(input), channels(input)
 
     @torch.library.register_fake("fused_resnet::bn_act")
-    def _(input, scale, shift, residual, residual_scale, residual_shift, relu):
+    def _(input, scale, shift, residual, residual_scale, residual_shift, relu, residual_stride=1,
+          residual_channel_offset=0):
         return like(input)
 
     @torch.library.register_fake("fused_resnet::bn_act_backward_reduce")

@@ -29,9 +29,10 @@ from torch.autograd.function import once_differentiable
 from . import reference
 from .backends import select_backend
 from .kernels import BackwardCoefs, NativeKernels, accumulation_dtype, kernels_for
-from .params import BatchNormParams, ConvBN, ConvParams, as_dtype, update_running_stats
+from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity, as_dtype, update_running_stats
 
-Shortcut = ConvBN | str | None  # a projection, "identity", or None (a plain block)
+# A projection, "identity", option A's zero-padded identity, or None (a plain block).
+Shortcut = ConvBN | ZeroPadIdentity | str | None
 
 # ---------------------------------------------------------------------------------------------------------------
 # Argument checks
@@ -143,8 +144,19 @@ def _check_block(op: str, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut
                 f"{op}: the projection shortcut's output shape {shortcut_shape} differs from the block's {shape}"
             )
         shapes.append(shortcut_shape)
+    elif isinstance(shortcut, ZeroPadIdentity):
+        stride, before = shortcut
+        subsampled = [x.shape[0], x.shape[1], *((size - 1) // stride + 1 for size in x.shape[2:])] if stride >= 1 else []
+        if stride < 1 or subsampled[2:] != shape[2:] or before < 0 or before + x.shape[1] > shape[1]:
+            raise ValueError(
+                f"{op}: a zero-padded identity shortcut (stride {stride}, {before} zero channels before) cannot take "
+                f"the input of shape {list(x.shape)} to the block's output shape {shape}"
+            )
     elif shortcut is not None:
-        raise ValueError(f"{op}: expected shortcut to be 'identity', a ConvBN projection or None, got {shortcut!r}")
+        raise ValueError(
+            f"{op}: expected shortcut to be 'identity', a ConvBN projection, a ZeroPadIdentity or None, "
+            f"got {shortcut!r}"
+        )
     return shapes
 
 
@@ -197,11 +209,15 @@ def _backward_coefs(
     return coefs, sum_dy_xmu * invstd, sum_dy
 
 
+def _memory_format_of(t: Tensor) -> torch.memory_format:
+    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _dense_like(t: Tensor, ref: Tensor) -> Tensor:
     """`t` dense in the layout of `ref` (NCHW or channels_last). Autograd may hand backward an expanded or
     differently laid out gradient; converting it once here spares each kernel its own copy."""
-    channels_last = ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous()
-    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return t.contiguous(memory_format=_memory_format_of(ref))
 
 
 def _param_grad(grad: Tensor | None, param: Tensor | None, needed: bool) -> Tensor | None:
@@ -234,11 +250,12 @@ def _batch_stats_outputs(ctx, *affines) -> tuple[Tensor, ...]:
 
 
 class _BatchNormActFunction(torch.autograd.Function):
-    """[relu](BN(y) + residual): the residual is `residual` itself, or BN2(y2) (a projection shortcut), or absent.
-    Saves y, the output (its ReLU mask) and, for a projection, y2."""
+    """[relu](BN(y) + residual): the residual is `residual` itself (option A's subsampled, zero-padded `residual`
+    when `padding` is given), or BN2(y2) (a projection shortcut), or absent. Saves y, the output (its ReLU mask)
+    and, for a projection, y2."""
 
     @staticmethod
-    def forward(ctx, kernels, spec, relu, y, weight, bias, running_mean, running_var, residual,
+    def forward(ctx, kernels, spec, relu, y, weight, bias, running_mean, running_var, residual, padding,
                 spec2, y2, weight2, bias2, running_mean2, running_var2):
         affine = _affine(kernels, y, spec, weight, bias, running_mean, running_var)
         affine2 = None
@@ -246,8 +263,9 @@ class _BatchNormActFunction(torch.autograd.Function):
             affine2 = _affine(kernels, y2, spec2, weight2, bias2, running_mean2, running_var2)
             out = kernels.bn_act(y, affine[2], affine[3], y2, affine2[2], affine2[3], relu)
         else:
-            out = kernels.bn_act(y, affine[2], affine[3], residual, relu=relu)
-        ctx.kernels, ctx.specs, ctx.has_residual = kernels, (spec, spec2), residual is not None
+            out = kernels.bn_act(y, affine[2], affine[3], residual, relu=relu, padding=padding)
+        ctx.kernels, ctx.specs, ctx.padding = kernels, (spec, spec2), padding
+        ctx.residual_shape = residual.shape if residual is not None else None
         second = (y2, affine2[0], affine2[1], weight2, bias2) if y2 is not None else (None,) * 5
         ctx.save_for_backward(y, out if relu else None, affine[0], affine[1], weight, bias, *second)
         return (out, *_batch_stats_outputs(ctx, affine, *([affine2] if affine2 else [])))
@@ -266,19 +284,32 @@ class _BatchNormActFunction(torch.autograd.Function):
         if y2 is not None:  # the projection's BN shares the masked gradient, so one pass serves both
             coefs2, grad_weight2, grad_bias2 = _backward_coefs(
                 sum_dy, sum_dy_xmu2, invstd2, weight2, spec2.use_batch_stats, count)
+        residual_grad = ctx.residual_shape is not None and need[8]
         grad_y, grad_other = kernels.backward_elemt(
-            grad_out, out, y, mean, coefs, y2, mean2, coefs2, residual_grad=ctx.has_residual and need[8])
+            grad_out, out, y, mean, coefs, y2, mean2, coefs2, residual_grad=residual_grad)
+        grad_residual = grad_other if residual_grad else None
+        if residual_grad and ctx.padding is not None:
+            grad_residual = _unpad_gradient(grad_other, ctx.residual_shape, ctx.padding)
         return (
             None, None, None,
             grad_y if need[3] else None,
             _param_grad(grad_weight, weight, need[4]), _param_grad(grad_bias, bias, need[5]),
             None, None,
-            grad_other if ctx.has_residual else None,
+            grad_residual, None,
             None,
-            grad_other if y2 is not None and need[10] else None,
-            _param_grad(grad_weight2, weight2, need[11]), _param_grad(grad_bias2, bias2, need[12]),
+            grad_other if y2 is not None and need[11] else None,
+            _param_grad(grad_weight2, weight2, need[12]), _param_grad(grad_bias2, bias2, need[13]),
             None, None,
         )
+
+
+def _unpad_gradient(grad: Tensor, shape: torch.Size, padding: ZeroPadIdentity) -> Tensor:
+    """The gradient of option A's shortcut with respect to x: the output gradient of x's channels, at the
+    positions the subsampling kept; zero where x was skipped."""
+    grad_x = grad.new_zeros(shape).contiguous(memory_format=_memory_format_of(grad))
+    stride, begin = padding.stride, padding.channels_before
+    grad_x[:, :, ::stride, ::stride] = grad[:, begin:begin + shape[1]]
+    return grad_x
 
 
 class _BatchNormReluConvFunction(torch.autograd.Function):
@@ -352,7 +383,7 @@ def batch_norm_act(
     if name == "torch":
         return reference.batch_norm_act(input, bn, residual, relu)
     out, *stats = _BatchNormActFunction.apply(
-        kernels_for(name), _spec(bn), relu, input, *_bn_tensors(bn), residual, *(None,) * 6)
+        kernels_for(name), _spec(bn), relu, input, *_bn_tensors(bn), residual, None, *(None,) * 6)
     if stats:
         update_running_stats(bn, stats[0], stats[1], input.numel() // input.shape[1])
     return out
@@ -413,16 +444,20 @@ def _inference_block(
     kernels: NativeKernels, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, folded: FoldedWeights
 ) -> Tensor:
     n = len(units)
-    residual = None
+    residual, padding = None, None
     if shortcut == "identity":
         residual = x
+    elif isinstance(shortcut, ZeroPadIdentity):
+        residual, padding = x, shortcut
     elif isinstance(shortcut, ConvBN):
         weight, bias = folded.get(n, shortcut)
         residual = kernels.conv_bias_act(x, shortcut.conv, weight, bias, None, relu=False)
     a = x
     for i, unit in enumerate(units):
         weight, bias = folded.get(i, unit)
-        a = kernels.conv_bias_act(a, unit.conv, weight, bias, residual if i == n - 1 else None, relu=True)
+        last = i == n - 1
+        a = kernels.conv_bias_act(a, unit.conv, weight, bias, residual if last else None, relu=True,
+                                  padding=padding if last else None)
     return a
 
 
@@ -471,8 +506,10 @@ def _block(
     projection = (None,) * 6
     if isinstance(shortcut, ConvBN):
         projection = (_spec(shortcut.bn), kernels.conv(x, shortcut.conv), *_bn_tensors(shortcut.bn))
+    identity = shortcut == "identity" or isinstance(shortcut, ZeroPadIdentity)
+    padding = shortcut if isinstance(shortcut, ZeroPadIdentity) else None
     out, *stats = _BatchNormActFunction.apply(
-        kernels, _spec(last), True, y, *_bn_tensors(last), x if shortcut == "identity" else None, *projection)
+        kernels, _spec(last), True, y, *_bn_tensors(last), x if identity else None, padding, *projection)
     stats_of = [last] + ([shortcut.bn] if isinstance(shortcut, ConvBN) else [])
     for bn in (b for b in stats_of if b.use_batch_stats):
         batch_stats.append((bn, stats.pop(0), stats.pop(0), shapes[-1]))

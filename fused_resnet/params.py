@@ -63,6 +63,20 @@ class ConvBN(NamedTuple):
     name: str = "conv/bn"
 
 
+class ZeroPadIdentity(NamedTuple):
+    """Option A's shortcut (He et al. 2015, §3.3): the identity, subsampled by `stride` and zero-padded in the
+    channel dimension, `channels_before` zero channels before x's and the rest after; parameter-free."""
+
+    stride: int
+    channels_before: int
+
+    @staticmethod
+    def between(in_channels: int, out_channels: int, stride: int) -> ZeroPadIdentity:
+        """The shortcut from `in_channels` to `out_channels`, padding both sides evenly (the odd channel after),
+        as the CIFAR ResNets people reproduce the paper with do: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p))."""
+        return ZeroPadIdentity(stride, (out_channels - in_channels) // 2)
+
+
 def advance_batch_count(bn: BatchNormParams) -> float:
     """nn.BatchNorm2d's bookkeeping for one forward in training: bumps num_batches_tracked and returns the
     factor of the running-statistics update (0.0 when the running statistics are not updated)."""

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from .params import BatchNormParams, ConvBN, ConvParams, advance_batch_count
+from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity, advance_batch_count
 
 
 def batch_norm(y: Tensor, bn: BatchNormParams) -> Tensor:
@@ -43,13 +43,18 @@ def conv_bn_relu(x: Tensor, unit: ConvBN) -> Tensor:
 
 def residual_block(x: Tensor, units: Sequence[ConvBN], shortcut: ConvBN | str | None) -> Tensor:
     """relu(F(x) + shortcut(x)): F is conv-BN-ReLU for every unit but the last, then conv-BN;
-    the shortcut is "identity", a projection (a ConvBN applied to x), or None (a plain block)."""
+    the shortcut is "identity", a projection (a ConvBN applied to x), option A's ZeroPadIdentity, or None (a plain
+    block)."""
     out = x
     for unit in units[:-1]:
         out = conv_bn_relu(out, unit)
     out = conv_bn(out, units[-1])
     if shortcut == "identity":
         out = out + x
+    elif isinstance(shortcut, ZeroPadIdentity):
+        after = out.shape[1] - x.shape[1] - shortcut.channels_before
+        subsampled = x[:, :, :: shortcut.stride, :: shortcut.stride]
+        out = out + F.pad(subsampled, (0, 0, 0, 0, shortcut.channels_before, after))
     elif isinstance(shortcut, ConvBN):
         out = out + conv_bn(x, shortcut)
     return F.relu(out)

@@ -29,6 +29,12 @@ def bn_act(x, scale, shift, residual=None, residual_scale=None, residual_shift=N
     return torch.relu(out) if relu else out
 
 
+def zero_pad_identity(residual: Tensor, channels: int, stride: int, channels_before: int) -> Tensor:
+    """Option A's shortcut: `residual` subsampled by `stride`, zero-padded to `channels` (float64)."""
+    r = residual.double()[:, :, ::stride, ::stride]
+    return torch.nn.functional.pad(r, (0, 0, 0, 0, channels_before, channels - r.shape[1] - channels_before))
+
+
 def backward_reduce(grad, output, x, mean, x2=None, mean2=None) -> tuple[Tensor, Tensor, Tensor | None]:
     gm = masked(grad, output)
     sums = (gm.sum((0, 2, 3)), (gm * (x.double() - per_channel(mean))).sum((0, 2, 3)))

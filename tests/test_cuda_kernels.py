@@ -190,6 +190,26 @@ def test_bn_act(shape, dtype, channels_last, alignment):
 
 
 @requires_gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+@pytest.mark.parametrize("case", [((2, 32, 8, 8), 16, 2, 8), ((3, 16, 5, 4), 8, 2, 3), ((2, 10, 3, 3), 7, 3, 0),
+                                  ((1, 24, 4, 4), 8, 2, 16), ((2, 64, 32, 32), 32, 2, 16)], ids=str)
+def test_bn_act_with_a_zero_padded_residual(case, dtype, channels_last):
+    """Option A's residual (subsampled by `stride`, zero-padded around its channels) against the CPU op."""
+    gen = torch.Generator().manual_seed(5)
+    (N, C, H, W), res_channels, stride, before = case
+    x = _activation((N, C, H, W), dtype, channels_last, 0, gen)
+    residual = _activation((N, res_channels, H * stride, W * stride), dtype, channels_last, 0, gen)
+    scale, shift = _channel(C, dtype, gen), _channel(C, dtype, gen)
+    for relu in (False, True):
+        out = ops.bn_act(x, scale, shift, residual, None, None, relu, stride, before)
+        _check_layout(out, x, dtype)
+        expected = ops.bn_act(_ref(x), _ref(scale), _ref(shift), _ref(residual), None, None, relu, stride, before)
+        terms = (_ref(x) * _bcast(_ref(scale))).abs() + _bcast(_ref(shift)).abs() + 1.0
+        _assert_close(out, expected, OUT_TOL[dtype], _acc_tol(dtype) * terms, f"padded residual relu={relu}")
+
+
+@requires_gpu
 def test_bn_act_relu_keeps_nan_and_zeroes_negatives():
     x = torch.tensor([float("nan"), -1.0, 0.0, 2.0], device="cuda").view(1, 4, 1, 1).expand(2, 4, 3, 3).contiguous()
     one, zero = torch.ones(4, device="cuda"), torch.zeros(4, device="cuda")

@@ -106,6 +106,36 @@ def test_bn_act(kernel_table, shape, channels_last, dtype, residual, relu):
     close(out, primitives.bn_act(x, scale, shift, r, rs, rb, relu), dtype, "bn_act")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("case", [
+    # (input shape, residual channels, stride, zero channels before): the CIFAR stage changes, odd sizes, no padding
+    ((2, 32, 8, 8), 16, 2, 8), ((3, 16, 5, 4), 8, 2, 3), ((2, 13, 7, 9), 13, 1, 0), ((2, 10, 3, 3), 7, 3, 0),
+    ((1, 24, 4, 4), 8, 2, 16),
+])
+def test_bn_act_with_a_zero_padded_residual(kernel_table, channels_last, dtype, relu, case):
+    (N, C, H, W), res_channels, stride, before = case
+    x = activation((N, C, H, W), dtype, channels_last)
+    res = activation((N, res_channels, H * stride, W * stride), dtype, channels_last)
+    scale, shift = torch.randn(C, dtype=acc(dtype)), torch.randn(C, dtype=acc(dtype))
+    out = ops.bn_act(x, scale, shift, res, None, None, relu, stride, before)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    expected = primitives.bn_act(x, scale, shift, primitives.zero_pad_identity(res, C, stride, before), relu=relu)
+    close(out, expected, dtype, "bn_act with a zero-padded residual")
+
+
+def test_bn_act_rejects_a_residual_that_does_not_fit(kernel_table):
+    x = torch.randn(2, 16, 4, 4)
+    s = torch.ones(16)
+    with pytest.raises(RuntimeError, match=r"a residual of 8 channels at residual_channel_offset 10 does not fit"):
+        ops.bn_act(x, s, s, torch.randn(2, 8, 8, 8), None, None, True, 2, 10)
+    with pytest.raises(RuntimeError, match=r"subsampled by 2 does not match the input of shape \[2, 16, 4, 4\]"):
+        ops.bn_act(x, s, s, torch.randn(2, 8, 10, 8), None, None, True, 2, 4)
+    with pytest.raises(RuntimeError, match=r"takes no residual_scale"):
+        ops.bn_act(x, s, s, torch.randn(2, 8, 8, 8), torch.ones(16), torch.ones(16), True, 2, 4)
+
+
 def test_bn_act_keeps_nan_like_torch_relu(kernel_table):
     x = torch.randn(2, 8, 4, 4)
     x[0, 1, 2, 3] = float("nan")

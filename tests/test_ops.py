@@ -13,7 +13,7 @@ from torch import nn
 from conftest import CPU_BACKENDS, assert_rel, randomize_batchnorms, to_layout
 from fused_resnet import ops, reference, use_backend
 from fused_resnet.modules import conv_bn
-from fused_resnet.params import BatchNormParams
+from fused_resnet.params import BatchNormParams, ZeroPadIdentity
 
 pytestmark = pytest.mark.skipif(not CPU_BACKENDS, reason="no fused backend runs on the CPU here")
 
@@ -114,6 +114,7 @@ SPECS = {
     "dilated": BlockSpec([(4, 4, 3, 1, 2, 2, 1, False), (4, 4, 3, 1, 2, 2, 1, False)], "identity", 4, (8, 8)),
     "plain-with-bias": BlockSpec([(3, 7, 3, 1, 1, 1, 1, True), (7, 5, 3, 1, 1, 1, 1, True)], "none", 3, (6, 6)),
     "stem-7x7": BlockSpec([(3, 8, 7, 2, 3, 1, 1, False)], "none", 3, (17, 15)),
+    "option-A": BlockSpec([(6, 12, 3, 2, 1, 1, 1, False), (12, 12, 3, 1, 1, 1, 1, False)], "A", 6, (9, 8)),
 }
 
 
@@ -134,7 +135,9 @@ def call_block(x, pairs, shortcut, spec, training, backend):
     for conv, bn in pairs + ([shortcut] if shortcut else []):
         bn.train(training)
     units = [conv_bn(c, b, f"unit{i}") for i, (c, b) in enumerate(pairs)]
-    sc = conv_bn(*shortcut, "shortcut") if shortcut else ("identity" if spec.shortcut == "identity" else None)
+    sc = conv_bn(*shortcut, "shortcut") if shortcut else {
+        "identity": "identity", "A": ZeroPadIdentity.between(spec.in_channels, spec.units[-1][1], spec.units[0][3]),
+        "none": None}[spec.shortcut]
     if backend == "reference":
         return reference.residual_block(x, units, sc)
     return ops.residual_block(x, units, sc, backend=backend)
@@ -225,7 +228,7 @@ def test_frozen_parameters_get_no_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("spec_name", ["basic-down", "bottleneck", "plain-with-bias"])
+@pytest.mark.parametrize("spec_name", ["basic-down", "bottleneck", "plain-with-bias", "option-A"])
 @pytest.mark.parametrize("training", [True, False])
 def test_residual_block_gradcheck(backend, spec_name, training):
     spec = SPECS[spec_name]
@@ -241,7 +244,9 @@ def test_residual_block_gradcheck(backend, spec_name, training):
             rebuilt.append(unit._replace(
                 conv=unit.conv._replace(weight=tensors[3 * i]),
                 bn=unit.bn._replace(weight=tensors[3 * i + 1], bias=tensors[3 * i + 2], training=training)))
-        sc = rebuilt.pop() if shortcut else ("identity" if spec.shortcut == "identity" else None)
+        sc = rebuilt.pop() if shortcut else {
+            "identity": "identity", "A": ZeroPadIdentity.between(spec.in_channels, spec.units[-1][1], spec.units[0][3]),
+            "none": None}[spec.shortcut]
         return ops.residual_block(x, rebuilt, sc, backend=backend)
 
     # fast_mode checks the Jacobian along random directions: the full one would take a minute per case here.

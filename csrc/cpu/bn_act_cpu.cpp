@@ -38,15 +38,24 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& input_) {
 
 at::Tensor bn_act_cpu(const at::Tensor& input_, const at::Tensor& scale, const at::Tensor& shift,
                       const std::optional<at::Tensor>& residual_, const std::optional<at::Tensor>& residual_scale_,
-                      const std::optional<at::Tensor>& residual_shift_, bool relu) {
+                      const std::optional<at::Tensor>& residual_shift_, bool relu, int64_t residual_stride,
+                      int64_t residual_channel_offset) {
   constexpr const char* op = "bn_act";
   const at::Tensor input = dense_input(op, input_);
   TORCH_CHECK(residual_scale_.has_value() == residual_shift_.has_value(), "fused_resnet::", op,
               ": residual_scale and residual_shift must be given together");
   TORCH_CHECK(!residual_scale_.has_value() || residual_.has_value(), "fused_resnet::", op,
               ": residual_scale given without a residual");
-  const at::Tensor residual = optional_activation(op, "residual", residual_, input);
   at::Tensor out = at::empty_like(input, memory_format_of(input));
+  if (check_padded_residual(op, input, residual_, residual_scale_.has_value(), residual_stride,
+                            residual_channel_offset)) {
+    cpu_kernels().bn_act_padded(input, channel_param_of(op, "scale", scale, input),
+                                channel_param_of(op, "shift", shift, input),
+                                residual_->contiguous(memory_format_of(input)), residual_stride,
+                                residual_channel_offset, relu, out);
+    return out;
+  }
+  const at::Tensor residual = optional_activation(op, "residual", residual_, input);
   cpu_kernels().bn_act(input, channel_param_of(op, "scale", scale, input),
                    channel_param_of(op, "shift", shift, input), residual,
                    optional_channel_param(op, "residual_scale", residual_scale_, input),

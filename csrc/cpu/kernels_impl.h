@@ -39,12 +39,12 @@ constexpr int64_t kTileElements = 4096;
 constexpr int64_t kGrainElements = 32768;
 
 struct Layout {
-  int64_t N, C, HW;
+  int64_t N, C, H, W, HW;
   bool channels_last;
 };
 
 Layout layout_of(const at::Tensor& t) {
-  return Layout{t.size(0), t.size(1), t.size(2) * t.size(3),
+  return Layout{t.size(0), t.size(1), t.size(2), t.size(3), t.size(2) * t.size(3),
                 t.suggest_memory_format() == at::MemoryFormat::ChannelsLast};
 }
 
@@ -268,34 +268,89 @@ void batch_stats_rows(const scalar_t* x, const Layout& L, double* mean_out, doub
 
 enum class Residual { kNone, kIdentity, kAffine };  // none; + r; + r * residual_scale[c] + residual_shift[c]
 
+// One contiguous run of `len` elements: out = [relu](x * scale + shift + R), R from `res` (kIdentity: every
+// `res_step`-th element from res; kAffine: res * res_scale + res_shift). Parameters as channel_vec reads them:
+// along a row (pointers already at the run's first channel) or broadcast from channel c of a plane.
+template <typename scalar_t, Residual kResidual, bool kRelu, bool kRow>
+inline void bn_act_run(const scalar_t* x, const scalar_t* res, int64_t res_step, scalar_t* out, int64_t len,
+                       int64_t c, const acc_type<scalar_t>* scale, const acc_type<scalar_t>* shift,
+                       const acc_type<scalar_t>* res_scale, const acc_type<scalar_t>* res_shift) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  auto load_residual = [&](int64_t i) {
+    if (res_step == 1) return IO::load(res + i);
+    acc_t gathered[IO::kSize];
+    for (int64_t k = 0; k < IO::kSize; ++k) gathered[k] = acc_t(res[(i + k) * res_step]);
+    return Vec::loadu(gathered);
+  };
+  int64_t i = 0;
+  for (; i + IO::kSize <= len; i += IO::kSize) {
+    Vec v = at::vec::fmadd(IO::load(x + i), channel_vec<kRow>(scale, c, i), channel_vec<kRow>(shift, c, i));
+    if constexpr (kResidual == Residual::kIdentity) v += load_residual(i);
+    if constexpr (kResidual == Residual::kAffine) {
+      v += at::vec::fmadd(IO::load(res + i), channel_vec<kRow>(res_scale, c, i), channel_vec<kRow>(res_shift, c, i));
+    }
+    if constexpr (kRelu) v = relu(v);
+    IO::store(out + i, v);
+  }
+  for (; i < len; ++i) {
+    acc_t v = acc_t(x[i]) * channel_val<kRow>(scale, c, i) + channel_val<kRow>(shift, c, i);
+    if constexpr (kResidual == Residual::kIdentity) v += acc_t(res[i * res_step]);
+    if constexpr (kResidual == Residual::kAffine) {
+      v += acc_t(res[i]) * channel_val<kRow>(res_scale, c, i) + channel_val<kRow>(res_shift, c, i);
+    }
+    if constexpr (kRelu) v = relu(v);
+    out[i] = scalar_t(v);
+  }
+}
+
 template <typename scalar_t, Residual kResidual, bool kRelu>
 void bn_act_kernel(const Layout& L, const scalar_t* x, const acc_type<scalar_t>* scale,
                    const acc_type<scalar_t>* shift, const scalar_t* res, const acc_type<scalar_t>* res_scale,
                    const acc_type<scalar_t>* res_shift, scalar_t* out) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
   for_each_segment(L, [&](auto row_tag, int64_t off, int64_t len, int64_t c) {
     constexpr bool kRow = decltype(row_tag)::value;
-    int64_t i = 0;
-    for (; i + IO::kSize <= len; i += IO::kSize) {
-      Vec v = at::vec::fmadd(IO::load(x + off + i), channel_vec<kRow>(scale, c, i), channel_vec<kRow>(shift, c, i));
-      if constexpr (kResidual == Residual::kIdentity) v += IO::load(res + off + i);
-      if constexpr (kResidual == Residual::kAffine) {
-        v += at::vec::fmadd(IO::load(res + off + i), channel_vec<kRow>(res_scale, c, i),
-                            channel_vec<kRow>(res_shift, c, i));
+    bn_act_run<scalar_t, kResidual, kRelu, kRow>(x + off, res ? res + off : nullptr, 1, out + off, len, c, scale,
+                                                 shift, res_scale, res_shift);
+  });
+}
+
+// The residual of option A shortcuts (He et al. 2015): R[n, c, h, w] = res[n, c - offset, h * stride, w * stride]
+// for the channels res has, zero for the others, read in place: the subsampled, zero-padded tensor is never made.
+template <typename scalar_t, bool kRelu>
+void bn_act_padded_kernel(const Layout& L, const scalar_t* x, const acc_type<scalar_t>* scale,
+                          const acc_type<scalar_t>* shift, const scalar_t* res, const Layout& R, int64_t stride,
+                          int64_t offset, scalar_t* out) {
+  for_each_segment(L, [&](auto row_tag, int64_t off, int64_t len, int64_t c) {
+    constexpr bool kRow = decltype(row_tag)::value;
+    if constexpr (kRow) {
+      // A row (n, h, w) of C channels: the residual row is contiguous over channels [offset, offset + R.C).
+      const int64_t row = off / L.C, n = row / L.HW, h = (row % L.HW) / L.W, w = row % L.W;
+      const scalar_t* res_row = res + ((n * R.H + h * stride) * R.W + w * stride) * R.C;
+      const int64_t begin = offset, end = offset + R.C;
+      bn_act_run<scalar_t, Residual::kNone, kRelu, true>(x + off, nullptr, 1, out + off, begin, 0, scale, shift,
+                                                         nullptr, nullptr);
+      bn_act_run<scalar_t, Residual::kIdentity, kRelu, true>(x + off + begin, res_row, 1, out + off + begin,
+                                                             end - begin, 0, scale + begin, shift + begin, nullptr,
+                                                             nullptr);
+      bn_act_run<scalar_t, Residual::kNone, kRelu, true>(x + off + end, nullptr, 1, out + off + end, len - end, 0,
+                                                         scale + end, shift + end, nullptr, nullptr);
+    } else {
+      // A plane (n, c): no residual outside res's channels; inside, row h reads every stride-th element of
+      // residual row h * stride.
+      const int64_t n = off / (L.C * L.HW), cr = c - offset;
+      if (cr < 0 || cr >= R.C) {
+        bn_act_run<scalar_t, Residual::kNone, kRelu, false>(x + off, nullptr, 1, out + off, len, c, scale, shift,
+                                                            nullptr, nullptr);
+        return;
       }
-      if constexpr (kRelu) v = relu(v);
-      IO::store(out + off + i, v);
-    }
-    for (; i < len; ++i) {
-      acc_t v = acc_t(x[off + i]) * channel_val<kRow>(scale, c, i) + channel_val<kRow>(shift, c, i);
-      if constexpr (kResidual == Residual::kIdentity) v += acc_t(res[off + i]);
-      if constexpr (kResidual == Residual::kAffine) {
-        v += acc_t(res[off + i]) * channel_val<kRow>(res_scale, c, i) + channel_val<kRow>(res_shift, c, i);
+      const scalar_t* res_plane = res + (n * R.C + cr) * R.HW;
+      for (int64_t h = 0; h < L.H; ++h) {
+        bn_act_run<scalar_t, Residual::kIdentity, kRelu, false>(x + off + h * L.W, res_plane + h * stride * R.W,
+                                                                stride, out + off + h * L.W, L.W, c, scale, shift,
+                                                                nullptr, nullptr);
       }
-      if constexpr (kRelu) v = relu(v);
-      out[off + i] = scalar_t(v);
     }
   });
 }
@@ -520,6 +575,24 @@ void bn_act(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& 
   });
 }
 
+void bn_act_padded(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+                   const at::Tensor& residual, int64_t stride, int64_t channel_offset, bool relu, at::Tensor& out) {
+  const Layout L = layout_of(input), R = layout_of(residual);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* r = residual.const_data_ptr<scalar_t>();
+    const acc_t* s = scale.const_data_ptr<acc_t>();
+    const acc_t* b = shift.const_data_ptr<acc_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (relu) {
+      bn_act_padded_kernel<scalar_t, true>(L, x, s, b, r, R, stride, channel_offset, o);
+    } else {
+      bn_act_padded_kernel<scalar_t, false>(L, x, s, b, r, R, stride, channel_offset, o);
+    }
+  });
+}
+
 void backward_reduce(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
                      const at::Tensor& mean, const at::Tensor& input2, const at::Tensor& mean2, at::Tensor& sum_dy,
                      at::Tensor& sum_dy_xmu, at::Tensor& sum_dy_xmu2) {
@@ -573,7 +646,7 @@ void backward_elemt(const at::Tensor& grad_output, const at::Tensor& output, con
 }  // namespace
 
 const CpuKernels& FUSED_RESNET_KERNEL_TABLE() {
-  static const CpuKernels table{&batch_stats, &bn_act, &backward_reduce, &backward_elemt};
+  static const CpuKernels table{&batch_stats, &bn_act, &bn_act_padded, &backward_reduce, &backward_elemt};
   return table;
 }
 

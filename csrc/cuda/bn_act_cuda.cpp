@@ -114,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input_) {
 
 at::Tensor bn_act_cuda(const at::Tensor& input_, const at::Tensor& scale_, const at::Tensor& shift_,
                        const std::optional<at::Tensor>& residual_, const std::optional<at::Tensor>& residual_scale_,
-                       const std::optional<at::Tensor>& residual_shift_, bool relu) {
+                       const std::optional<at::Tensor>& residual_shift_, bool relu, int64_t residual_stride,
+                       int64_t residual_channel_offset) {
   constexpr const char* op = "bn_act";
   check_cuda_input(op, input_);
   const c10::cuda::CUDAGuard guard(input_.device());
@@ -123,7 +124,10 @@ at::Tensor bn_act_cuda(const at::Tensor& input_, const at::Tensor& scale_, const
               ": residual_scale and residual_shift must be given together");
   TORCH_CHECK(!residual_scale_.has_value() || residual_.has_value(), "fused_resnet::", op,
               ": residual_scale given without a residual");
-  const at::Tensor residual = optional_activation(op, "residual", residual_, input);
+  const bool padded = check_padded_residual(op, input, residual_, residual_scale_.has_value(), residual_stride,
+                                            residual_channel_offset);
+  const at::Tensor residual = padded ? residual_->contiguous(memory_format_of(input))
+                                     : optional_activation(op, "residual", residual_, input);
   const at::Tensor scale = device_channel_param(op, "scale", scale_, input);
   const at::Tensor shift = device_channel_param(op, "shift", shift_, input);
   const at::Tensor residual_scale = optional_device_channel_param(op, "residual_scale", residual_scale_, input);
@@ -139,8 +143,16 @@ at::Tensor bn_act_cuda(const at::Tensor& input_, const at::Tensor& scale_, const
   args.residual_shift = ptr_or_null(residual_shift);
   args.relu = relu;
   args.out = out.mutable_data_ptr();
-  check_launch(op, kernels::bn_act(dtype, shape_of(input), args, multiprocessor_count(input.get_device()),
-                                   current_stream()));
+  const int multiprocessors = multiprocessor_count(input.get_device());
+  if (padded) {
+    const kernels::Shape shape = shape_of(input);
+    const kernels::PaddedResidual padding{residual.size(1), residual.size(2), residual.size(3), residual_stride,
+                                          residual_channel_offset};
+    check_launch(op, kernels::bn_act_padded(dtype, shape, input.size(2), input.size(3), args, padding,
+                                            multiprocessors, current_stream()));
+    return out;
+  }
+  check_launch(op, kernels::bn_act(dtype, shape_of(input), args, multiprocessors, current_stream()));
   return out;
 }
 

@@ -45,6 +45,16 @@ struct BnActArgs {
 };
 cudaError_t bn_act(DType dtype, const Shape& shape, const BnActArgs& args, int multiprocessors, cudaStream_t stream);
 
+// bn_act with option A's residual (args.residual_scale and residual_shift unused): R[n, c, h, w] =
+// residual[n, c - offset, h * stride, w * stride] where the residual has channel c - offset, 0 elsewhere. The
+// residual (C x H x W per image) is dense in the layout of the input, whose height and width are H and W.
+struct PaddedResidual {
+  int64_t C, H, W;
+  int64_t stride, offset;
+};
+cudaError_t bn_act_padded(DType dtype, const Shape& shape, int64_t H, int64_t W, const BnActArgs& args,
+                          const PaddedResidual& residual, int multiprocessors, cudaStream_t stream);
+
 // bn_act_backward_reduce: with gm = grad_output, zeroed where output <= 0 when output is given,
 // sum_dy = sum gm, sum_dy_xmu = sum gm * (input - mean), sum_dy_xmu2 = sum gm * (input2 - mean2) when input2 is
 // given. `workspace`: backward_reduce_workspace_bytes(dtype, shape, input2 given) bytes, aligned as above.
