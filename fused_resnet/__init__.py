@@ -9,6 +9,7 @@ choose with ``fused_resnet.use_backend(name)`` or the ``FUSED_RESNET_BACKEND`` e
 
 from . import ops, reference
 from .backends import available_backends, backend_status, use_backend
+from .cifar import CifarResNet, cifar_resnet
 from .convert import FusionWarning, convert, unfused_modules
 from .models import (
     ResNet,
@@ -24,13 +25,13 @@ from .models import (
     wide_resnet101_2,
 )
 from .modules import BasicBlock, Bottleneck, ConvBNReLU
-from .params import BatchNormParams, ConvBN, ConvParams
+from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BasicBlock", "BatchNormParams", "Bottleneck", "ConvBN", "ConvBNReLU", "ConvParams", "FusionWarning", "ResNet",
-    "available_backends", "backend_status", "convert", "ops", "reference", "resnet18", "resnet34", "resnet50",
-    "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "unfused_modules",
-    "use_backend", "wide_resnet50_2", "wide_resnet101_2",
+    "BasicBlock", "BatchNormParams", "Bottleneck", "CifarResNet", "ConvBN", "ConvBNReLU", "ConvParams",
+    "FusionWarning", "ResNet", "ZeroPadIdentity", "available_backends", "backend_status", "cifar_resnet", "convert",
+    "ops", "reference", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+    "resnext101_32x8d", "resnext101_64x4d", "unfused_modules", "use_backend", "wide_resnet50_2", "wide_resnet101_2",
 ]

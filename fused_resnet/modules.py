@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from . import ops
 from .ops import FoldedWeights
-from .params import BatchNormParams, ConvBN, ConvParams
+from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity
 
 __all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU", "conv_bn"]
 
@@ -79,17 +80,46 @@ def stem_structure_blocker(model: nn.Module) -> str | None:
     return _conv_blocker("conv1", model.conv1) or _bn_blocker("bn1", model.bn1) or _relu_blocker("relu", model.relu)
 
 
+SHORTCUTS = (None, "A", "B", "none")
+
+
 class _ResidualBlock(nn.Module):
-    """What BasicBlock and Bottleneck share: relu(F(x) + downsample(x)) where F chains conv/bn pairs with ReLU
-    between them, fused through ops.residual_block."""
+    """What BasicBlock and Bottleneck share: relu(F(x) + shortcut(x)) where F chains conv/bn pairs with ReLU
+    between them, fused through ops.residual_block.
+
+    The shortcut follows the `shortcut` argument (keyword-only, beyond torchvision's signature), in the terms of
+    He et al. 2015, §3.3:
+      None:   torchvision's: `downsample` when given, else the identity;
+      "A":    the identity, subsampled by `stride` and zero-padded to the new channels when the shape changes
+              (parameter-free; the paper's CIFAR networks);
+      "B":    a projection (1x1 conv + norm, built here unless `downsample` is given) when the shape changes;
+      "none": no shortcut (the paper's plain networks).
+    """
 
     expansion: int
-    # (conv, bn) attribute names of F, in order; the ReLU is `relu`, the shortcut `downsample`.
+    # (conv, bn) attribute names of F, in order; the ReLU is `relu`, the shortcut `downsample` (or option A).
     _pairs: tuple[tuple[str, str], ...]
 
     def __init__(self) -> None:
         super().__init__()
         self._folded = FoldedWeights()
+
+    def _init_shortcut(self, shortcut: str | None, inplanes: int, stride: int,
+                       norm_layer: Callable[..., nn.Module]) -> None:
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"{type(self).__name__}: expected shortcut to be one of {SHORTCUTS}, got {shortcut!r}")
+        out_channels = getattr(self, self._pairs[-1][0]).out_channels
+        changes_shape = stride != 1 or inplanes != out_channels
+        if shortcut in ("A", "none") and self.downsample is not None:
+            raise ValueError(f"{type(self).__name__}: shortcut={shortcut!r} takes no downsample module")
+        if shortcut == "A" and changes_shape and out_channels < inplanes:
+            raise ValueError(f"{type(self).__name__}: option A pads channels; it cannot go from {inplanes} to "
+                             f"{out_channels}")
+        if shortcut == "B" and changes_shape and self.downsample is None:
+            self.downsample = nn.Sequential(conv1x1(inplanes, out_channels, stride), norm_layer(out_channels))
+        self.shortcut = shortcut
+        self._zero_pad = ZeroPadIdentity.between(inplanes, out_channels, stride) \
+            if shortcut == "A" and changes_shape else None
 
     @classmethod
     def adopt(cls, block: nn.Module) -> _ResidualBlock:
@@ -98,6 +128,7 @@ class _ResidualBlock(nn.Module):
         fused = cls.__new__(cls)
         fused.__dict__.update(block.__dict__)
         fused._folded = FoldedWeights()
+        fused.shortcut, fused._zero_pad = None, None
         return fused
 
     def _fusion_blocker(self) -> str | None:
@@ -122,9 +153,13 @@ class _ResidualBlock(nn.Module):
         if self._fusion_blocker() is not None:
             return self._unfused_forward(x)
         units = [conv_bn(getattr(self, c), getattr(self, b), f"{c}/{b}") for c, b in self._pairs]
-        shortcut = "identity"
-        if self.downsample is not None:
+        shortcut: ops.Shortcut = "identity"
+        if self.shortcut == "none":
+            shortcut = None
+        elif self.downsample is not None:
             shortcut = conv_bn(self.downsample[0], self.downsample[1], "downsample.0/downsample.1")
+        elif self._zero_pad is not None:
+            shortcut = self._zero_pad
         return ops.residual_block(x, units, shortcut, folded=self._folded)
 
     def _unfused_forward(self, x: Tensor) -> Tensor:
@@ -133,13 +168,22 @@ class _ResidualBlock(nn.Module):
             out = getattr(self, bn_name)(getattr(self, conv_name)(out))
             if i < len(self._pairs) - 1:
                 out = self.relu(out)
-        identity = self.downsample(x) if self.downsample is not None else x
+        if self.shortcut == "none":
+            return self.relu(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        elif self._zero_pad is not None:
+            stride, before = self._zero_pad
+            after = out.shape[1] - x.shape[1] - before
+            identity = F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, before, after))
+        else:
+            identity = x
         out += identity
         return self.relu(out)
 
 
 class BasicBlock(_ResidualBlock):
-    """torchvision.models.resnet.BasicBlock, fused: two 3x3 convolutions."""
+    """torchvision.models.resnet.BasicBlock, fused: two 3x3 convolutions. `shortcut`: see _ResidualBlock."""
 
     expansion: int = 1
     _pairs = (("conv1", "bn1"), ("conv2", "bn2"))
@@ -154,6 +198,8 @@ class BasicBlock(_ResidualBlock):
         base_width: int = 64,
         dilation: int = 1,
         norm_layer: Callable[..., nn.Module] | None = None,
+        *,
+        shortcut: str | None = None,
     ) -> None:
         super().__init__()
         if norm_layer is None:
@@ -169,10 +215,12 @@ class BasicBlock(_ResidualBlock):
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
         self.stride = stride
+        self._init_shortcut(shortcut, inplanes, stride, norm_layer)
 
 
 class Bottleneck(_ResidualBlock):
-    """torchvision.models.resnet.Bottleneck ("ResNet v1.5": the stride on the 3x3 convolution), fused."""
+    """torchvision.models.resnet.Bottleneck ("ResNet v1.5": the stride on the 3x3 convolution), fused.
+    `shortcut`: see _ResidualBlock."""
 
     expansion: int = 4
     _pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
@@ -187,6 +235,8 @@ class Bottleneck(_ResidualBlock):
         base_width: int = 64,
         dilation: int = 1,
         norm_layer: Callable[..., nn.Module] | None = None,
+        *,
+        shortcut: str | None = None,
     ) -> None:
         super().__init__()
         if norm_layer is None:
@@ -201,6 +251,7 @@ class Bottleneck(_ResidualBlock):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
+        self._init_shortcut(shortcut, inplanes, stride, norm_layer)
 
 
 class ConvBNReLU(nn.Sequential):
