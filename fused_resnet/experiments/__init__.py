@@ -1,0 +1,1 @@
+"""Experiments that reproduce the paper's findings on fused_resnet's networks (run them with python -m)."""
