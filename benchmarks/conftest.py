@@ -1,4 +1,4 @@
-"""Shared machinery of the fused_resnet benchmarks: sizes, providers, step functions, and the summary table.
+"""Shared machinery of the fused_resnet benchmarks: sizes, layouts, providers, step functions, and the report.
 
     pytest benchmarks/                      # CPU: a few minutes; on a GPU use --size full
     pytest benchmarks/ --size smoke         # about a minute on a small CPU: does everything run?
@@ -8,15 +8,17 @@ Every case runs once per *provider*, side by side in one run:
 
 * ``torchvision`` — the eager torchvision module (for op benchmarks: the unfused PyTorch sequence), the reference
   every ratio is taken against;
+* ``torch-compile`` — the torchvision module under ``torch.compile`` (default mode): by default on a GPU, opt-in
+  through ``--providers`` on a CPU (see ``_select_providers``);
 * ``fused-<backend>`` — ``fused_resnet.convert`` of the same module (same weights), run under
   ``fused_resnet.use_backend(backend)``, for each backend of ``fused_resnet.available_backends()`` that can run
-  on the benchmark device;
-* opt-in through ``--providers``: ``fused-torch`` (the reference composite: the same math as torchvision, only
-  the dispatch overhead differs, so it is left out by default) and ``torch-compile`` (the torchvision module under
-  ``torch.compile``; compiling takes minutes on a CPU).
+  on the benchmark device; ``fused-torch`` (the reference composite: the same math as torchvision, only the
+  dispatch overhead differs) is opt-in.
 
-After the run a table (median time, images/s, ratio to torchvision measured in the same run, GB/s for the
-memory-bound op benchmarks, peak GPU memory) is printed and written to ``benchmarks/out/report.json``.
+Each case also runs in every *layout* (dtype and memory format) of the size. The memory suite measures the bytes
+autograd keeps for backward per image instead of time. After the run, tables (images/s and the ratio to
+torchvision per provider, GB/s of the memory-bound ops, activation memory) are printed, and the report is written
+to ``benchmarks/out/report.json`` with a chart of the speedups next to it (``--report-dir`` moves both).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import json
-import platform
+import functools
+import importlib.metadata
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,17 +38,56 @@ import torch
 from torch import nn
 
 import fused_resnet
+from benchmarks import report
 
-OUT_DIR = Path(__file__).parent / "out"
-REPORT_PATH = OUT_DIR / "report.json"
+DEFAULT_REPORT_DIR = Path(__file__).parent / "out"
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sizes
+# Sizes and layouts
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def memory_format_name(channels_last: bool) -> str:
+    return "channels_last" if channels_last else "nchw"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The precision and memory format a case runs in (BatchNorm parameters stay fp32 in a bf16 op benchmark,
+    as under autocast; blocks and models are converted to the dtype whole)."""
+
+    dtype: torch.dtype
+    channels_last: bool
+
+    @property
+    def dtype_name(self) -> str:
+        return _dtype_name(self.dtype)
+
+    @property
+    def memory_format_name(self) -> str:
+        return memory_format_name(self.channels_last)
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype_name} {self.memory_format_name}"
+
+    @property
+    def test_id(self) -> str:
+        return f"{self.dtype_name}-{self.memory_format_name}"
+
+
+FP32_NCHW = Layout(torch.float32, channels_last=False)
+FP32_CHANNELS_LAST = Layout(torch.float32, channels_last=True)
+BF16_NCHW = Layout(torch.bfloat16, channels_last=False)
+BF16_CHANNELS_LAST = Layout(torch.bfloat16, channels_last=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class SizeConfig:
-    """How big and how long: every shape, precision and repetition count of a run."""
+    """How big and how long: every shape, layout and repetition count of a run."""
 
     name: str
     block_batch: int  # images per call of the block benchmarks (at ResNet stage shapes)
@@ -55,20 +97,27 @@ class SizeConfig:
     rounds: int  # timed calls per block/model benchmark (the median is reported)
     warmup_rounds: int
     op_rounds: int  # the op benchmarks are short, so they afford more calls
-    dtype: torch.dtype
-    channels_last: bool
+    layouts: tuple[Layout, ...]  # of the block and op benchmarks
+    model_layouts: tuple[Layout, ...]  # of the whole-model benchmarks
+    models: tuple[str, ...]  # torchvision model names of the whole-model benchmarks
 
 
 SIZES = {
-    # Does everything run? About a minute for the whole suite on a 2-core CPU.
+    # Does everything run, in both precisions and both memory formats? About a minute on a 2-core CPU.
     "smoke": SizeConfig("smoke", block_batch=2, model_batch=2, model_resolution=64, op_shape=(4, 64, 28, 28),
-                        rounds=3, warmup_rounds=1, op_rounds=5, dtype=torch.float32, channels_last=False),
-    # A CPU-sized measurement: a few minutes on 2 cores.
+                        rounds=3, warmup_rounds=1, op_rounds=5, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
+                        model_layouts=(FP32_NCHW, BF16_CHANNELS_LAST), models=("resnet18",)),
+    # A CPU-sized measurement: several minutes on 2 cores. Both precisions and both memory formats, in two layouts
+    # (three model layouts and two block layouts took 12 minutes on a busy 2-core machine).
     "default": SizeConfig("default", block_batch=8, model_batch=4, model_resolution=128, op_shape=(16, 64, 56, 56),
-                          rounds=15, warmup_rounds=3, op_rounds=40, dtype=torch.float32, channels_last=False),
-    # The GPU configuration of DESIGN.md §7. The op shape is the largest BN+add+ReLU of ResNet-50 (stage 1).
+                          rounds=15, warmup_rounds=3, op_rounds=40, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
+                          model_layouts=(FP32_NCHW, BF16_CHANNELS_LAST), models=("resnet18", "resnet50")),
+    # The GPU configuration of DESIGN.md §7: bf16 channels_last, the models in all four layouts. The op shape is
+    # the largest BN+add+ReLU of ResNet-50 (stage 1).
     "full": SizeConfig("full", block_batch=256, model_batch=256, model_resolution=224, op_shape=(256, 256, 56, 56),
-                       rounds=20, warmup_rounds=5, op_rounds=50, dtype=torch.bfloat16, channels_last=True),
+                       rounds=20, warmup_rounds=5, op_rounds=50, layouts=(BF16_CHANNELS_LAST,),
+                       model_layouts=(BF16_CHANNELS_LAST, BF16_NCHW, FP32_CHANNELS_LAST, FP32_NCHW),
+                       models=("resnet18", "resnet50")),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,10 +130,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(batch 256, 224x224, bf16, channels_last). Default: default")
     group.addoption("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto: cuda if available, else cpu")
-    group.addoption("--dtype", choices=sorted(DTYPES), default=None, help="overrides the size's dtype")
+    group.addoption("--dtype", choices=sorted(DTYPES), default=None,
+                    help="runs every layout of the size in this dtype instead")
     group.addoption("--channels-last", dest="channels_last", action="store_true", default=None,
-                    help="overrides the size's memory format for block and model benchmarks")
+                    help="runs every layout of the size in channels_last instead")
     group.addoption("--no-channels-last", dest="channels_last", action="store_false")
+    group.addoption("--models", default=None,
+                    help="comma-separated torchvision models of the model and memory benchmarks, e.g. resnet50 "
+                         "(default: the size's)")
     group.addoption("--rounds", type=int, default=None,
                     help="timed calls per benchmark (overrides the size's; op benchmarks get 4x as many)")
     group.addoption("--threads", type=int, default=None,
@@ -92,16 +145,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "steadier numbers)")
     group.addoption("--providers", default=None,
                     help="comma-separated providers to run, e.g. torchvision,fused-cpu,fused-torch,torch-compile "
-                         "(default: torchvision and every fused backend but torch that runs on the device)")
+                         "(default: torchvision, every fused backend but torch that runs on the device, and "
+                         "torch-compile on a GPU)")
+    group.addoption("--report-dir", type=Path, default=DEFAULT_REPORT_DIR,
+                    help=f"where report.json and the chart are written (default: {DEFAULT_REPORT_DIR})")
+
+
+def _overridden(layouts: tuple[Layout, ...], dtype: torch.dtype | None, channels_last: bool | None) -> tuple:
+    """`layouts` with the command line's dtype and memory format, each distinct layout once, in order."""
+    chosen = [Layout(dtype or layout.dtype, layout.channels_last if channels_last is None else channels_last)
+              for layout in layouts]
+    return tuple(dict.fromkeys(chosen))
 
 
 def _size_config(config: pytest.Config) -> SizeConfig:
     size = SIZES[config.getoption("--size")]
-    overrides = {}
-    if config.getoption("--dtype"):
-        overrides["dtype"] = DTYPES[config.getoption("--dtype")]
-    if config.getoption("channels_last") is not None:
-        overrides["channels_last"] = config.getoption("channels_last")
+    dtype = DTYPES[config.getoption("--dtype")] if config.getoption("--dtype") else None
+    channels_last = config.getoption("channels_last")
+    overrides: dict = {"layouts": _overridden(size.layouts, dtype, channels_last),
+                       "model_layouts": _overridden(size.model_layouts, dtype, channels_last)}
+    if config.getoption("--models"):
+        overrides["models"] = tuple(name.strip() for name in config.getoption("--models").split(",") if name.strip())
     if config.getoption("--rounds"):
         rounds = config.getoption("--rounds")
         overrides.update(rounds=rounds, op_rounds=4 * rounds, warmup_rounds=min(size.warmup_rounds, rounds))
@@ -118,17 +182,20 @@ def _device(config: pytest.Config) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    return f"{report.cpu_name()} ({torch.get_num_threads()} threads)"
 
 
-def memory_format_name(channels_last: bool) -> str:
-    return "channels_last" if channels_last else "nchw"
+def _triton_version() -> str | None:
+    """The installed Triton's version (PyTorch's nightly builds name the distribution pytorch-triton)."""
+    for distribution in ("triton", "pytorch-triton"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(distribution)
+    return None
+
+
+def software_versions(device: torch.device) -> dict[str, str | None]:
+    return {"torch": torch.__version__, "triton": _triton_version(),
+            "cuda": torch.version.cuda if device.type == "cuda" else None, "fused_resnet": fused_resnet.__version__}
 
 
 def synchronize(device: torch.device) -> None:
@@ -209,6 +276,11 @@ def _select_providers(config: pytest.Config, device: torch.device) -> tuple[list
             raise pytest.UsageError(f"--providers: unknown {unknown}; known: {', '.join(known)}")
     else:
         names = ["torchvision", *(name for name, p in known.items() if p.is_fused and p.backend != "torch")]
+        # On a GPU torch.compile is the baseline a user would otherwise reach for, so it runs by default. On a
+        # CPU it is opt-in: compiling resnet18 at the smoke size took 35 s (eval) and 42 s (training) on a 2-core
+        # machine, per layout: more than the whole smoke run's minute.
+        if device.type == "cuda":
+            names.append("torch-compile")
     chosen, left_out = [], {}
     for name in names:
         reason = _why_not_runnable(known[name], device)
@@ -218,7 +290,8 @@ def _select_providers(config: pytest.Config, device: torch.device) -> tuple[list
             left_out[name] = reason
     if not requested:
         left_out["fused-torch"] = "the reference composite, same math as torchvision (opt in with --providers)"
-        left_out["torch-compile"] = "opt in with --providers (slow to compile)"
+        if device.type != "cuda":
+            left_out["torch-compile"] = "on a CPU only through --providers: compiling takes minutes"
     return chosen, left_out
 
 
@@ -232,10 +305,22 @@ class BenchSession:
     device: torch.device
     providers: list[Provider]
     left_out: dict[str, str]
-    rows: list[dict] = dataclasses.field(default_factory=list)
+    report_dir: Path
+    rows: list[dict] = dataclasses.field(default_factory=list)  # timed: one per case, layout and provider
+    memory_rows: list[dict] = dataclasses.field(default_factory=list)  # activation memory, likewise
+
+    @functools.cached_property
+    def row_info(self) -> dict:
+        """What every row records besides its own measurement: where and with what it was measured."""
+        return {"device": device_name(self.device), "size": self.size.name, **software_versions(self.device)}
 
 
 _SESSION = pytest.StashKey[BenchSession]()
+
+
+def session_of(config: pytest.Config) -> BenchSession:
+    """The run's session, for the test modules' own pytest_generate_tests."""
+    return config.stash[_SESSION]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -247,14 +332,20 @@ def pytest_configure(config: pytest.Config) -> None:
         # provider's convolutions are cuDNN's, so this helps each of them alike.
         torch.backends.cudnn.benchmark = True
     providers, left_out = _select_providers(config, device)
-    config.stash[_SESSION] = BenchSession(_size_config(config), device, providers, left_out)
+    config.stash[_SESSION] = BenchSession(_size_config(config), device, providers, left_out,
+                                          config.getoption("--report-dir"))
+
+
+def _describe_layouts(size: SizeConfig) -> str:
+    blocks = ", ".join(layout.label for layout in size.layouts)
+    models = ", ".join(layout.label for layout in size.model_layouts)
+    return f"blocks/ops in {blocks}; models ({', '.join(size.models)}) in {models}"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     s = config.stash[_SESSION]
     lines = [
-        f"fused_resnet benchmarks: size={s.size.name} device={device_name(s.device)} dtype={_dtype_name(s.size.dtype)} "
-        f"memory_format={memory_format_name(s.size.channels_last)}",
+        f"fused_resnet benchmarks: size={s.size.name} device={device_name(s.device)}; {_describe_layouts(s.size)}",
         f"providers: {', '.join(p.name for p in s.providers)}"
         + "".join(f"; {name} left out: {why}" for name, why in s.left_out.items()),
     ]
@@ -265,10 +356,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every test taking `provider` runs once per provider that can run here (the others are not collected;
-    the header says why they are missing)."""
+    the header says why they are missing), `eager_provider` likewise without torch.compile; `layout` and
+    `model_layout` run once per layout of the size's block/op and model benchmarks."""
+    session = metafunc.config.stash[_SESSION]
     if "provider" in metafunc.fixturenames:
-        providers = metafunc.config.stash[_SESSION].providers
-        metafunc.parametrize("provider", providers, ids=[p.name for p in providers])
+        metafunc.parametrize("provider", session.providers, ids=[p.name for p in session.providers])
+    if "eager_provider" in metafunc.fixturenames:
+        eager = [p for p in session.providers if not p.compiled]
+        metafunc.parametrize("eager_provider", eager, ids=[p.name for p in eager])
+    for fixture, layouts in (("layout", session.size.layouts), ("model_layout", session.size.model_layouts)):
+        if fixture in metafunc.fixturenames:
+            metafunc.parametrize(fixture, layouts, ids=[layout.test_id for layout in layouts])
 
 
 @pytest.fixture(scope="session")
@@ -305,16 +403,15 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def to_benchmark_layout(module: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
-    """`module` on the benchmark device, in its dtype, its 4-D weights in its memory format."""
-    return module.to(device=device, dtype=dtype, memory_format=_memory_format(channels_last))
+def to_benchmark_layout(module: nn.Module, device: torch.device, layout: Layout) -> nn.Module:
+    """`module` on the benchmark device, in the layout's dtype, its 4-D weights in the layout's memory format."""
+    return module.to(device=device, dtype=layout.dtype, memory_format=_memory_format(layout.channels_last))
 
 
-def random_activation(
-    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, channels_last: bool
-) -> torch.Tensor:
+def random_activation(shape: tuple[int, ...], device: torch.device, layout: Layout) -> torch.Tensor:
     """A standard-normal 4-D tensor made on the device (the full size's tensors are too big to make on a CPU)."""
-    return torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=_memory_format(channels_last))
+    return torch.randn(shape, device=device, dtype=layout.dtype).contiguous(
+        memory_format=_memory_format(layout.channels_last))
 
 
 def train_step(
@@ -348,10 +445,6 @@ def eval_step(module: nn.Module, x: torch.Tensor, provider: Provider, device: to
     return step
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | None:
     """Peak device memory one call of `fn` allocates beyond what was allocated before it (CUDA only)."""
     if device.type != "cuda":
@@ -364,7 +457,7 @@ def _peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | No
 
 
 class Measure:
-    """Times a step function through pytest-benchmark and records the row of the summary table."""
+    """Times a step function through pytest-benchmark and records the row of the report."""
 
     def __init__(self, benchmark, session: BenchSession):
         self.benchmark = benchmark
@@ -380,22 +473,23 @@ class Measure:
         provider: str,
         is_reference: bool,
         images: int,
-        memory_format: str,
-        dtype: torch.dtype,
+        layout: Layout,
         bytes_moved: int | None = None,
         rounds: int | None = None,
+        details: dict | None = None,
     ) -> None:
+        """`details`: what identifies the case beyond its label (e.g. model and resolution), kept in the row."""
         size, device = self.session.size, self.session.device
         info = {
             "suite": suite, "case": case, "mode": mode, "provider": provider, "images_per_call": images,
-            "dtype": _dtype_name(dtype), "memory_format": memory_format, "device": device_name(device),
-            "size": size.name,
+            "dtype": layout.dtype_name, "memory_format": layout.memory_format_name, **(details or {}),
+            **self.session.row_info,
         }
         if bytes_moved is not None:
             info["bytes_moved"] = bytes_moved
         self.benchmark.extra_info.update(info)
         # pytest-benchmark's own table then shows the providers of a case next to each other.
-        self.benchmark.group = f"{suite}: {case} {mode} {memory_format}"
+        self.benchmark.group = f"{suite}: {case} {mode} {layout.label}"
         self.benchmark.pedantic(fn, rounds=rounds or size.rounds, warmup_rounds=size.warmup_rounds)
         if self.benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
             return
@@ -414,92 +508,98 @@ def measure(benchmark, bench_session: BenchSession) -> Measure:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The summary
+# Activation memory
 
 
-def _with_ratios(rows: list[dict]) -> list[dict]:
-    """Each row with `ratio`: its images/s over the reference provider's for the same case in this run."""
-    def key(row: dict) -> tuple:
-        return row["suite"], row["case"], row["mode"], row["memory_format"], row["dtype"]
+def saved_for_backward_bytes(module: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for backward while `forward()` runs `module` (whose output is dropped
+    afterwards): every storage counted once, however many saved tensors view it, and the module's own parameters
+    and buffers left out (they are held whether or not anything trains)."""
+    held = {t.untyped_storage().data_ptr() for t in itertools.chain(module.parameters(), module.buffers())}
+    saved: dict[int, int] = {}
 
-    reference = {key(row): row["images_per_s"] for row in rows if row["is_reference"]}
-    return [{**row, "ratio": row["images_per_s"] / reference[key(row)] if key(row) in reference else None}
-            for row in rows]
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t  # the saved tensors stay alive until the graph goes, so no address is reused meanwhile
 
-
-def _grouped(rows: list[dict]) -> list[dict]:
-    """`rows` with the providers of one measurement next to each other, the reference first (cases in the order
-    they ran)."""
-    def group(row: dict) -> tuple:
-        return row["suite"], row["case"], row["mode"], row["memory_format"], row["dtype"]
-
-    first_seen: dict[tuple, int] = {}
-    for row in rows:
-        first_seen.setdefault(group(row), len(first_seen))
-    return sorted(rows, key=lambda row: (first_seen[group(row)], not row["is_reference"]))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(saved.values())
 
 
-def _format_table(rows: list[dict]) -> list[str]:
-    columns = [  # (title, cell, right-aligned)
-        ("suite", lambda r: r["suite"], False),
-        ("case", lambda r: r["case"], False),
-        ("mode", lambda r: r["mode"], False),
-        ("format", lambda r: r["memory_format"], False),
-        ("provider", lambda r: r["provider"], False),
-        ("median ms", lambda r: f"{r['median_s'] * 1e3:.3f}", True),
-        ("img/s", lambda r: f"{r['images_per_s']:.1f}", True),
-        ("vs torchvision", lambda r: f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-", True),
-        ("GB/s", lambda r: f"{r['gb_per_s']:.1f}" if r["gb_per_s"] is not None else "", True),
-        ("peak MiB", lambda r: f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "", True),
-    ]
-    cells = [[cell(row) for _, cell, _ in columns] for row in rows]
-    widths = [max(len(title), *(len(line[i]) for line in cells)) for i, (title, _, _) in enumerate(columns)]
+class MeasureMemory:
+    """Measures the activation memory of one training forward (and, on a GPU, the peak of a training step) and
+    records the row of the report."""
 
-    def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if right else v.ljust(w)
-                         for v, w, (_, _, right) in zip(values, widths, columns)).rstrip()
+    def __init__(self, session: BenchSession):
+        self.session = session
 
-    out = [line([title for title, _, _ in columns]), line(["-" * w for w in widths])]
-    previous_case = None
-    for row, values in zip(rows, cells):
-        case = row["suite"], row["case"]
-        if previous_case is not None and case != previous_case:
-            out.append("")  # a blank line between cases keeps the measurements of one case together
-        previous_case = case
-        out.append(line(values))
-    return out
+    def __call__(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        backward: Callable[[torch.Tensor], None],
+        provider: Provider,
+        *,
+        case: str,
+        layout: Layout,
+        details: dict | None = None,
+    ) -> None:
+        """`module` in training mode on input `x`; `backward(output)` calls .backward(), as in `train_step`."""
+        device = self.session.device
+        module.train()
+
+        def forward() -> torch.Tensor:
+            with provider.context():
+                return module(x)
+
+        saved = saved_for_backward_bytes(module, forward)
+        # Peak allocated memory of a whole training step on a GPU, taken on the second one: the first also holds
+        # cuDNN's algorithm search.
+        step = train_step(module, x, backward, provider, device)
+        if device.type == "cuda":
+            step()
+        self.session.memory_rows.append({
+            "suite": "memory", "case": case, "mode": "train", "provider": provider.name,
+            "is_reference": provider.is_reference, "images_per_call": x.shape[0],
+            "dtype": layout.dtype_name, "memory_format": layout.memory_format_name, **(details or {}),
+            **self.session.row_info,
+            "saved_bytes": saved, "saved_bytes_per_image": saved / x.shape[0],
+            "peak_memory_mib": _peak_memory_mib(step, device),
+        })
+
+
+@pytest.fixture
+def measure_memory(bench_session: BenchSession) -> MeasureMemory:
+    return MeasureMemory(bench_session)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables, so ours is the last thing printed
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     session = config.stash.get(_SESSION, None)
-    if session is None or not session.rows:
+    if session is None or not (session.rows or session.memory_rows):
         return
-    rows = _grouped(_with_ratios(session.rows))
     header = {
-        "device": device_name(session.device),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda if session.device.type == "cuda" else None,
-        "fused_resnet": fused_resnet.__version__,
-        "size": session.size.name,
-        "dtype": _dtype_name(session.size.dtype),
-        "memory_format": memory_format_name(session.size.channels_last),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **session.row_info,
+        "providers": [p.name for p in session.providers],
         "providers_left_out": session.left_out,
+        "layouts": [layout.label for layout in session.size.layouts],
+        "model_layouts": [layout.label for layout in session.size.model_layouts],
+        "models": list(session.size.models),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    result = report.Report(header, session.rows, session.memory_rows)
     tr = terminalreporter
     tr.write_sep("=", "fused_resnet benchmark summary")
-    tr.write_line(f"device: {header['device']}  torch {header['torch']}"
-                  + (f" (CUDA {header['cuda']})" if header["cuda"] else "")
-                  + f"  fused_resnet {header['fused_resnet']}  size={header['size']}  dtype={header['dtype']}"
-                  + f"  blocks/models in {header['memory_format']}")
-    tr.write_line("median of the timed calls; vs torchvision = img/s / torchvision's img/s for the same case in this "
-                  "run (> 1 is faster; for ops the reference is the unfused PyTorch sequence); GB/s against the "
-                  "bytes the op must move")
+    for line in result.text_lines():
+        tr.write_line(line)
+    json_path, chart_path, chart_problem = result.write(session.report_dir)
     tr.write_line("")
-    for text in _format_table(rows):
-        tr.write_line(text)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    REPORT_PATH.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
-    tr.write_line("")
-    tr.write_line(f"written to {REPORT_PATH}")
+    tr.write_line(f"report: {json_path}")
+    tr.write_line(f"chart:  {chart_path}" if chart_path else f"chart:  not drawn ({chart_problem})")

@@ -1,5 +1,6 @@
 """Whole models: torchvision's resnet18 and resnet50 vs fused_resnet.convert of the same model (same weights),
-a training step (forward, cross-entropy, backward, SGD step) and an inference forward."""
+a training step (forward, cross-entropy, backward, SGD step) and an inference forward, in each model layout of
+the size (dtype and memory format)."""
 
 from __future__ import annotations
 
@@ -9,35 +10,43 @@ import torch.nn.functional as F
 import torchvision
 
 from benchmarks.conftest import (
-    Provider, eval_step, memory_format_name, random_activation, to_benchmark_layout, train_step,
+    Layout, Provider, eval_step, random_activation, session_of, to_benchmark_layout, train_step,
 )
 
 NUM_CLASSES = 1000
 
-MODELS_BY_SIZE = {
-    "smoke": ["resnet18"],  # at the smoke size's tiny resolution
-    "default": ["resnet18", "resnet50"],
-    "full": ["resnet18", "resnet50"],
-}
+
+def build_model(model_name: str, device, layout: Layout) -> torch.nn.Module:
+    """A torchvision model with random weights, in the benchmark layout."""
+    return to_benchmark_layout(torchvision.models.get_model(model_name, weights=None, num_classes=NUM_CLASSES),
+                               device, layout)
+
+
+def model_inputs(batch: int, resolution: int, device, layout: Layout):
+    """(a batch of images, its labels)."""
+    return (random_activation((batch, 3, resolution, resolution), device, layout),
+            torch.randint(NUM_CLASSES, (batch,), device=device))
+
+
+def cross_entropy_backward(labels: torch.Tensor):
+    """The backward of a classification step, for `train_step`: the loss in fp32, as under autocast."""
+    return lambda logits: F.cross_entropy(logits.float(), labels).backward()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "model_name" in metafunc.fixturenames:
-        metafunc.parametrize("model_name", MODELS_BY_SIZE[metafunc.config.getoption("--size")])
+        metafunc.parametrize("model_name", session_of(metafunc.config).size.models)  # the size's, or --models
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_model(model_name: str, mode: str, provider: Provider, size, device, measure) -> None:
-    layout = dict(device=device, dtype=size.dtype, channels_last=size.channels_last)
-    reference = torchvision.models.get_model(model_name, weights=None, num_classes=NUM_CLASSES)
-    model = provider.prepare(to_benchmark_layout(reference, **layout))
+def test_model(model_name: str, mode: str, model_layout: Layout, provider: Provider, size, device, measure) -> None:
+    model = provider.prepare(build_model(model_name, device, model_layout))
     batch, resolution = size.model_batch, size.model_resolution
-    x = random_activation((batch, 3, resolution, resolution), **layout)
+    x, labels = model_inputs(batch, resolution, device, model_layout)
     if mode == "train":
-        labels = torch.randint(NUM_CLASSES, (batch,), device=device)
-        step = train_step(model, x, lambda logits: F.cross_entropy(logits, labels).backward(), provider, device)
+        step = train_step(model, x, cross_entropy_backward(labels), provider, device)
     else:
         step = eval_step(model, x, provider, device)
     measure(step, suite="models", case=f"{model_name} @{resolution}", mode=mode, provider=provider.name,
-            is_reference=provider.is_reference, images=batch, memory_format=memory_format_name(size.channels_last),
-            dtype=size.dtype)
+            is_reference=provider.is_reference, images=batch, layout=model_layout,
+            details={"model": model_name, "resolution": resolution})

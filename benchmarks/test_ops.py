@@ -8,7 +8,8 @@ table reports GB/s against the bytes the fused op must move (a multiple of one a
 * eval forward: read x and the residual, write the output: 3.
 
 The same byte count is used for every provider, so GB/s compares like images/s does; the unfused sequence moves
-more bytes than that, which is the point of fusing.
+more bytes than that, which is the point of fusing. The bar for GB/s is the device's own: a plain copy of a tensor
+of the same size and layout (read it, write it: 2 passes), measured in the same run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet
-from benchmarks.conftest import Provider, memory_format_name, random_activation, synchronize
+from benchmarks.conftest import Layout, Provider, random_activation, synchronize
 
 TENSOR_PASSES = {"train fwd": 4, "train fwd+bwd": 12, "eval fwd": 3}
 
@@ -41,16 +42,18 @@ def _op_for(provider: Provider) -> tuple[str, Callable]:
     return "torch-unfused", unfused_bn_add_relu
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def _shape_label(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
 @pytest.mark.parametrize("op_case", list(TENSOR_PASSES), ids=lambda op_case: op_case.replace(" ", "-"))
-def test_bn_add_relu(op_case: str, channels_last: bool, provider: Provider, size, device, measure) -> None:
+def test_bn_add_relu(op_case: str, layout: Layout, provider: Provider, size, device, measure) -> None:
     n, c, h, w = size.op_shape
-    layout = dict(device=device, dtype=size.dtype, channels_last=channels_last)
     training = op_case != "eval fwd"
     with_backward = op_case == "train fwd+bwd"
-    x = random_activation((n, c, h, w), **layout).requires_grad_(with_backward)
-    residual = random_activation((n, c, h, w), **layout).requires_grad_(with_backward)
-    grad_out = random_activation((n, c, h, w), **layout)
+    x = random_activation((n, c, h, w), device, layout).requires_grad_(with_backward)
+    residual = random_activation((n, c, h, w), device, layout).requires_grad_(with_backward)
+    grad_out = random_activation((n, c, h, w), device, layout)
     # BatchNorm's parameters and statistics stay fp32 in low-precision runs, as under autocast.
     weight = (1 + 0.1 * torch.randn(c, device=device)).requires_grad_(with_backward)
     bias = (0.1 * torch.randn(c, device=device)).requires_grad_(with_backward)
@@ -68,7 +71,20 @@ def test_bn_add_relu(op_case: str, channels_last: bool, provider: Provider, size
                 op(x, running_mean, running_var, weight, bias, training, residual)
         synchronize(device)
 
-    measure(step, suite="ops", case=f"bn+add+relu {n}x{c}x{h}x{w}", mode=op_case, provider=name,
-            is_reference=provider.is_reference, images=n, memory_format=memory_format_name(channels_last),
-            dtype=size.dtype, bytes_moved=TENSOR_PASSES[op_case] * x.numel() * x.element_size(),
-            rounds=size.op_rounds)
+    measure(step, suite="ops", case=f"bn+add+relu {_shape_label(size.op_shape)}", mode=op_case, provider=name,
+            is_reference=provider.is_reference, images=n, layout=layout,
+            bytes_moved=TENSOR_PASSES[op_case] * x.numel() * x.element_size(), rounds=size.op_rounds)
+
+
+def test_device_copy(layout: Layout, size, device, measure) -> None:
+    """The device's copy bandwidth on a tensor of the op benchmarks' size: as fast as a memory-bound op can go."""
+    source = random_activation(size.op_shape, device, layout)
+    target = torch.empty_like(source)
+
+    def step() -> None:
+        target.copy_(source)
+        synchronize(device)
+
+    measure(step, suite="copy", case=_shape_label(size.op_shape), mode="copy", provider="torch copy_",
+            is_reference=True, images=size.op_shape[0], layout=layout,
+            bytes_moved=2 * source.numel() * source.element_size(), rounds=size.op_rounds)
