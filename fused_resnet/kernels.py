@@ -8,8 +8,6 @@ and run convolutions through ATen (oneDNN on the CPU, cuDNN on the GPU).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -110,7 +108,9 @@ class CpuKernels(NativeKernels):
         self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
         padding: ZeroPadIdentity | None = None,
     ) -> Tensor:
-        if padding is not None or not self._onednn_supports(x, residual):
+        # Under torch.compile the tracer needs fake implementations, which oneDNN's fused ops lack; the compiler
+        # makes its own fusions from conv + one pass.
+        if padding is not None or torch.compiler.is_compiling() or not self._onednn_supports(x, residual):
             return super().conv_bias_act(x, conv, weight, bias, residual, relu, padding)
         geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
         bias = as_dtype(bias, weight.dtype)
@@ -120,13 +120,14 @@ class CpuKernels(NativeKernels):
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, weight, bias, *geometry, "add", None, unary, [None], "")
 
-    @functools.cached_property
-    def _onednn_dtypes(self) -> frozenset[torch.dtype]:
-        """The dtypes oneDNN's fused convolutions take on this CPU (asked once: the queries cost a call each)."""
-        if not torch.backends.mkldnn.is_available():
-            return frozenset()
-        # bf16 needs AVX512-BF16 or AMX; fp16 needs AVX512-FP16 or AVX-NE-CONVERT, which oneDNN reports otherwise.
-        return frozenset([torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []))
+    def __init__(self, name: str):
+        super().__init__(name)
+        # The dtypes oneDNN's fused convolutions take on this CPU, asked once (each query costs a call): bf16 needs
+        # AVX512-BF16 or AMX; fp16 would need AVX512-FP16 or AVX-NE-CONVERT and goes through conv + one pass.
+        self._onednn_dtypes: frozenset[torch.dtype] = frozenset()
+        if torch.backends.mkldnn.is_available():
+            bf16 = [torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []
+            self._onednn_dtypes = frozenset([torch.float32, *bf16])
 
     def _onednn_supports(self, x: Tensor, residual: Tensor | None) -> bool:
         # Channels_last only: there the fused primitive beats conv + one pass (64@56, batch 8: 8.6 ms against
@@ -156,7 +157,8 @@ def _register_fake_implementations() -> None:
         return t.new_empty((t.shape[1],), dtype=dtype or accumulation_dtype(t.dtype))
 
     def like(t: Tensor) -> Tensor:
-        return torch.empty_like(t, memory_format=t.suggest_memory_format())
+        # The kernels write dense outputs in the input's layout (NCHW or channels_last), as empty_like makes them.
+        return torch.empty_like(t)
 
     @torch.library.register_fake("fused_resnet::batch_stats")
     def _(input):

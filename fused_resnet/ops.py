@@ -410,6 +410,10 @@ class FoldedWeights:
         self._entries = {}
 
     def get(self, index: int, unit: ConvBN) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            # A compiled graph folds on every call (a few per-channel ops the compiler fuses); version counters are
+            # not values it can guard on.
+            return fold_batch_norm(unit)
         sources = (unit.conv.weight, unit.conv.bias, unit.bn.weight, unit.bn.bias, unit.bn.running_mean, unit.bn.running_var)
         try:
             versions = tuple(t._version if t is not None else None for t in sources) + (unit.bn.eps,)

@@ -1,0 +1,97 @@
+"""torch.compile and torch.library checks: fused models compile with fullgraph=True and match eager; every
+compiled op passes torch.library.opcheck (schema, fake implementation, dispatch)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_resnet
+from conftest import CPU_BACKENDS, assert_rel, randomize_batchnorms
+from fused_resnet import _native
+
+pytestmark = pytest.mark.skipif(not CPU_BACKENDS, reason="no fused backend runs on the CPU here")
+
+
+def small_network() -> nn.Module:
+    """Every fused module kind in a few layers: a fused stem, option A, a projection, a Bottleneck."""
+    return nn.Sequential(
+        fused_resnet.ConvBNReLU(3, 8),
+        fused_resnet.BasicBlock(8, 16, 2, shortcut="A"),
+        fused_resnet.Bottleneck(16, 8, 2, shortcut="B"),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5),
+    )
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_network_compiles_without_graph_breaks_and_matches_eager(train):
+    torch._dynamo.reset()
+    eager = randomize_batchnorms(small_network()).double().train(train)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    for step in range(2):
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_e, out_c = eager(xe), compiled(xc)
+        assert_rel(out_c, out_e, 1e-10, f"output, step {step}")
+        out_e.sum().backward()
+        out_c.sum().backward()
+        assert_rel(xc.grad, xe.grad, 1e-10, "grad x")
+    for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
+        assert_rel(p.grad, q.grad, 1e-10, f"grad {name}", floor=1.0)
+    for (name, b), r in zip(compiled_model.named_buffers(), eager.buffers()):
+        assert_rel(b, r, 1e-12, name)
+
+
+def test_compiled_inference_sees_weights_change_in_place():
+    """The folded-weight cache is bypassed under compilation: a compiled model must not keep stale weights."""
+    torch._dynamo.reset()
+    eager = randomize_batchnorms(small_network()).double().eval()
+    compiled = torch.compile(eager, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        before = compiled(x)
+        eager[1].conv1.weight.mul_(1.5)
+        eager[2].bn2.running_var.mul_(3.0)
+        after = compiled(x)
+        with fused_resnet.use_backend("torch"):
+            expected = eager(x)
+    assert_rel(after, expected, 1e-10)
+    assert not torch.allclose(before, after)
+
+
+needs_extension = pytest.mark.skipif(not _native.has_extension(), reason=str(_native.load_error))
+
+
+def op_samples():
+    """(op, args) covering each op's optional arguments, on CPU float32 and channels_last float64."""
+    ops = torch.ops.fused_resnet
+    samples = []
+    for dtype, fmt in ((torch.float32, torch.contiguous_format), (torch.float64, torch.channels_last)):
+        x = torch.randn(2, 6, 5, 4, dtype=dtype).contiguous(memory_format=fmt)
+        r = torch.randn_like(x)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        v = [torch.randn(6, dtype=acc) for _ in range(8)]
+        out = torch.relu(torch.randn_like(x))
+        small = torch.randn(2, 4, 10, 8, dtype=dtype).contiguous(memory_format=fmt)
+        samples += [
+            (ops.batch_stats.default, (x,)),
+            (ops.bn_act.default, (x, v[0], v[1], None, None, None, True)),
+            (ops.bn_act.default, (x, v[0], v[1], r, v[2], v[3], False)),
+            (ops.bn_act.default, (x, v[0], v[1], small, None, None, True, 2, 1)),
+            (ops.bn_act_backward_reduce.default, (r, out, x, v[0], None, None)),
+            (ops.bn_act_backward_reduce.default, (r, None, x, v[0], out, v[1])),
+            (ops.bn_act_backward_elemt.default, (r, out, x, v[0], v[1], v[2], v[3], None, None, None, None, None, True)),
+            (ops.bn_act_backward_elemt.default, (r, out, x, v[0], v[1], v[2], v[3], out, v[4], v[5], v[6], v[7], False)),
+        ]
+    return samples
+
+
+@needs_extension
+@pytest.mark.parametrize("sample", range(16))
+def test_opcheck(sample):
+    op, args = op_samples()[sample]
+    torch.library.opcheck(op, args)
