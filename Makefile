@@ -10,8 +10,12 @@ DEPS := torch torchvision triton pybind11 ninja setuptools wheel pytest pytest-b
 INSTALLED := $(VENV)/.installed
 # Arguments for the benchmark run, e.g. `make bench BENCH_ARGS="--size full"`.
 BENCH_ARGS ?=
+# The one-shot GPU check (benchmarks/gpu_check.py) writes its summary, report, chart and log into OUT.
+OUT ?= benchmarks/out/gpu-check
+REHEARSAL ?=
+REHEARSAL_OUT := benchmarks/out/gpu-check-rehearsal
 
-.PHONY: test bench build clean
+.PHONY: test bench build clean gpu-check gpu-check-rehearsal
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +30,21 @@ build: $(INSTALLED)
 
 test: build
 	$(PY) -m pytest tests
-	# The benchmark suite must run too (its CPU timings are not judged here).
+	# The benchmark suite must run too (its CPU timings are not judged here), and so must the GPU check's steps.
 	$(PY) -m pytest benchmarks --size smoke -q -p no:cacheprovider
+	$(PY) -m benchmarks.gpu_check --rehearsal --out $(REHEARSAL_OUT)
 
 bench: build
 	$(PY) -m pytest benchmarks $(BENCH_ARGS)
+
+# On a CUDA machine without network: the python on PATH (PYTHON) builds and runs everything, no virtual
+# environment, nothing downloaded. REHEARSAL=1 runs the same steps on the CPU at the smoke size.
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check --out $(OUT) $(if $(REHEARSAL),--rehearsal)
+
+# The rehearsal in the virtual environment, after its build.
+gpu-check-rehearsal: build
+	$(PY) -m benchmarks.gpu_check --rehearsal --out $(REHEARSAL_OUT)
 
 clean:
 	rm -rf build fused_resnet/*.so *.egg-info benchmarks/out .pytest_cache .benchmarks
