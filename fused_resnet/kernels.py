@@ -43,7 +43,11 @@ class NativeKernels:
         relu: bool = True,
         padding: ZeroPadIdentity | None = None,
     ) -> Tensor:
-        """[relu](y * scale + shift + R); with `padding`, R is option A's subsampled, zero-padded `residual`."""
+        """[relu](y * scale + shift + R); with `padding`, R is option A's subsampled, zero-padded `residual`.
+        A residual in another dtype than y (the block input, under autocast) is added in y's, as torchvision's
+        in-place `out += identity` does."""
+        if residual is not None:
+            residual = as_dtype(residual, y.dtype)
         if padding is not None:
             return torch.ops.fused_resnet.bn_act(y, scale, shift, residual, None, None, relu, padding.stride,
                                                  padding.channels_before)
@@ -74,10 +78,13 @@ class NativeKernels:
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if not (need_input or need_weight or need_bias):
             return None, None, None
-        return torch.ops.aten.convolution_backward(
+        # Under autocast the forward convolved in x's lower precision with the weight cast to it; the backward
+        # does the same, and hands the parameter gradients back in the parameters' dtype.
+        weight = as_dtype(conv.weight, x.dtype)
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y,
             x,
-            conv.weight,
+            weight,
             [conv.weight.shape[0]] if conv.bias is not None else None,
             list(conv.stride),
             list(conv.padding),
@@ -87,6 +94,8 @@ class NativeKernels:
             conv.groups,
             [need_input, need_weight, need_bias and conv.bias is not None],
         )
+        return (grad_x, grad_w if grad_w is None else as_dtype(grad_w, conv.weight.dtype),
+                grad_b if grad_b is None else as_dtype(grad_b, conv.bias.dtype))
 
     def conv_bias_act(
         self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
@@ -109,8 +118,10 @@ class CpuKernels(NativeKernels):
         padding: ZeroPadIdentity | None = None,
     ) -> Tensor:
         # Under torch.compile the tracer needs fake implementations, which oneDNN's fused ops lack; the compiler
-        # makes its own fusions from conv + one pass.
-        if padding is not None or torch.compiler.is_compiling() or not self._onednn_supports(x, residual):
+        # makes its own fusions from conv + one pass. Under autocast the convolution must run in the autocast dtype,
+        # as torchvision's does, which only F.conv2d knows to do.
+        if (padding is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or not self._onednn_supports(x, residual)):
             return super().conv_bias_act(x, conv, weight, bias, residual, relu, padding)
         geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
         bias = as_dtype(bias, weight.dtype)

@@ -89,13 +89,19 @@ def _check_batch_norm(op: str, label: str, bn: BatchNormParams, y_shape: Sequenc
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(y_shape)}")
 
 
+def _autocast(t: Tensor) -> bool:
+    """Whether autocast is on for `t`'s device (meta and other devices have none)."""
+    return torch.amp.is_autocast_available(t.device.type) and torch.is_autocast_enabled(t.device.type)
+
+
 def _check_conv(op: str, label: str, conv: ConvParams, x_shape: Sequence[int], ref: Tensor) -> list[int]:
     """Checks `conv` on an input of `x_shape` and returns its output shape."""
     w = conv.weight
     if not isinstance(w, Tensor) or w.dim() != 4:
         got = f"a {_describe(w)}" if isinstance(w, Tensor) else type(w).__name__
         raise ValueError(f"{op}: expected {label}.weight to be 4-D (out, in/groups, kh, kw), got {got}")
-    _check_like(op, f"{label}.weight", w, ref, "the input")
+    # Under autocast a convolution takes any floating dtypes and runs in the autocast one, as F.conv2d does.
+    _check_like(op, f"{label}.weight", w, ref, "the input", dtype=not _autocast(ref))
     if conv.groups < 1 or x_shape[1] % conv.groups or w.shape[0] % conv.groups:
         raise ValueError(
             f"{op}: {label} has groups={conv.groups}, which must divide its input channels ({x_shape[1]}) "
@@ -108,7 +114,7 @@ def _check_conv(op: str, label: str, conv: ConvParams, x_shape: Sequence[int], r
         )
     if conv.bias is not None:
         _check_channel_vector(op, f"{label}.bias", conv.bias, w.shape[0], ref)
-        _check_like(op, f"{label}.bias", conv.bias, ref, "the input")
+        _check_like(op, f"{label}.bias", conv.bias, ref, "the input", dtype=not _autocast(ref))
     out_h, out_w = conv.output_size(x_shape[2], x_shape[3])
     if out_h < 1 or out_w < 1:
         raise ValueError(
