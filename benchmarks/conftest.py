@@ -107,11 +107,12 @@ SIZES = {
     "smoke": SizeConfig("smoke", block_batch=2, model_batch=2, model_resolution=64, op_shape=(4, 64, 28, 28),
                         rounds=3, warmup_rounds=1, op_rounds=5, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
                         model_layouts=(FP32_NCHW, BF16_CHANNELS_LAST), models=("resnet18",)),
-    # A CPU-sized measurement: several minutes on 2 cores. Both precisions and both memory formats, in two layouts
-    # (three model layouts and two block layouts took 12 minutes on a busy 2-core machine).
+    # A CPU-sized measurement: the models in all four layouts, the blocks and ops in two. About 2 minutes on an
+    # idle 2-core machine (OpenMP threads sharing their cores with another process make it many times longer).
     "default": SizeConfig("default", block_batch=8, model_batch=4, model_resolution=128, op_shape=(16, 64, 56, 56),
                           rounds=15, warmup_rounds=3, op_rounds=40, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
-                          model_layouts=(FP32_NCHW, BF16_CHANNELS_LAST), models=("resnet18", "resnet50")),
+                          model_layouts=(FP32_NCHW, FP32_CHANNELS_LAST, BF16_NCHW, BF16_CHANNELS_LAST),
+                          models=("resnet18", "resnet50")),
     # The GPU configuration of DESIGN.md §7: bf16 channels_last, the models in all four layouts. The op shape is
     # the largest BN+add+ReLU of ResNet-50 (stage 1).
     "full": SizeConfig("full", block_batch=256, model_batch=256, model_resolution=224, op_shape=(256, 256, 56, 56),
