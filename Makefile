@@ -4,9 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Build and test dependencies. pip resolves torch to the newest release this machine's index allows; triton
+# Build, test and report dependencies (scikit-learn: the digits of the degradation experiment; tqdm: its progress
+# bar). pip resolves torch to the newest release this machine's index allows; triton
 # comes with it on Linux.
-DEPS := torch torchvision triton pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis matplotlib
+DEPS := torch torchvision triton pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis matplotlib \
+        scikit-learn tqdm
 INSTALLED := $(VENV)/.installed
 # Arguments for the benchmark run, e.g. `make bench BENCH_ARGS="--size full"`.
 BENCH_ARGS ?=
