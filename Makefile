@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # bar). pip resolves torch to the newest release this machine's index allows; triton
 # comes with it on Linux.
 DEPS := torch torchvision triton pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis matplotlib \
-        scikit-learn tqdm
+        scikit-learn tqdm timm
 INSTALLED := $(VENV)/.installed
 # Arguments for the benchmark run, e.g. `make bench BENCH_ARGS="--size full"`.
 BENCH_ARGS ?=
