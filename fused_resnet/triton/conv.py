@@ -1,0 +1,422 @@
+"""Convolution as an implicit GEMM, with the fusions of a training or inference ResNet around it.
+
+The GEMM: rows are the output pixels (N*Hout*Wout), columns the output channels of one group, and the reduction
+runs over KH*KW*(Cin/groups). One program computes a BLOCK_M x BLOCK_N output tile; its K loop walks the kernel
+taps (kh, kw) and, per tap, the group's input channels in chunks of BLOCK_K, gathering the input tile straight
+from x (no im2col buffer). Groups are folded into the grid's second dimension (groups * column tiles per group).
+Every tensor is addressed through its strides, so NCHW and channels_last inputs, weights and residuals run
+without copies; the output follows x's memory format.
+
+Fusions (DESIGN.md section 4):
+- prologue (training: conv_{i+1} of a BN-ReLU-conv chain): each input value is replaced by relu(x*scale + shift)
+  as it is loaded, and only then are the positions that fall in the zero padding set to 0, because the padding
+  of conv(relu(bn(y))) pads the normalized activation, not y;
+- epilogue: + bias (inference, BN folded into the weights), + residual (same shape, or option A's shortcut read
+  in place: subsampled and channel-offset, zero outside its channels), then ReLU, stored in x's dtype;
+- statistics (training: conv_i): per tile and channel, the count, mean and M2 of the values as stored (rounded
+  to the output dtype, so that BN normalizes exactly what it reads), the mean first and then the squared
+  deviations from it; merge_partial_stats merges the tiles in a fixed order (no atomics: deterministic).
+
+Accumulation is fp32. fp32 inputs use TF32 tensor cores when torch.backends.cudnn.allow_tf32 is set (PyTorch's
+default for convolutions) and IEEE fp32 otherwise. The backward is not here: it stays on ATen
+(torch.ops.aten.convolution_backward, i.e. cuDNN), which needs only the saved input and weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .stats import merge_partial_stats
+
+_OP = "fused_resnet.triton.conv2d"
+AUTOTUNE_ENV_VAR = "FUSED_RESNET_TRITON_AUTOTUNE"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class ConvConfig(NamedTuple):
+    """One launch configuration of the convolution kernel: its tile sizes and Triton's scheduling knobs."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# The configurations shipped for Ampere/Hopper, keyed by (BLOCK_N, BLOCK_K); `choose_config` picks one from the
+# problem's shape. All use 4 warps: an implicit-GEMM template elsewhere computed wrong results for kernels larger
+# than 1x1 at num_warps >= 8, so only configurations that the tests run explicitly (tests/test_triton_conv.py, on a
+# 3x3 stride-2 padded and a 1x1 problem, for real on a GPU) are shipped. Shared memory per pipeline stage is
+# (BLOCK_M + BLOCK_N) * BLOCK_K * element size: at most 32 KiB here, so 4 stages fit an A100's 164 KiB; BLOCK_K
+# 64 is only chosen for 16-bit inputs (fp32 at 64 would need 64 KiB a stage).
+CONFIGS: dict[tuple[int, int], ConvConfig] = {
+    (16, 16): ConvConfig(64, 16, 16, 4, 3),
+    (32, 16): ConvConfig(64, 32, 16, 4, 3),
+    (32, 32): ConvConfig(128, 32, 32, 4, 4),
+    (64, 16): ConvConfig(128, 64, 16, 4, 4),
+    (64, 32): ConvConfig(128, 64, 32, 4, 4),
+    (64, 64): ConvConfig(128, 64, 64, 4, 3),
+    (128, 32): ConvConfig(128, 128, 32, 4, 4),
+    (128, 64): ConvConfig(128, 128, 64, 4, 3),
+}
+
+# Under TRITON_INTERPRET=1 every program runs one after the other in numpy, and every operation costs the same
+# whatever its size: small tiles keep the wasted (masked) work of tiny test shapes low.
+INTERPRETER_CONFIG = ConvConfig(32, 16, 16, 1, 1)
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def choose_config(out_channels_per_group: int, in_channels_per_group: int, dtype: torch.dtype) -> ConvConfig:
+    """The shipped configuration for a problem, without a search.
+
+    BLOCK_N is the group's output channels rounded up to a power of two (16..128), so that narrow groups (ResNeXt:
+    4..32 channels a group) do not pay for 128-wide tiles of zeros. BLOCK_K is the group's input channels per tap
+    rounded up likewise, capped at 32 for fp32 and 64 for 16-bit inputs (both 128 bytes of a channels_last row),
+    and at most what the chosen BLOCK_N allows (narrow tiles keep a short K step to stay pipelined); a stem with
+    3 input channels takes 16. BLOCK_M is 128 (64 for the narrowest tiles, where many groups already make many
+    programs). Under the Triton interpreter: INTERPRETER_CONFIG.
+    """
+    if interpreting():
+        return INTERPRETER_CONFIG
+    block_n = min(128, max(16, triton.next_power_of_2(out_channels_per_group)))
+    max_k = 64 if dtype in (torch.float16, torch.bfloat16) else 32
+    block_k = min(max_k, max(16, triton.next_power_of_2(in_channels_per_group)))
+    available_k = sorted(k for n, k in CONFIGS if n == block_n)
+    fitting_k = [k for k in available_k if k <= block_k]
+    block_k = fitting_k[-1] if fitting_k else available_k[0]
+    return CONFIGS[(block_n, block_k)]
+
+
+def autotune_enabled() -> bool:
+    """FUSED_RESNET_TRITON_AUTOTUNE=1 searches CONFIGS per shape instead of taking `choose_config`'s pick."""
+    return os.environ.get(AUTOTUNE_ENV_VAR, "0") not in ("", "0")
+
+
+@triton.jit
+def _conv_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr,
+    mean_partial_ptr, m2_partial_ptr, count_partial_ptr,
+    in_h, in_w, out_h, out_w, rows,
+    in_per_group, out_channels, out_per_group,
+    x_stride_n, x_stride_c, x_stride_h, x_stride_w,
+    w_stride_o, w_stride_i, w_stride_h, w_stride_w,
+    r_stride_n, r_stride_c, r_stride_h, r_stride_w,
+    y_stride_n, y_stride_c, y_stride_h, y_stride_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    residual_channels, residual_stride, residual_channel_offset,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tiles_per_group = tl.cdiv(out_per_group, BLOCK_N)
+    group = pid_n // tiles_per_group
+
+    # Output pixels of this tile (GEMM rows) and their (n, oh, ow).
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < rows
+    pixels = out_h * out_w
+    n = m // pixels
+    ohw = m % pixels
+    oh = ohw // out_w
+    ow = ohw % out_w
+    # int64 for the batch term: a ResNet activation of batch 256 is near 2**31 elements.
+    x_row = n.to(tl.int64) * x_stride_n
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+
+    # Output channels of this tile (GEMM columns), within the group and overall.
+    j = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = j < out_per_group
+    co = group * out_per_group + j
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_chunks = tl.cdiv(in_per_group, BLOCK_K)
+    # One flat loop over (tap, channel chunk), so that Triton pipelines it whatever the kernel size.
+    for step in range(0, KH * KW * k_chunks):
+        tap = step // k_chunks
+        c0 = (step % k_chunks) * BLOCK_K
+        kh = tap // KW
+        kw = tap % KW
+        ih = ih0 + kh * dil_h
+        iw = iw0 + kw * dil_w
+        inside = m_mask & (ih >= 0) & (ih < in_h) & (iw >= 0) & (iw < in_w)
+        ci = c0 + tl.arange(0, BLOCK_K)
+        k_mask = ci < in_per_group
+        cin = group * in_per_group + ci
+        a_mask = inside[:, None] & k_mask[None, :]
+        a_ptrs = x_ptr + (x_row + ih * x_stride_h + iw * x_stride_w)[:, None] + (cin * x_stride_c)[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if HAS_PROLOGUE:
+            scale = tl.load(scale_ptr + cin, mask=k_mask, other=0.0)
+            shift = tl.load(shift_ptr + cin, mask=k_mask, other=0.0)
+            normalized = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+            # The zero padding (and the rows and channels past the end) must stay 0 after the transform: relu(shift)
+            # is not 0. Rounded to x's dtype, as the normalized activation of the unfused path would be.
+            a = tl.where(a_mask, normalized, 0.0).to(x_ptr.dtype.element_ty)
+        b_ptrs = w_ptr + (kh * w_stride_h + kw * w_stride_w) + (ci * w_stride_i)[:, None] + (co * w_stride_o)[None, :]
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        # R[n, c, h, w] = residual[n, c - offset, h*stride, w*stride] where that channel exists, else 0; a plain
+        # residual is stride 1, offset 0.
+        rc = co - residual_channel_offset
+        r_mask = out_mask & ((rc >= 0) & (rc < residual_channels))[None, :]
+        r_row = n.to(tl.int64) * r_stride_n + (oh * residual_stride) * r_stride_h + (ow * residual_stride) * r_stride_w
+        r = tl.load(residual_ptr + r_row[:, None] + (rc * r_stride_c)[None, :], mask=r_mask, other=0.0)
+        acc += r.to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out = acc.to(y_ptr.dtype.element_ty)
+    y_row = n.to(tl.int64) * y_stride_n + oh * y_stride_h + ow * y_stride_w
+    tl.store(y_ptr + y_row[:, None] + (co * y_stride_c)[None, :], out, mask=out_mask)
+
+    if STATS:
+        stored = tl.where(out_mask, out.to(tl.float32), 0.0)
+        count = tl.minimum(rows - pid_m * BLOCK_M, BLOCK_M)
+        tile_mean = tl.sum(stored, axis=0) / count
+        deviation = tl.where(out_mask, stored - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(deviation * deviation, axis=0)
+        partial = pid_m.to(tl.int64) * out_channels + co
+        tl.store(mean_partial_ptr + partial, tile_mean, mask=n_mask)
+        tl.store(m2_partial_ptr + partial, tile_m2, mask=n_mask)
+        # Every column tile of this row tile knows the count; one of them writes it.
+        tl.store(count_partial_ptr + pid_m, count, mask=pid_n == 0)
+
+
+# The opt-in search: every shipped configuration, timed once per shape (and per fused variant and dtype, which
+# Triton adds to the key).
+_conv_kernel_autotuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
+                      num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in CONFIGS.values()
+    ],
+    key=["in_h", "in_w", "out_h", "out_w", "rows", "in_per_group", "out_channels", "out_per_group",
+         "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "KH", "KW"],
+)(_conv_kernel)
+
+
+def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[arg-type]
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair):
+        raise ValueError(f"{_OP}: expected {name} to be an int or a pair of ints >= {minimum}, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _describe(t: Tensor) -> str:
+    return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}"
+
+
+def _check_tensor(t: object, name: str, dim: int) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{_OP}: expected {name} to be a Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{_OP}: expected {name} to be a {dim}-D tensor, got a {_describe(t)}")
+    return t
+
+
+def _check_device(t: Tensor, name: str, x: Tensor) -> None:
+    if t.device != x.device:
+        raise RuntimeError(f"{_OP}: expected {name} on {x.device} like x, got a {_describe(t)}")
+
+
+def _check_channel_vector(t: object, name: str, channels: int, x: Tensor, dtypes: tuple[torch.dtype, ...]) -> Tensor:
+    t = _check_tensor(t, name, 1)
+    if t.shape[0] != channels:
+        raise ValueError(f"{_OP}: expected {name} of shape [{channels}], got a {_describe(t)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{_OP}: expected {name} of dtype {' or '.join(map(str, dtypes))}, got a {_describe(t)}")
+    _check_device(t, name, x)
+    return t.contiguous()
+
+
+def _check_residual(residual: object, out_shape: tuple[int, int, int, int], stride: int, offset: int,
+                    x: Tensor) -> Tensor:
+    """The residual of the epilogue: the output's shape, or option A's input (fewer channels, `stride` times the
+    resolution) that the kernel subsamples and places at channel `offset` in place."""
+    residual = _check_tensor(residual, "residual", 4)
+    if residual.dtype != x.dtype:
+        raise TypeError(f"{_OP}: expected residual of dtype {x.dtype} like x, got a {_describe(residual)}")
+    _check_device(residual, "residual", x)
+    n, c, h, w = out_shape
+    r_n, r_c, r_h, r_w = residual.shape
+    if offset < 0 or offset + r_c > c:
+        raise ValueError(f"{_OP}: a residual of {r_c} channels at residual_channel_offset {offset} does not fit the "
+                         f"output's {c} channels")
+    if r_n != n or (r_h - 1) // stride + 1 != h or (r_w - 1) // stride + 1 != w:
+        raise ValueError(f"{_OP}: expected residual of shape [{n}, <= {c}, H, W] with H, W subsampled by "
+                         f"residual_stride {stride} giving the output's {h}x{w}, got a {_describe(residual)}")
+    return residual
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int, int], stride: tuple[int, int],
+            padding: tuple[int, int], dilation: tuple[int, int], groups: int, input_scale: Tensor | None, input_shift: Tensor | None,
+            residual: Tensor | None, residual_stride: int, residual_channel_offset: int, relu: bool, stats: bool,
+            config: ConvConfig | None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Runs the kernel; returns the output and, with `stats`, the per-tile (mean, M2) [T, Cout] and counts [T].
+    `config` None: the heuristic's choice, or the search when FUSED_RESNET_TRITON_AUTOTUNE is set."""
+    batch, _, in_h, in_w = x.shape
+    out_channels, in_per_group, kh, kw = weight.shape
+    out_h, out_w = out_size
+    out_per_group = out_channels // groups
+    rows = batch * out_h * out_w
+
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    y = torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        precision = "tf32"
+    else:
+        precision = "ieee"
+
+    use_search = config is None and autotune_enabled() and not interpreting()
+    if config is None and not use_search:
+        config = choose_config(out_per_group, in_per_group, x.dtype)
+    # Partials sized for the smallest BLOCK_M any launch may use; the rows past the chosen config's tiles are cut.
+    min_block_m = min(c.block_m for c in CONFIGS.values()) if use_search else config.block_m  # type: ignore[union-attr]
+    max_tiles = triton.cdiv(rows, min_block_m)
+    if stats:
+        mean_partial = torch.empty((max_tiles, out_channels), dtype=torch.float32, device=x.device)
+        m2_partial = torch.empty_like(mean_partial)
+        count_partial = torch.empty(max_tiles, dtype=torch.int32, device=x.device)
+    else:
+        mean_partial = m2_partial = count_partial = None
+
+    r = residual if residual is not None else x
+    args = (
+        x, weight, bias, input_scale, input_shift, residual, y, mean_partial, m2_partial, count_partial,
+        in_h, in_w, out_h, out_w, rows, in_per_group, out_channels, out_per_group,
+        *x.stride(), *weight.stride(), *r.stride(), *y.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        r.shape[1], residual_stride, residual_channel_offset,
+    )
+    flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_PROLOGUE=input_scale is not None,
+                 HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, INPUT_PRECISION=precision)
+
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if use_search:
+            def grid(meta):
+                return (triton.cdiv(rows, meta["BLOCK_M"]), groups * triton.cdiv(out_per_group, meta["BLOCK_N"]))
+            _conv_kernel_autotuned[grid](*args, **flags)
+            block_m = _conv_kernel_autotuned.best_config.kwargs["BLOCK_M"]
+        else:
+            block_m = config.block_m  # type: ignore[union-attr]
+            grid = (triton.cdiv(rows, block_m), groups * triton.cdiv(out_per_group, config.block_n))  # type: ignore[union-attr]
+            _conv_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=config.block_n,  # type: ignore[union-attr]
+                               BLOCK_K=config.block_k, num_warps=config.num_warps,  # type: ignore[union-attr]
+                               num_stages=config.num_stages)  # type: ignore[union-attr]
+    if not stats:
+        return y, None, None, None
+    tiles = triton.cdiv(rows, block_m)
+    return y, mean_partial[:tiles], m2_partial[:tiles], count_partial[:tiles]  # type: ignore[index]
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    groups: int = 1,
+    *,
+    input_scale: Tensor | None = None,
+    input_shift: Tensor | None = None,
+    residual: Tensor | None = None,
+    residual_stride: int = 1,
+    residual_channel_offset: int = 0,
+    relu: bool = False,
+    stats: bool = False,
+    config: ConvConfig | None = None,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """F.conv2d(p(x), weight, bias, stride, padding, dilation, groups) (+ R), then ReLU if `relu`, where
+    p(x) = relu(x * input_scale + input_shift) per input channel when those are given (else x) and R is `residual`
+    (the output's shape) or, with residual_stride/residual_channel_offset, option A's shortcut
+    R[n, c, h, w] = residual[n, c - residual_channel_offset, h*residual_stride, w*residual_stride] (0 outside
+    residual's channels). The zero padding pads p(x).
+
+    x: [N, Cin, H, W] float32/float16/bfloat16, NCHW or channels_last (the output follows); weight:
+    [Cout, Cin/groups, KH, KW] in x's dtype; bias: [Cout] float32 or x's dtype; input_scale, input_shift: [Cin]
+    float32. With `stats`, returns (y, mean, var): the per-channel mean and biased variance (float32) of y as
+    stored. `config` forces a launch configuration (one of CONFIGS' values, or INTERPRETER_CONFIG) instead of the
+    heuristic's or the search's. Forward only: no autograd graph is recorded.
+    """
+    x = _check_tensor(x, "x", 4)
+    weight = _check_tensor(weight, "weight", 4)
+    if x.dtype == torch.float64:
+        raise TypeError(f"{_OP}: float64 is not supported by the Triton backend (its tensor-core GEMM has no fp64); "
+                        f"got x as a {_describe(x)}. Use the cpu or torch backend for float64")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{_OP}: expected x of dtype float32, float16 or bfloat16, got a {_describe(x)}")
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{_OP}: the Triton kernels run on CUDA tensors (or on the CPU when TRITON_INTERPRET=1 is "
+                           f"set before fused_resnet.triton is imported); got x as a {_describe(x)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{_OP}: expected weight of dtype {x.dtype} like x, got a {_describe(weight)}")
+    _check_device(weight, "weight", x)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{_OP}: expected groups to be a positive int, got {groups!r}")
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    out_channels, in_per_group = weight.shape[:2]
+    in_channels = x.shape[1]
+    if in_per_group * groups != in_channels:
+        raise ValueError(f"{_OP}: weight of shape {list(weight.shape)} with groups={groups} expects "
+                         f"{in_per_group * groups} input channels, but x has {in_channels} (shape {list(x.shape)})")
+    if out_channels % groups != 0:
+        raise ValueError(f"{_OP}: expected the weight's {out_channels} output channels to be divisible by "
+                         f"groups={groups}")
+    if bias is not None:
+        bias = _check_channel_vector(bias, "bias", out_channels, x, tuple({torch.float32, x.dtype}))
+    if (input_scale is None) != (input_shift is None):
+        raise ValueError(f"{_OP}: input_scale and input_shift go together (the prologue relu(x*scale + shift)); "
+                         f"got only {'input_scale' if input_shift is None else 'input_shift'}")
+    if input_scale is not None:
+        input_scale = _check_channel_vector(input_scale, "input_scale", in_channels, x, (torch.float32,))
+        input_shift = _check_channel_vector(input_shift, "input_shift", in_channels, x, (torch.float32,))
+    for name, value, minimum in (("residual_stride", residual_stride, 1),
+                                 ("residual_channel_offset", residual_channel_offset, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{_OP}: expected {name} to be an int >= {minimum}, got {value!r}")
+    if residual is None and (residual_stride != 1 or residual_channel_offset != 0):
+        raise ValueError(f"{_OP}: residual_stride and residual_channel_offset need a residual")
+    if config is not None and not isinstance(config, ConvConfig):
+        raise TypeError(f"{_OP}: expected config to be a ConvConfig, got {type(config).__name__}")
+
+    kh, kw = weight.shape[2:]
+    out_h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if x.shape[0] == 0 or out_channels == 0 or out_h <= 0 or out_w <= 0:
+        raise ValueError(f"{_OP}: the output would be empty: shape [{x.shape[0]}, {out_channels}, {out_h}, {out_w}] "
+                         f"from x of shape {list(x.shape)}, a {kh}x{kw} kernel, stride {stride}, padding {padding}, "
+                         f"dilation {dilation}")
+    if residual is not None:
+        residual = _check_residual(residual, (x.shape[0], out_channels, out_h, out_w), residual_stride,
+                                   residual_channel_offset, x)
+
+    y, mean_partial, m2_partial, count_partial = _launch(
+        x, weight, bias, (out_h, out_w), stride, padding, dilation, groups, input_scale, input_shift, residual, residual_stride,
+        residual_channel_offset, bool(relu), bool(stats), config)
+    if not stats:
+        return y
+    mean, var = merge_partial_stats(mean_partial, m2_partial, count_partial)
+    return y, mean, var
