@@ -73,6 +73,17 @@ class NativeKernels:
     def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
+    def conv_stats(self, x: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
+        """conv(x), followed by the per-channel (mean, biased variance) of the result when `stats` (for the
+        BatchNorm after it, in training)."""
+        y = self.conv(x, conv)
+        return (y, *self.batch_stats(y)) if stats else (y,)
+
+    def bn_relu_conv(self, y: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
+        """conv(relu(y * scale + shift)) as :meth:`conv_stats` returns it. Here the activation is one pass and one
+        tensor; kernel sets with a convolution of their own apply it while loading the convolution's input."""
+        return self.conv_stats(self.bn_act(y, scale, shift, relu=True), conv, stats)
+
     def conv_backward(
         self, grad_y: Tensor, x: Tensor, conv: ConvParams, need_input: bool, need_weight: bool, need_bias: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

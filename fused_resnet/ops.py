@@ -249,21 +249,20 @@ def _spec(bn: BatchNormParams) -> _BNSpec:
 
 
 def _affine(
-    kernels: NativeKernels, y: Tensor, spec: _BNSpec, weight: Tensor | None, bias: Tensor | None,
-    running_mean: Tensor | None, running_var: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """(mean, invstd, scale, shift, biased batch variance or None) so that BN(y) = y * scale + shift."""
+    y: Tensor, spec: _BNSpec, batch_stats: tuple[Tensor, Tensor] | None, weight: Tensor | None,
+    bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, scale, shift) so that BN(y) = y * scale + shift, from `batch_stats` (mean, biased variance,
+    computed where y was made) when the BN uses batch statistics, else from the running ones."""
     acc = accumulation_dtype(y.dtype)
     if spec.use_batch_stats:
-        mean, var = kernels.batch_stats(y)
-        batch_var = var
+        mean, var = batch_stats
     else:
         mean, var = as_dtype(running_mean, acc), as_dtype(running_var, acc)
-        batch_var = None
     invstd = torch.rsqrt(var + spec.eps)
     scale = invstd * as_dtype(weight, acc) if weight is not None else invstd
     shift = torch.addcmul(as_dtype(bias, acc), mean, scale, value=-1) if bias is not None else -mean * scale
-    return mean, invstd, scale, shift, batch_var
+    return mean, invstd, scale, shift
 
 
 def _backward_coefs(
@@ -305,21 +304,53 @@ def _param_grad(grad: Tensor | None, param: Tensor | None, needed: bool) -> Tens
 #     conv -> [BN-ReLU -> conv] -> ... -> [BN (+ residual, itself possibly BN'd) -> ReLU]
 # with one node per bracket, so that each releases its saved tensors as soon as its backward is done (one node
 # for the whole block kept every saved activation to the end of its backward: on the CPU that higher peak cost
-# page faults, and 10-30% of a Bottleneck's step). A node's BatchNorm arrives as its tensors and a _BNSpec.
+# page faults, and 10-30% of a Bottleneck's step). A node that makes a convolution output also returns its batch
+# statistics when the BatchNorm after it needs them (a kernel set may compute them in the convolution's epilogue);
+# the node consuming it takes them as non-differentiable inputs (BN's backward accounts for them itself). A node's
+# BatchNorm arrives as its tensors and a _BNSpec.
 
 
 def _bn_tensors(bn: BatchNormParams) -> tuple[Tensor | None, ...]:
     """What a node takes of a BatchNorm: weight, bias, and the running statistics only when it normalizes with
-    them (in training they are updated after the node, from the batch statistics it returns)."""
+    them (in training they are updated after the node, from the batch statistics)."""
     running = (None, None) if bn.use_batch_stats else (bn.running_mean, bn.running_var)
     return bn.weight, bn.bias, *running
 
 
-def _batch_stats_outputs(ctx, *affines) -> tuple[Tensor, ...]:
-    """The (mean, biased variance) of each BN that used batch statistics: extra outputs, not differentiable."""
-    stats = tuple(t for affine in affines if affine[4] is not None for t in (affine[0], affine[4]))
+def _stats_inputs(stats: Sequence[Tensor]) -> tuple[Tensor | None, Tensor | None]:
+    """A node's (mean, var) inputs from the statistics outputs of the node that made its input: two or none."""
+    return (stats[0], stats[1]) if stats else (None, None)
+
+
+def _conv_static(conv: ConvParams) -> tuple:
+    return conv.stride, conv.padding, conv.dilation, conv.groups
+
+
+def _stats_outputs(ctx, out: Tensor, stats: Sequence[Tensor]) -> tuple[Tensor, ...]:
     ctx.mark_non_differentiable(*stats)
-    return stats
+    return (out, *stats)
+
+
+class _ConvFunction(torch.autograd.Function):
+    """conv(x), with the batch statistics of the output when `stats`. Saves x as the convolution consumed it
+    (under autocast, the low-precision copy, as ATen's convolution saves it)."""
+
+    @staticmethod
+    def forward(ctx, kernels, conv_static, stats, x, weight, bias):
+        y, *batch_stats = kernels.conv_stats(x, ConvParams(weight, bias, *conv_static), stats)
+        ctx.kernels, ctx.conv_static, ctx.x_dtype = kernels, conv_static, x.dtype
+        ctx.save_for_backward(as_dtype(x, y.dtype), weight, bias)
+        return _stats_outputs(ctx, y, batch_stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, *_):
+        x, weight, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x, grad_weight, grad_bias = ctx.kernels.conv_backward(
+            grad_y, x, ConvParams(weight, bias, *ctx.conv_static), need_input=need[3], need_weight=need[4],
+            need_bias=need[5])
+        return None, None, None, None if grad_x is None else as_dtype(grad_x, ctx.x_dtype), grad_weight, grad_bias
 
 
 class _BatchNormActFunction(torch.autograd.Function):
@@ -328,12 +359,12 @@ class _BatchNormActFunction(torch.autograd.Function):
     and, for a projection, y2."""
 
     @staticmethod
-    def forward(ctx, kernels, spec, relu, y, weight, bias, running_mean, running_var, residual, padding,
-                spec2, y2, weight2, bias2, running_mean2, running_var2):
-        affine = _affine(kernels, y, spec, weight, bias, running_mean, running_var)
+    def forward(ctx, kernels, spec, relu, y, mean, var, weight, bias, running_mean, running_var, residual, padding,
+                spec2, y2, mean2, var2, weight2, bias2, running_mean2, running_var2):
+        affine = _affine(y, spec, (mean, var), weight, bias, running_mean, running_var)
         affine2 = None
         if y2 is not None:
-            affine2 = _affine(kernels, y2, spec2, weight2, bias2, running_mean2, running_var2)
+            affine2 = _affine(y2, spec2, (mean2, var2), weight2, bias2, running_mean2, running_var2)
             out = kernels.bn_act(y, affine[2], affine[3], y2, affine2[2], affine2[3], relu)
         else:
             out = kernels.bn_act(y, affine[2], affine[3], residual, relu=relu, padding=padding)
@@ -341,11 +372,11 @@ class _BatchNormActFunction(torch.autograd.Function):
         ctx.residual_shape = residual.shape if residual is not None else None
         second = (y2, affine2[0], affine2[1], weight2, bias2) if y2 is not None else (None,) * 5
         ctx.save_for_backward(y, out if relu else None, affine[0], affine[1], weight, bias, *second)
-        return (out, *_batch_stats_outputs(ctx, affine, *([affine2] if affine2 else [])))
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out, *_):
+    def backward(ctx, grad_out):
         y, out, mean, invstd, weight, bias, y2, mean2, invstd2, weight2, bias2 = ctx.saved_tensors
         kernels, need = ctx.kernels, ctx.needs_input_grad
         grad_out = _dense_like(grad_out, y)
@@ -357,7 +388,7 @@ class _BatchNormActFunction(torch.autograd.Function):
         if y2 is not None:  # the projection's BN shares the masked gradient, so one pass serves both
             coefs2, grad_weight2, grad_bias2 = _backward_coefs(
                 sum_dy, sum_dy_xmu2, invstd2, weight2, spec2.use_batch_stats, count)
-        residual_grad = ctx.residual_shape is not None and need[8]
+        residual_grad = ctx.residual_shape is not None and need[10]
         grad_y, grad_other = kernels.backward_elemt(
             grad_out, out, y, mean, coefs, y2, mean2, coefs2, residual_grad=residual_grad)
         grad_residual = grad_other if residual_grad else None
@@ -365,13 +396,13 @@ class _BatchNormActFunction(torch.autograd.Function):
             grad_residual = _unpad_gradient(grad_other, ctx.residual_shape, ctx.padding)
         return (
             None, None, None,
-            grad_y if need[3] else None,
-            _param_grad(grad_weight, weight, need[4]), _param_grad(grad_bias, bias, need[5]),
+            grad_y if need[3] else None, None, None,
+            _param_grad(grad_weight, weight, need[6]), _param_grad(grad_bias, bias, need[7]),
             None, None,
             grad_residual, None,
             None,
-            grad_other if y2 is not None and need[11] else None,
-            _param_grad(grad_weight2, weight2, need[12]), _param_grad(grad_bias2, bias2, need[13]),
+            grad_other if y2 is not None and need[13] else None, None, None,
+            _param_grad(grad_weight2, weight2, need[16]), _param_grad(grad_bias2, bias2, need[17]),
             None, None,
         )
 
@@ -386,18 +417,19 @@ def _unpad_gradient(grad: Tensor, shape: torch.Size, padding: ZeroPadIdentity) -
 
 
 class _BatchNormReluConvFunction(torch.autograd.Function):
-    """conv(relu(BN(y))): the conv's input is normalized as it is consumed and never saved; backward recomputes
-    it. Saves y and per-channel vectors (DESIGN.md §4's prologue fusion)."""
+    """conv(relu(BN(y))), with the batch statistics of the output when `stats`: the conv's input is normalized as
+    it is consumed and never saved; backward recomputes it. Saves y and per-channel vectors (DESIGN.md §4's
+    prologue fusion)."""
 
     @staticmethod
-    def forward(ctx, kernels, spec, conv_static, y, weight, bias, running_mean, running_var, conv_weight,
-                conv_bias):
-        affine = _affine(kernels, y, spec, weight, bias, running_mean, running_var)
-        conv = ConvParams(conv_weight, conv_bias, *conv_static)
-        out = kernels.conv(kernels.bn_act(y, affine[2], affine[3], relu=True), conv)
+    def forward(ctx, kernels, spec, conv_static, stats, y, mean, var, weight, bias, running_mean, running_var,
+                conv_weight, conv_bias):
+        affine = _affine(y, spec, (mean, var), weight, bias, running_mean, running_var)
+        out, *out_stats = kernels.bn_relu_conv(
+            y, affine[2], affine[3], ConvParams(conv_weight, conv_bias, *conv_static), stats)
         ctx.kernels, ctx.spec, ctx.conv_static = kernels, spec, conv_static
-        ctx.save_for_backward(y, *affine[:4], weight, bias, conv_weight, conv_bias)
-        return (out, *_batch_stats_outputs(ctx, affine))
+        ctx.save_for_backward(y, *affine, weight, bias, conv_weight, conv_bias)
+        return _stats_outputs(ctx, out, out_stats)
 
     @staticmethod
     @once_differentiable
@@ -407,7 +439,7 @@ class _BatchNormReluConvFunction(torch.autograd.Function):
         a = kernels.bn_act(y, scale, shift, relu=True)
         grad_a, grad_conv_weight, grad_conv_bias = kernels.conv_backward(
             grad_out, a, ConvParams(conv_weight, conv_bias, *ctx.conv_static),
-            need_input=any(need[3:6]), need_weight=need[8], need_bias=need[9])
+            need_input=need[4] or need[7] or need[8], need_weight=need[11], need_bias=need[12])
         grad_y = grad_weight = grad_bias = None
         if grad_a is not None:
             grad_a = _dense_like(grad_a, a)
@@ -416,9 +448,9 @@ class _BatchNormReluConvFunction(torch.autograd.Function):
                 sum_dy, sum_dy_xmu, invstd, weight, ctx.spec.use_batch_stats, y.numel() // y.shape[1])
             grad_y, _ = kernels.backward_elemt(grad_a, a, y, mean, coefs)
         return (
-            None, None, None,
-            grad_y if need[3] else None,
-            _param_grad(grad_weight, weight, need[4]), _param_grad(grad_bias, bias, need[5]),
+            None, None, None, None,
+            grad_y if need[4] else None, None, None,
+            _param_grad(grad_weight, weight, need[7]), _param_grad(grad_bias, bias, need[8]),
             None, None,
             grad_conv_weight, grad_conv_bias,
         )
@@ -455,10 +487,12 @@ def batch_norm_act(
     name = select_backend(input.device, backend)
     if name == "torch":
         return reference.batch_norm_act(input, bn, residual, relu)
-    out, *stats = _BatchNormActFunction.apply(
-        kernels_for(name), _spec(bn), relu, input, *_bn_tensors(bn), residual, None, *(None,) * 6)
-    if stats:
-        update_running_stats(bn, stats[0], stats[1], input.numel() // input.shape[1])
+    kernels = kernels_for(name)
+    stats = kernels.batch_stats(input.detach()) if bn.use_batch_stats else (None, None)
+    out = _BatchNormActFunction.apply(
+        kernels, _spec(bn), relu, input, *stats, *_bn_tensors(bn), residual, None, *(None,) * 8)
+    if bn.use_batch_stats:
+        update_running_stats(bn, *stats, input.numel() // input.shape[1])
     return out
 
 
@@ -570,29 +604,32 @@ def _block(
     every_unit = [*units, shortcut] if isinstance(shortcut, ConvBN) else list(units)
     if not _needs_autograd(x, every_unit) and not any(u.bn.use_batch_stats for u in every_unit):
         return _inference_block(kernels, x, units, shortcut, folded if folded is not None else FoldedWeights())
-    y = kernels.conv(x, units[0].conv)
-    batch_stats: list[tuple[BatchNormParams, Tensor, Tensor, list[int]]] = []
-    for previous, unit, shape in zip(units[:-1], units[1:], shapes):
-        conv = unit.conv
-        y, *stats = _BatchNormReluConvFunction.apply(
-            kernels, _spec(previous.bn), (conv.stride, conv.padding, conv.dilation, conv.groups), y,
-            *_bn_tensors(previous.bn), conv.weight, conv.bias)
-        if stats:
-            batch_stats.append((previous.bn, *stats, shape))
-    last = units[-1].bn
-    projection = (None,) * 6
+    first = units[0]
+    y, *y_stats = _ConvFunction.apply(
+        kernels, _conv_static(first.conv), first.bn.use_batch_stats, x, first.conv.weight, first.conv.bias)
+    batch_stats = [(first.bn, y_stats, shapes[0])]
+    for previous, unit, shape in zip(units[:-1], units[1:], shapes[1:]):
+        y, *y_stats = _BatchNormReluConvFunction.apply(
+            kernels, _spec(previous.bn), _conv_static(unit.conv), unit.bn.use_batch_stats, y,
+            *_stats_inputs(batch_stats[-1][1]), *_bn_tensors(previous.bn), unit.conv.weight, unit.conv.bias)
+        batch_stats.append((unit.bn, y_stats, shape))
+    projection = (None,) * 8
     if isinstance(shortcut, ConvBN):
-        projection = (_spec(shortcut.bn), kernels.conv(x, shortcut.conv), *_bn_tensors(shortcut.bn))
+        y2, *y2_stats = _ConvFunction.apply(
+            kernels, _conv_static(shortcut.conv), shortcut.bn.use_batch_stats, x, shortcut.conv.weight,
+            shortcut.conv.bias)
+        batch_stats.append((shortcut.bn, y2_stats, shapes[-1]))
+        projection = (_spec(shortcut.bn), y2, *_stats_inputs(y2_stats), *_bn_tensors(shortcut.bn))
     identity = shortcut == "identity" or isinstance(shortcut, ZeroPadIdentity)
     padding = shortcut if isinstance(shortcut, ZeroPadIdentity) else None
-    out, *stats = _BatchNormActFunction.apply(
-        kernels, _spec(last), True, y, *_bn_tensors(last), x if identity else None, padding, *projection)
-    stats_of = [last] + ([shortcut.bn] if isinstance(shortcut, ConvBN) else [])
-    for bn in (b for b in stats_of if b.use_batch_stats):
-        batch_stats.append((bn, stats.pop(0), stats.pop(0), shapes[-1]))
+    last = units[-1].bn
+    out = _BatchNormActFunction.apply(
+        kernels, _spec(last), True, y, *_stats_inputs(batch_stats[len(units) - 1][1]), *_bn_tensors(last),
+        x if identity else None, padding, *projection)
     # The running statistics move only once every node has run.
-    for bn, mean, var, (n, _, h, w) in batch_stats:
-        update_running_stats(bn, mean, var, n * h * w)
+    for bn, stats, (n, _, h, w) in batch_stats:
+        if stats:
+            update_running_stats(bn, *stats, n * h * w)
     return out
 
 
