@@ -1,0 +1,778 @@
+"""Triton kernels of the fused BatchNorm(+residual)+ReLU ops and their launchers: the same four ops, arguments,
+semantics and return conventions as torch.ops.fused_resnet.{batch_stats, bn_act, bn_act_backward_reduce,
+bn_act_backward_elemt} (schemas: csrc/ops.cpp), for CUDA tensors and, under TRITON_INTERPRET=1 (set before this
+module is imported), CPU tensors.
+
+Layouts. An activation is 4-D and dense in one of two layouts, and every kernel comes in one version per layout:
+  NCHW (contiguous):    N*C planes of H*W elements, one channel per plane; blocks are [planes, H*W] (or
+                        [images, H*W] of one channel for reductions), so a per-channel parameter is one value per
+                        plane, broadcast along the contiguous axis;
+  NHWC (channels_last): N*H*W rows of C elements; blocks are [rows, channels], contiguous along the channels,
+                        and a per-channel parameter is a vector along them.
+A dense NCHW or channels_last input keeps its layout, and outputs are written dense in it; any other strides are
+first made contiguous (NCHW), as the compiled ops do for layouts they do not serve. The other activations of a
+call (residual, grad_output, output, input2) are brought to the input's layout.
+
+Precision. Values are loaded into the accumulation dtype (float32 for float16/bfloat16/float32, float64 for
+float64), computed there, and rounded once to the output dtype; statistics and sums come back in that
+accumulation dtype, like the compiled ops'.
+
+Reductions are deterministic: the tensor is cut into tiles whose bounds depend on its shape alone, each tile is
+reduced by one program, tiles' results land in a [tiles, channels] partial, and partials are merged per channel
+in tile order by a second kernel. No floating-point atomics anywhere. Batch statistics are robust to a large mean:
+a block is reduced in two passes over registers (its mean, then the corrected sum of squared deviations), blocks
+of a tile and tiles are combined with Chan et al.'s update (stats.merge_partial_stats).
+
+Block sizes (all powers of two, from the shape alone):
+  reductions hold up to REDUCE_BLOCK = 4096 values in registers (16 per thread with 8 warps), enough to amortize a
+  program's fixed cost; elementwise kernels move ELEMENTWISE_BLOCK = 2048 elements per program (8 or 16 per
+  thread, each thread's run contiguous for vector loads). Along the contiguous axis a block spans as much of it as
+  it has (a whole plane when H*W fits; 64 or 128 channels of a row, 128-256 bytes of bfloat16), the rest of the
+  budget goes to more planes/images/rows, so 7x7 or 1x1 planes do not leave most lanes idle.
+  In channels_last reductions a program folds up to MAX_BLOCKS_PER_TILE consecutive row blocks into one tile
+  (Chan's update in registers) while the grid keeps at least TARGET_PROGRAMS programs: at ResNet-50's 256x256x56x56
+  that is 3136 programs (about 24 per SM of an H100's 132) and a partial of 1.6 MB for 411 MB of bfloat16 input,
+  where one tile per block would have written a partial a sixteenth of the input's size and left the merge, which
+  has one program per 32 channels, a long walk. Tiny tensors get a grid of one or a few programs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .stats import merge_partial_stats
+
+# Activation dtypes and their accumulation dtypes.
+ACCUMULATION_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+                       torch.float64: torch.float64}
+
+REDUCE_BLOCK = 4096
+ELEMENTWISE_BLOCK = 2048
+# Channels per block along a channels_last row: 64 (reductions, which keep three per-channel accumulators) or 128
+# (elementwise) consecutive channels are one or two 128-byte lines of bfloat16.
+REDUCE_BLOCK_C = 64
+ELEMENTWISE_BLOCK_C = 128
+# About 8 programs per SM of a 132-SM H100, so that every SM has work and the last wave is a small fraction.
+TARGET_PROGRAMS = 1024
+MAX_BLOCKS_PER_TILE = 16
+
+# bn_act's residual term and bn_act_backward_elemt's second output, as kernel constants.
+RESIDUAL_NONE, RESIDUAL_IDENTITY, RESIDUAL_AFFINE, RESIDUAL_PADDED = 0, 1, 2, 3
+OTHER_NONE, OTHER_MASKED_GRAD, OTHER_SECOND_BN = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels. Per-channel parameters arrive in the accumulation dtype, so their pointer's element type names it.
+
+
+@triton.jit
+def _relu(v):
+    # PyTorch's relu keeps NaN: compare so that NaN takes the `v` branch (tl.maximum would drop it on a GPU).
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
+def _mask_by_output(grad, output):
+    # threshold_backward: the gradient passes unless output <= 0 (a NaN output passes it, as in PyTorch).
+    return tl.where(output <= 0, 0.0, grad)
+
+
+@triton.jit
+def _block_moments(values, mask, count):
+    """Mean and M2 along axis 0 of a block of `count` valid rows (masked lanes are ignored), by the corrected
+    two-pass formula: mean first, then deviations, whose sum repairs the first mean's rounding."""
+    safe_count = tl.maximum(count, 1.0)
+    mean = tl.sum(values, axis=0) / safe_count
+    deviation = tl.where(mask, values - mean[None, :], 0.0)
+    deviation_sum = tl.sum(deviation, axis=0)
+    m2 = tl.sum(deviation * deviation, axis=0) - deviation_sum * deviation_sum / safe_count
+    return mean + deviation_sum / safe_count, m2
+
+
+@triton.jit
+def _batch_stats_planes_kernel(x_ptr, mean_partial_ptr, m2_partial_ptr, count_ptr, N, C, HW, hw_blocks,
+                               BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # Tile `tile` of channel `c`: images [n0, n0 + BLOCK_N) x pixels [hw0, hw0 + BLOCK_HW) of the NCHW input.
+    tile = tl.program_id(0)
+    c = tl.program_id(1)
+    acc_dtype = mean_partial_ptr.dtype.element_ty
+    n0 = (tile // hw_blocks) * BLOCK_N
+    hw0 = (tile % hw_blocks) * BLOCK_HW
+    images = n0 + tl.arange(0, BLOCK_N)
+    pixels = hw0 + tl.arange(0, BLOCK_HW)
+    mask = (images < N)[:, None] & (pixels < HW)[None, :]
+    offsets = (images.to(tl.int64)[:, None] * C + c) * HW + pixels[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    count = (tl.minimum(N - n0, BLOCK_N) * tl.minimum(HW - hw0, BLOCK_HW)).to(acc_dtype)
+    # The corrected two-pass moments, as in _block_moments, over the whole [images, pixels] block.
+    first_mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    deviation = tl.where(mask, x - first_mean, 0.0)
+    deviation_sum = tl.sum(tl.sum(deviation, axis=1), axis=0)
+    m2 = tl.sum(tl.sum(deviation * deviation, axis=1), axis=0) - deviation_sum * deviation_sum / count
+    out = tile.to(tl.int64) * C + c
+    tl.store(mean_partial_ptr + out, first_mean + deviation_sum / count)
+    tl.store(m2_partial_ptr + out, m2)
+    tl.store(count_ptr + tile, count.to(count_ptr.dtype.element_ty), mask=c == 0)
+
+
+@triton.jit
+def _batch_stats_rows_kernel(x_ptr, mean_partial_ptr, m2_partial_ptr, count_ptr, rows, C,
+                             BLOCKS_PER_TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Tile `tile`: BLOCKS_PER_TILE consecutive blocks of BLOCK_R rows, channels [c0, c0 + BLOCK_C) of the NHWC input.
+    tile = tl.program_id(0)
+    acc_dtype = mean_partial_ptr.dtype.element_ty
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    tile_row0 = tile * (BLOCKS_PER_TILE * BLOCK_R)
+    count = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    mean = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    m2 = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    for block in range(BLOCKS_PER_TILE):
+        row0 = tile_row0 + block * BLOCK_R
+        row_ids = row0 + tl.arange(0, BLOCK_R)
+        mask = (row_ids < rows)[:, None] & channel_mask[None, :]
+        x = tl.load(x_ptr + row_ids.to(tl.int64)[:, None] * C + channels[None, :], mask=mask, other=0).to(acc_dtype)
+        block_count = tl.minimum(tl.maximum(rows - row0, 0), BLOCK_R).to(acc_dtype)
+        block_mean, block_m2 = _block_moments(x, mask, block_count)
+        total = count + block_count
+        weight = tl.where(total > 0, block_count / tl.maximum(total, 1.0), 0.0)
+        delta = block_mean - mean
+        mean += delta * weight
+        m2 += block_m2 + delta * delta * (count * weight)
+        count = total
+    out = tile.to(tl.int64) * C + channels
+    tl.store(mean_partial_ptr + out, mean, mask=channel_mask)
+    tl.store(m2_partial_ptr + out, m2, mask=channel_mask)
+    tile_count = tl.minimum(rows - tile_row0, BLOCKS_PER_TILE * BLOCK_R)
+    tl.store(count_ptr + tile, tile_count.to(count_ptr.dtype.element_ty), mask=tl.program_id(1) == 0)
+
+
+@triton.jit
+def _bn_act_term(x, scale, shift, residual, residual_scale, residual_shift, RESIDUAL: tl.constexpr,
+                 RELU: tl.constexpr):
+    # `residual` is the loaded residual (option A's already zero outside its channels), unused without one.
+    v = x * scale + shift
+    if RESIDUAL == 1 or RESIDUAL == 3:
+        v += residual
+    if RESIDUAL == 2:
+        v += residual * residual_scale + residual_shift
+    if RELU:
+        v = _relu(v)
+    return v
+
+
+@triton.jit
+def _bn_act_planes_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_scale_ptr, residual_shift_ptr,
+                          out_ptr, planes, C, HW, W, residual_C, residual_H, residual_W, residual_stride,
+                          residual_channel_offset, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    acc_dtype = scale_ptr.dtype.element_ty
+    plane_ids = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixels = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    plane_mask = plane_ids < planes
+    mask = plane_mask[:, None] & (pixels < HW)[None, :]
+    c = plane_ids % C
+    offsets = plane_ids.to(tl.int64)[:, None] * HW + pixels[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    scale = tl.load(scale_ptr + c, mask=plane_mask, other=0)[:, None]
+    shift = tl.load(shift_ptr + c, mask=plane_mask, other=0)[:, None]
+    residual_offsets = offsets
+    residual_mask = mask
+    residual_scale = scale
+    residual_shift = shift
+    if RESIDUAL == 2:
+        residual_scale = tl.load(residual_scale_ptr + c, mask=plane_mask, other=0)[:, None]
+        residual_shift = tl.load(residual_shift_ptr + c, mask=plane_mask, other=0)[:, None]
+    if RESIDUAL == 3:
+        # R[n, c, h, w] = residual[n, c - offset, h * stride, w * stride] where residual has that channel.
+        residual_c = c - residual_channel_offset
+        n = (plane_ids // C).to(tl.int64)
+        h = pixels // W
+        w = pixels % W
+        residual_plane = (n * residual_C + residual_c) * (residual_H * residual_W)
+        residual_offsets = residual_plane[:, None] + ((h * residual_stride) * residual_W + w * residual_stride)[None, :]
+        # Lanes outside the residual's channels are masked off and read as the zero padding.
+        residual_mask = mask & ((residual_c >= 0) & (residual_c < residual_C))[:, None]
+    residual = x
+    if RESIDUAL != 0:
+        residual = tl.load(residual_ptr + residual_offsets, mask=residual_mask, other=0).to(acc_dtype)
+    v = _bn_act_term(x, scale, shift, residual, residual_scale, residual_shift, RESIDUAL, RELU)
+    tl.store(out_ptr + offsets, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_act_rows_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_scale_ptr, residual_shift_ptr,
+                        out_ptr, rows, C, HW, W, residual_C, residual_H, residual_W, residual_stride,
+                        residual_channel_offset, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    acc_dtype = scale_ptr.dtype.element_ty
+    row_ids = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    mask = (row_ids < rows)[:, None] & channel_mask[None, :]
+    offsets = row_ids.to(tl.int64)[:, None] * C + channels[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0)[None, :]
+    shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0)[None, :]
+    residual_offsets = offsets
+    residual_mask = mask
+    residual_scale = scale
+    residual_shift = shift
+    if RESIDUAL == 2:
+        residual_scale = tl.load(residual_scale_ptr + channels, mask=channel_mask, other=0)[None, :]
+        residual_shift = tl.load(residual_shift_ptr + channels, mask=channel_mask, other=0)[None, :]
+    if RESIDUAL == 3:
+        # Row (n, h, w) reads residual row (n, h * stride, w * stride), its channels from `offset` on.
+        n = (row_ids // HW).to(tl.int64)
+        h = (row_ids % HW) // W
+        w = row_ids % W
+        residual_row = (n * residual_H + h * residual_stride) * residual_W + w * residual_stride
+        residual_c = channels - residual_channel_offset
+        residual_offsets = residual_row[:, None] * residual_C + residual_c[None, :]
+        residual_mask = mask & ((residual_c >= 0) & (residual_c < residual_C))[None, :]
+    residual = x
+    if RESIDUAL != 0:
+        residual = tl.load(residual_ptr + residual_offsets, mask=residual_mask, other=0).to(acc_dtype)
+    v = _bn_act_term(x, scale, shift, residual, residual_scale, residual_shift, RESIDUAL, RELU)
+    tl.store(out_ptr + offsets, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_terms(gm, x, x2, mask, mean, mean2, SECOND: tl.constexpr):
+    """What one element adds to the sums: gm * (x - mean) and gm * (x2 - mean2), zero where masked off."""
+    gm_xmu = tl.where(mask, gm * (x - mean), 0.0)
+    gm_xmu2 = gm_xmu
+    if SECOND:
+        gm_xmu2 = tl.where(mask, gm * (x2 - mean2), 0.0)
+    return gm_xmu, gm_xmu2
+
+
+@triton.jit
+def _backward_reduce_planes_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, x2_ptr, mean2_ptr, partial_ptr, N, C, HW,
+                                   hw_blocks, MASK: tl.constexpr, SECOND: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_HW: tl.constexpr):
+    # The tiles of _batch_stats_planes_kernel; partial is [tiles, sums, C].
+    tile = tl.program_id(0)
+    c = tl.program_id(1)
+    acc_dtype = partial_ptr.dtype.element_ty
+    n0 = (tile // hw_blocks) * BLOCK_N
+    images = n0 + tl.arange(0, BLOCK_N)
+    pixels = (tile % hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = (images < N)[:, None] & (pixels < HW)[None, :]
+    offsets = (images.to(tl.int64)[:, None] * C + c) * HW + pixels[None, :]
+    mean = tl.load(mean_ptr + c).to(acc_dtype)
+    mean2 = mean
+    if SECOND:
+        mean2 = tl.load(mean2_ptr + c).to(acc_dtype)
+    gm = tl.load(g_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    if MASK:
+        gm = _mask_by_output(gm, tl.load(output_ptr + offsets, mask=mask, other=0).to(acc_dtype))
+    x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    x2 = x
+    if SECOND:
+        x2 = tl.load(x2_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    gm_xmu, gm_xmu2 = _reduce_terms(gm, x, x2, mask, mean, mean2, SECOND)
+    sums = 2 + SECOND
+    out = partial_ptr + tile.to(tl.int64) * (sums * C) + c
+    tl.store(out, tl.sum(tl.sum(gm, axis=1), axis=0))
+    tl.store(out + C, tl.sum(tl.sum(gm_xmu, axis=1), axis=0))
+    if SECOND:
+        tl.store(out + 2 * C, tl.sum(tl.sum(gm_xmu2, axis=1), axis=0))
+
+
+@triton.jit
+def _backward_reduce_rows_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, x2_ptr, mean2_ptr, partial_ptr, rows, C,
+                                 MASK: tl.constexpr, SECOND: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The tiles of _batch_stats_rows_kernel; partial is [tiles, sums, C].
+    tile = tl.program_id(0)
+    acc_dtype = partial_ptr.dtype.element_ty
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0).to(acc_dtype)[None, :]
+    mean2 = mean
+    if SECOND:
+        mean2 = tl.load(mean2_ptr + channels, mask=channel_mask, other=0).to(acc_dtype)[None, :]
+    sum_dy = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    sum_dy_xmu = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    sum_dy_xmu2 = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    for block in range(BLOCKS_PER_TILE):
+        row_ids = (tile * BLOCKS_PER_TILE + block) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = (row_ids < rows)[:, None] & channel_mask[None, :]
+        offsets = row_ids.to(tl.int64)[:, None] * C + channels[None, :]
+        gm = tl.load(g_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+        if MASK:
+            gm = _mask_by_output(gm, tl.load(output_ptr + offsets, mask=mask, other=0).to(acc_dtype))
+        x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+        x2 = x
+        if SECOND:
+            x2 = tl.load(x2_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+        gm_xmu, gm_xmu2 = _reduce_terms(gm, x, x2, mask, mean, mean2, SECOND)
+        sum_dy += tl.sum(gm, axis=0)
+        sum_dy_xmu += tl.sum(gm_xmu, axis=0)
+        sum_dy_xmu2 += tl.sum(gm_xmu2, axis=0)
+    sums = 2 + SECOND
+    out = partial_ptr + tile.to(tl.int64) * (sums * C) + channels
+    tl.store(out, sum_dy, mask=channel_mask)
+    tl.store(out + C, sum_dy_xmu, mask=channel_mask)
+    if SECOND:
+        tl.store(out + 2 * C, sum_dy_xmu2, mask=channel_mask)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, num_tiles, columns, BLOCK_T: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Column sums of a [tiles, columns] partial, in tile order (chunks of BLOCK_T, each summed as a tree), in
+    float64 so that thousands of tiles add no rounding of their own; the result is cast to out's dtype."""
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_mask = cols < columns
+    total = tl.zeros([BLOCK_COLS], dtype=tl.float64)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        mask = (tiles < num_tiles)[:, None] & col_mask[None, :]
+        chunk = tl.load(partial_ptr + tiles.to(tl.int64)[:, None] * columns + cols[None, :], mask=mask, other=0)
+        total += tl.sum(chunk.to(tl.float64), axis=0)
+    tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _backward_elemt_term(gm, x, mean, coef_dy, coef_xmu, coef_const):
+    return coef_dy * gm + coef_xmu * (x - mean) + coef_const
+
+
+@triton.jit
+def _backward_elemt_planes_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, coef_dy_ptr, coef_xmu_ptr, coef_const_ptr,
+                                  x2_ptr, mean2_ptr, coef2_dy_ptr, coef2_xmu_ptr, coef2_const_ptr, grad_x_ptr,
+                                  grad_other_ptr, planes, C, HW, MASK: tl.constexpr, OTHER: tl.constexpr,
+                                  BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    acc_dtype = mean_ptr.dtype.element_ty
+    plane_ids = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixels = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    plane_mask = plane_ids < planes
+    mask = plane_mask[:, None] & (pixels < HW)[None, :]
+    c = plane_ids % C
+    offsets = plane_ids.to(tl.int64)[:, None] * HW + pixels[None, :]
+    gm = tl.load(g_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    if MASK:
+        gm = _mask_by_output(gm, tl.load(output_ptr + offsets, mask=mask, other=0).to(acc_dtype))
+    x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    grad_x = _backward_elemt_term(gm, x, tl.load(mean_ptr + c, mask=plane_mask, other=0)[:, None],
+                                  tl.load(coef_dy_ptr + c, mask=plane_mask, other=0)[:, None],
+                                  tl.load(coef_xmu_ptr + c, mask=plane_mask, other=0)[:, None],
+                                  tl.load(coef_const_ptr + c, mask=plane_mask, other=0)[:, None])
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if OTHER == 1:
+        tl.store(grad_other_ptr + offsets, gm.to(grad_other_ptr.dtype.element_ty), mask=mask)
+    if OTHER == 2:
+        x2 = tl.load(x2_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+        grad_x2 = _backward_elemt_term(gm, x2, tl.load(mean2_ptr + c, mask=plane_mask, other=0)[:, None],
+                                       tl.load(coef2_dy_ptr + c, mask=plane_mask, other=0)[:, None],
+                                       tl.load(coef2_xmu_ptr + c, mask=plane_mask, other=0)[:, None],
+                                       tl.load(coef2_const_ptr + c, mask=plane_mask, other=0)[:, None])
+        tl.store(grad_other_ptr + offsets, grad_x2.to(grad_other_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_elemt_rows_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, coef_dy_ptr, coef_xmu_ptr, coef_const_ptr,
+                                x2_ptr, mean2_ptr, coef2_dy_ptr, coef2_xmu_ptr, coef2_const_ptr, grad_x_ptr,
+                                grad_other_ptr, rows, C, MASK: tl.constexpr, OTHER: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    acc_dtype = mean_ptr.dtype.element_ty
+    row_ids = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    mask = (row_ids < rows)[:, None] & channel_mask[None, :]
+    offsets = row_ids.to(tl.int64)[:, None] * C + channels[None, :]
+    gm = tl.load(g_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    if MASK:
+        gm = _mask_by_output(gm, tl.load(output_ptr + offsets, mask=mask, other=0).to(acc_dtype))
+    x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    grad_x = _backward_elemt_term(gm, x, tl.load(mean_ptr + channels, mask=channel_mask, other=0)[None, :],
+                                  tl.load(coef_dy_ptr + channels, mask=channel_mask, other=0)[None, :],
+                                  tl.load(coef_xmu_ptr + channels, mask=channel_mask, other=0)[None, :],
+                                  tl.load(coef_const_ptr + channels, mask=channel_mask, other=0)[None, :])
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if OTHER == 1:
+        tl.store(grad_other_ptr + offsets, gm.to(grad_other_ptr.dtype.element_ty), mask=mask)
+    if OTHER == 2:
+        x2 = tl.load(x2_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+        grad_x2 = _backward_elemt_term(gm, x2, tl.load(mean2_ptr + channels, mask=channel_mask, other=0)[None, :],
+                                       tl.load(coef2_dy_ptr + channels, mask=channel_mask, other=0)[None, :],
+                                       tl.load(coef2_xmu_ptr + channels, mask=channel_mask, other=0)[None, :],
+                                       tl.load(coef2_const_ptr + channels, mask=channel_mask, other=0)[None, :])
+        tl.store(grad_other_ptr + offsets, grad_x2.to(grad_other_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Geometry: how a shape is cut into blocks and tiles (the shape alone decides, so results are reproducible).
+
+
+def _num_warps(block_elements: int) -> int:
+    # 8-16 elements per thread for large blocks; small blocks (tiny tensors) get fewer warps, not idle lanes.
+    return max(1, min(8, block_elements // 512))
+
+
+class Activation(NamedTuple):
+    """A checked, dense activation and its geometry."""
+
+    tensor: Tensor
+    channels_last: bool
+    N: int
+    C: int
+    H: int
+    W: int
+
+    @property
+    def HW(self) -> int:
+        return self.H * self.W
+
+    @property
+    def rows(self) -> int:
+        return self.N * self.H * self.W
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def accumulation_dtype(self) -> torch.dtype:
+        return ACCUMULATION_DTYPES[self.tensor.dtype]
+
+
+class PlaneTiles(NamedTuple):
+    """NCHW reduction tiles: [BLOCK_N images, BLOCK_HW pixels] of one channel, all in registers at once."""
+
+    block_n: int
+    block_hw: int
+    hw_blocks: int
+    count: int
+
+    @staticmethod
+    def of(a: Activation) -> PlaneTiles:
+        block_hw = min(triton.next_power_of_2(a.HW), REDUCE_BLOCK)
+        block_n = min(max(1, REDUCE_BLOCK // block_hw), triton.next_power_of_2(a.N))
+        hw_blocks = triton.cdiv(a.HW, block_hw)
+        return PlaneTiles(block_n, block_hw, hw_blocks, triton.cdiv(a.N, block_n) * hw_blocks)
+
+
+class RowTiles(NamedTuple):
+    """NHWC reduction tiles: blocks_per_tile blocks of [block_r rows, block_c channels], one after the other."""
+
+    block_r: int
+    block_c: int
+    blocks_per_tile: int
+    count: int
+    channel_blocks: int
+
+    @staticmethod
+    def of(a: Activation) -> RowTiles:
+        block_c = min(triton.next_power_of_2(a.C), REDUCE_BLOCK_C)
+        block_r = min(max(1, REDUCE_BLOCK // block_c), triton.next_power_of_2(a.rows))
+        row_blocks = triton.cdiv(a.rows, block_r)
+        channel_blocks = triton.cdiv(a.C, block_c)
+        blocks_per_tile = 1
+        while (blocks_per_tile * 2 <= MAX_BLOCKS_PER_TILE
+               and triton.cdiv(row_blocks, blocks_per_tile * 2) * channel_blocks >= TARGET_PROGRAMS):
+            blocks_per_tile *= 2
+        return RowTiles(block_r, block_c, blocks_per_tile, triton.cdiv(row_blocks, blocks_per_tile), channel_blocks)
+
+
+class ElementwiseBlocks(NamedTuple):
+    """Blocks of elementwise kernels: [block_outer, block_inner] over (planes, pixels) or (rows, channels)."""
+
+    block_outer: int
+    block_inner: int
+    grid: tuple[int, int]
+
+    @staticmethod
+    def of(a: Activation) -> ElementwiseBlocks:
+        outer, inner = (a.rows, a.C) if a.channels_last else (a.N * a.C, a.HW)
+        block_inner = min(triton.next_power_of_2(inner), ELEMENTWISE_BLOCK_C if a.channels_last else ELEMENTWISE_BLOCK)
+        block_outer = min(max(1, ELEMENTWISE_BLOCK // block_inner), triton.next_power_of_2(outer))
+        return ElementwiseBlocks(block_outer, block_inner, (triton.cdiv(outer, block_outer), triton.cdiv(inner, block_inner)))
+
+    @property
+    def num_warps(self) -> int:
+        return _num_warps(self.block_outer * self.block_inner)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks, named like the compiled ops' (csrc/checks.h).
+
+
+def _describe(t: Tensor) -> str:
+    return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}"
+
+
+def _is_interpreted() -> bool:
+    # Kernels defined while TRITON_INTERPRET=1 are interpreter functions, not JIT-compiled ones, for good.
+    return not isinstance(_bn_act_rows_kernel, triton.runtime.jit.JITFunction)
+
+
+def _check_tensor(op: str, name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: expected {name} to be a Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_device(op: str, t: Tensor) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and _is_interpreted():
+        return
+    if t.device.type == "cpu":
+        raise RuntimeError(f"{op}: CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before "
+                           "fused_resnet.triton is imported, or pass CUDA tensors")
+    raise RuntimeError(f"{op}: expected CUDA tensors, got a {_describe(t)}")
+
+
+def _input(op: str, t: object) -> Activation:
+    """The checked input of an op, dense in its layout (NCHW unless it is dense channels_last)."""
+    t = _check_tensor(op, "input", t)
+    if t.dim() != 4:
+        raise ValueError(f"{op}: expected input to be 4-D (N, C, H, W), got a {_describe(t)}")
+    if t.dtype not in ACCUMULATION_DTYPES:
+        raise TypeError(f"{op}: expected input of dtype float16, bfloat16, float32 or float64, got a {_describe(t)}")
+    if t.numel() == 0:
+        raise ValueError(f"{op}: expected a non-empty input, got a {_describe(t)}")
+    _check_device(op, t)
+    channels_last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    dense = t if channels_last else t.contiguous()
+    return Activation(dense, channels_last, *t.shape)
+
+
+def _activation_like(op: str, name: str, t: object, a: Activation) -> Tensor:
+    """An activation matching the input in shape, dtype and device, made dense in its layout."""
+    t = _check_tensor(op, name, t)
+    ref = a.tensor
+    if t.shape != ref.shape:
+        raise ValueError(f"{op}: expected {name} of shape {list(ref.shape)} like the input, got a {_describe(t)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: expected {name} of dtype {ref.dtype} like the input, got a {_describe(t)}")
+    if t.device != ref.device:
+        raise RuntimeError(f"{op}: expected {name} on {ref.device} like the input, got a {_describe(t)}")
+    return t.contiguous(memory_format=a.memory_format)
+
+
+def _optional_activation_like(op: str, name: str, t: Tensor | None, a: Activation) -> Tensor | None:
+    return None if t is None else _activation_like(op, name, t, a)
+
+
+def _channel_param(op: str, name: str, t: object, a: Activation) -> Tensor:
+    """A vector of C per-channel values on the input's device, contiguous in the accumulation dtype."""
+    t = _check_tensor(op, name, t)
+    if t.dim() != 1 or t.shape[0] != a.C:
+        raise ValueError(f"{op}: expected {name} to be a vector of {a.C} per-channel values, got a {_describe(t)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: expected {name} to be floating-point, got a {_describe(t)}")
+    if t.device != a.tensor.device:
+        raise RuntimeError(f"{op}: expected {name} on {a.tensor.device} like the input, got a {_describe(t)}")
+    return t.to(a.accumulation_dtype).contiguous()
+
+
+def _optional_channel_param(op: str, name: str, t: Tensor | None, a: Activation) -> Tensor | None:
+    return None if t is None else _channel_param(op, name, t, a)
+
+
+def _check_together(op: str, names: str, *given: object) -> bool:
+    present = [t is not None for t in given]
+    if any(present) and not all(present):
+        raise ValueError(f"{op}: {names} must be given together")
+    return all(present)
+
+
+def _padded_residual(op: str, a: Activation, residual: Tensor | None, affine: bool, stride: int,
+                     offset: int) -> Tensor | None:
+    """Option A's residual, checked and dense in the input's layout, or None when the residual is an identity
+    (or absent): the test and the messages of checks.h's check_padded_residual."""
+    padded = stride != 1 or offset != 0 or (isinstance(residual, Tensor) and residual.dim() == 4
+                                            and residual.shape[1] != a.C)
+    if not padded:
+        return None
+    if residual is None:
+        raise ValueError(f"{op}: residual_stride and residual_channel_offset need a residual")
+    if affine:
+        raise ValueError(f"{op}: a subsampled or channel-padded residual takes no residual_scale")
+    r = _check_tensor(op, "residual", residual)
+    if r.dim() != 4:
+        raise ValueError(f"{op}: expected residual to be 4-D (N, C, H, W), got a {_describe(r)}")
+    if stride < 1:
+        raise ValueError(f"{op}: expected residual_stride >= 1, got {stride}")
+    if offset < 0 or offset + r.shape[1] > a.C:
+        raise ValueError(f"{op}: a residual of {r.shape[1]} channels at residual_channel_offset {offset} does not "
+                         f"fit the input's {a.C} channels")
+    if (r.shape[0] != a.N or (r.shape[2] - 1) // stride + 1 != a.H or (r.shape[3] - 1) // stride + 1 != a.W):
+        raise ValueError(f"{op}: a residual of shape {list(r.shape)} subsampled by {stride} does not match the "
+                         f"input of shape {list(a.tensor.shape)}")
+    if r.dtype != a.tensor.dtype:
+        raise TypeError(f"{op}: expected residual of dtype {a.tensor.dtype}, got a {_describe(r)}")
+    if r.device != a.tensor.device:
+        raise RuntimeError(f"{op}: expected residual on {a.tensor.device}, got a {_describe(r)}")
+    return r.contiguous(memory_format=a.memory_format)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers: the compiled ops' arguments, order and return conventions.
+
+
+def batch_stats(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of a 4-D activation, in its accumulation dtype."""
+    a = _input("fused_resnet.triton.batch_stats", y)
+    x, acc = a.tensor, a.accumulation_dtype
+    if a.channels_last:
+        tiles = RowTiles.of(a)
+        num_tiles = tiles.count
+    else:
+        plane_tiles = PlaneTiles.of(a)
+        num_tiles = plane_tiles.count
+    mean_partial = torch.empty((num_tiles, a.C), dtype=acc, device=x.device)
+    m2_partial = torch.empty_like(mean_partial)
+    count_partial = torch.empty(num_tiles, dtype=torch.int32, device=x.device)
+    if a.channels_last:
+        _batch_stats_rows_kernel[(num_tiles, tiles.channel_blocks)](
+            x, mean_partial, m2_partial, count_partial, a.rows, a.C, BLOCKS_PER_TILE=tiles.blocks_per_tile,
+            BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c, num_warps=_num_warps(tiles.block_r * tiles.block_c))
+    else:
+        _batch_stats_planes_kernel[(num_tiles, a.C)](
+            x, mean_partial, m2_partial, count_partial, a.N, a.C, a.HW, plane_tiles.hw_blocks,
+            BLOCK_N=plane_tiles.block_n, BLOCK_HW=plane_tiles.block_hw,
+            num_warps=_num_warps(plane_tiles.block_n * plane_tiles.block_hw))
+    return merge_partial_stats(mean_partial, m2_partial, count_partial)
+
+
+def bn_act(
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Tensor | None = None,
+    residual_scale: Tensor | None = None,
+    residual_shift: Tensor | None = None,
+    relu: bool = True,
+    residual_stride: int = 1,
+    residual_channel_offset: int = 0,
+) -> Tensor:
+    """[relu](y * scale + shift + R), R = residual * residual_scale + residual_shift (a projection shortcut's BN),
+    residual, or nothing. With residual_stride > 1, residual_channel_offset > 0 or a residual with fewer channels
+    than y, R is option A's shortcut, read in place: R[n, c, h, w] = residual[n, c - residual_channel_offset,
+    h * residual_stride, w * residual_stride] where residual has that channel, 0 elsewhere."""
+    op = "fused_resnet.triton.bn_act"
+    a = _input(op, y)
+    affine = _check_together(op, "residual_scale and residual_shift", residual_scale, residual_shift)
+    if affine and residual is None:
+        raise ValueError(f"{op}: residual_scale given without a residual")
+    scale = _channel_param(op, "scale", scale, a)
+    shift = _channel_param(op, "shift", shift, a)
+    padded = _padded_residual(op, a, residual, affine, residual_stride, residual_channel_offset)
+    residual_geometry = (a.C, a.H, a.W)
+    if padded is not None:
+        kind, residual = RESIDUAL_PADDED, padded
+        residual_geometry = tuple(padded.shape[1:])
+    elif residual is None:
+        kind = RESIDUAL_NONE
+    else:
+        residual = _activation_like(op, "residual", residual, a)
+        kind = RESIDUAL_AFFINE if affine else RESIDUAL_IDENTITY
+    residual_scale = _optional_channel_param(op, "residual_scale", residual_scale, a)
+    residual_shift = _optional_channel_param(op, "residual_shift", residual_shift, a)
+    x = a.tensor
+    out = torch.empty_like(x)
+    blocks = ElementwiseBlocks.of(a)
+    kernel, extent = (_bn_act_rows_kernel, a.rows) if a.channels_last else (_bn_act_planes_kernel, a.N * a.C)
+    block_names = ("BLOCK_R", "BLOCK_C") if a.channels_last else ("BLOCK_P", "BLOCK_HW")
+    kernel[blocks.grid](
+        x, scale, shift, residual, residual_scale, residual_shift, out, extent, a.C,
+        a.HW, a.W, *residual_geometry, residual_stride, residual_channel_offset, RESIDUAL=kind, RELU=bool(relu),
+        **dict(zip(block_names, (blocks.block_outer, blocks.block_inner))), num_warps=blocks.num_warps)
+    return out
+
+
+def _sum_partials(partial: Tensor, sums: int, channels: int, dtype: torch.dtype) -> list[Tensor]:
+    """Per-channel totals of a [tiles, sums, channels] partial, summed over tiles in order."""
+    num_tiles = partial.shape[0]
+    columns = sums * channels
+    out = torch.empty((sums, channels), dtype=dtype, device=partial.device)
+    block_cols = min(triton.next_power_of_2(columns), 32)
+    block_t = min(triton.next_power_of_2(num_tiles), 64)
+    _sum_partials_kernel[(triton.cdiv(columns, block_cols),)](partial, out, num_tiles, columns, BLOCK_T=block_t,
+                                                              BLOCK_COLS=block_cols, num_warps=4)
+    return list(out.unbind(0))
+
+
+def bn_act_backward_reduce(
+    grad_output: Tensor, output: Tensor | None, input: Tensor, mean: Tensor, input2: Tensor | None = None,
+    mean2: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """With gm = grad_output where output > 0 (everywhere when output is None), per channel: (sum gm,
+    sum gm * (input - mean), sum gm * (input2 - mean2) or an empty tensor), in the accumulation dtype."""
+    op = "fused_resnet.triton.bn_act_backward_reduce"
+    a = _input(op, input)
+    second = _check_together(op, "input2 and mean2", input2, mean2)
+    x = a.tensor
+    g = _activation_like(op, "grad_output", grad_output, a)
+    out = _optional_activation_like(op, "output", output, a)
+    x2 = _optional_activation_like(op, "input2", input2, a)
+    mean = _channel_param(op, "mean", mean, a)
+    mean2 = _optional_channel_param(op, "mean2", mean2, a)
+    acc = a.accumulation_dtype
+    sums = 3 if second else 2
+    flags = dict(MASK=out is not None, SECOND=second)
+    if a.channels_last:
+        tiles = RowTiles.of(a)
+        partial = torch.empty((tiles.count, sums, a.C), dtype=acc, device=x.device)
+        _backward_reduce_rows_kernel[(tiles.count, tiles.channel_blocks)](
+            g, out, x, mean, x2, mean2, partial, a.rows, a.C, **flags, BLOCKS_PER_TILE=tiles.blocks_per_tile,
+            BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c, num_warps=_num_warps(tiles.block_r * tiles.block_c))
+    else:
+        plane_tiles = PlaneTiles.of(a)
+        partial = torch.empty((plane_tiles.count, sums, a.C), dtype=acc, device=x.device)
+        _backward_reduce_planes_kernel[(plane_tiles.count, a.C)](
+            g, out, x, mean, x2, mean2, partial, a.N, a.C, a.HW, plane_tiles.hw_blocks, **flags,
+            BLOCK_N=plane_tiles.block_n, BLOCK_HW=plane_tiles.block_hw,
+            num_warps=_num_warps(plane_tiles.block_n * plane_tiles.block_hw))
+    totals = _sum_partials(partial, sums, a.C, acc)
+    if not second:
+        totals.append(torch.empty(0, dtype=acc, device=x.device))
+    return tuple(totals)
+
+
+def bn_act_backward_elemt(
+    grad_output: Tensor, output: Tensor | None, input: Tensor, mean: Tensor, coef_dy: Tensor, coef_xmu: Tensor,
+    coef_const: Tensor, input2: Tensor | None = None, mean2: Tensor | None = None, coef2_dy: Tensor | None = None,
+    coef2_xmu: Tensor | None = None, coef2_const: Tensor | None = None, residual_grad: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """grad_input = coef_dy * gm + coef_xmu * (input - mean) + coef_const, gm = grad_output where output > 0
+    (everywhere when output is None); grad_other is the same for input2 with mean2 and the coef2_* vectors, or gm
+    itself when residual_grad (an identity residual's gradient), or an empty tensor."""
+    op = "fused_resnet.triton.bn_act_backward_elemt"
+    a = _input(op, input)
+    second = _check_together(op, "input2, mean2 and the coef2_* tensors", input2, mean2, coef2_dy, coef2_xmu,
+                             coef2_const)
+    if second and residual_grad:
+        raise ValueError(f"{op}: residual_grad and input2 are exclusive (the second output is one or the other)")
+    x = a.tensor
+    g = _activation_like(op, "grad_output", grad_output, a)
+    out = _optional_activation_like(op, "output", output, a)
+    x2 = _optional_activation_like(op, "input2", input2, a)
+    params = [_channel_param(op, name, t, a) for name, t in
+              (("mean", mean), ("coef_dy", coef_dy), ("coef_xmu", coef_xmu), ("coef_const", coef_const))]
+    params2 = [_optional_channel_param(op, name, t, a) for name, t in
+               (("mean2", mean2), ("coef2_dy", coef2_dy), ("coef2_xmu", coef2_xmu), ("coef2_const", coef2_const))]
+    grad_input = torch.empty_like(x)
+    other = OTHER_SECOND_BN if second else OTHER_MASKED_GRAD if residual_grad else OTHER_NONE
+    grad_other = torch.empty_like(x) if other != OTHER_NONE else None
+    blocks = ElementwiseBlocks.of(a)
+    if a.channels_last:
+        kernel, extent, block_names = _backward_elemt_rows_kernel, a.rows, ("BLOCK_R", "BLOCK_C")
+    else:
+        kernel, extent, block_names = _backward_elemt_planes_kernel, a.N * a.C, ("BLOCK_P", "BLOCK_HW")
+    kernel[blocks.grid](
+        g, out, x, *params, x2, *params2, grad_input, grad_other, extent,
+        *((a.C,) if a.channels_last else (a.C, a.HW)), MASK=out is not None, OTHER=other,
+        **dict(zip(block_names, (blocks.block_outer, blocks.block_inner))), num_warps=blocks.num_warps)
+    if grad_other is None:
+        grad_other = torch.empty(0, dtype=x.dtype, device=x.device)
+    return grad_input, grad_other
