@@ -57,6 +57,10 @@ ELEMENTWISE_BLOCK = 2048
 # (elementwise) consecutive channels are one or two 128-byte lines of bfloat16.
 REDUCE_BLOCK_C = 64
 ELEMENTWISE_BLOCK_C = 128
+# The final sum of backward_reduce's partials: 32 float32 columns per program (a 128-byte line of a partial row),
+# chunks of 64 tiles summed as a tree.
+SUM_BLOCK_COLUMNS = 32
+SUM_BLOCK_T = 64
 # About 8 programs per SM of a 132-SM H100, so that every SM has work and the last wave is a small fraction.
 TARGET_PROGRAMS = 1024
 MAX_BLOCKS_PER_TILE = 16
@@ -695,8 +699,8 @@ def _sum_partials(partial: Tensor, sums: int, channels: int, dtype: torch.dtype)
     num_tiles = partial.shape[0]
     columns = sums * channels
     out = torch.empty((sums, channels), dtype=dtype, device=partial.device)
-    block_cols = min(triton.next_power_of_2(columns), 32)
-    block_t = min(triton.next_power_of_2(num_tiles), 64)
+    block_cols = min(triton.next_power_of_2(columns), SUM_BLOCK_COLUMNS)
+    block_t = min(triton.next_power_of_2(num_tiles), SUM_BLOCK_T)
     _sum_partials_kernel[(triton.cdiv(columns, block_cols),)](partial, out, num_tiles, columns, BLOCK_T=block_t,
                                                               BLOCK_COLS=block_cols, num_warps=4)
     return list(out.unbind(0))
