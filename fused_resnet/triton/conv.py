@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import NamedTuple
 
 import torch
@@ -68,8 +69,9 @@ CONFIGS: dict[tuple[int, int], ConvConfig] = {
 }
 
 # Under TRITON_INTERPRET=1 every program runs one after the other in numpy, and every operation costs the same
-# whatever its size: small tiles keep the wasted (masked) work of tiny test shapes low.
-INTERPRETER_CONFIG = ConvConfig(32, 16, 16, 1, 1)
+# whatever its size: small tiles keep the wasted (masked) work of tiny test shapes low. Its warps and stages only
+# matter on a GPU, where the tests run it too.
+INTERPRETER_CONFIG = ConvConfig(32, 16, 16, 4, 2)
 
 
 def interpreting() -> bool:
@@ -117,7 +119,7 @@ def _conv_kernel(
     residual_channels, residual_stride, residual_channel_offset,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -169,7 +171,10 @@ def _conv_kernel(
             a = tl.where(a_mask, normalized, 0.0).to(x_ptr.dtype.element_ty)
         b_ptrs = w_ptr + (kh * w_stride_h + kw * w_stride_w) + (ci * w_stride_i)[:, None] + (co * w_stride_o)[None, :]
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if DOT_IN_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
@@ -201,7 +206,16 @@ def _conv_kernel(
         tl.store(count_partial_ptr + pid_m, count, mask=pid_n == 0)
 
 
-# The opt-in search: every shipped configuration, timed once per shape (and per fused variant and dtype, which
+def _interpreter_bench(kernel_call, quantiles):
+    """The search's timer under TRITON_INTERPRET=1, where Triton has no device to time on: one call's wall time
+    (meaningless as a speed, but it lets the tests run the search path, best_config included)."""
+    start = time.perf_counter()
+    kernel_call()
+    elapsed = time.perf_counter() - start
+    return [elapsed] * len(quantiles)
+
+
+# The opt-in search: every shipped configuration, timed once per shape and fused variant (and dtype, which
 # Triton adds to the key).
 _conv_kernel_autotuned = triton.autotune(
     configs=[
@@ -210,7 +224,9 @@ _conv_kernel_autotuned = triton.autotune(
         for c in CONFIGS.values()
     ],
     key=["in_h", "in_w", "out_h", "out_w", "rows", "in_per_group", "out_channels", "out_per_group",
-         "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "KH", "KW"],
+         "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "KH", "KW", "HAS_BIAS", "HAS_PROLOGUE",
+         "HAS_RESIDUAL", "RELU", "STATS", "INPUT_PRECISION"],
+    do_bench=_interpreter_bench if interpreting() else None,
 )(_conv_kernel)
 
 
@@ -282,12 +298,15 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int,
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     y = torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # The interpreter keeps bfloat16 as raw uint16 bits and multiplies those as integers in tl.dot: there the
+    # operands go up to fp32 first, which is exact (a product of two bf16 values fits fp32's mantissa) and
+    # accumulates in fp32 as the tensor cores do.
     if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
         precision = "tf32"
     else:
         precision = "ieee"
 
-    use_search = config is None and autotune_enabled() and not interpreting()
+    use_search = config is None and autotune_enabled()
     if config is None and not use_search:
         config = choose_config(out_per_group, in_per_group, x.dtype)
     # Partials sized for the smallest BLOCK_M any launch may use; the rows past the chosen config's tiles are cut.
@@ -309,7 +328,8 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int,
         r.shape[1], residual_stride, residual_channel_offset,
     )
     flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_PROLOGUE=input_scale is not None,
-                 HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, INPUT_PRECISION=precision)
+                 HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, INPUT_PRECISION=precision,
+                 DOT_IN_FP32=interpreting() and x.dtype == torch.bfloat16)
 
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if use_search:

@@ -1,0 +1,364 @@
+"""fused_resnet.triton.conv2d against F.conv2d in float64: geometry, layouts, dtypes, the BN-ReLU prologue, the
+bias/residual/ReLU epilogue, the BN statistics, every shipped launch configuration, the search, and bad input.
+
+Runs under the Triton interpreter on the CPU (TRITON_INTERPRET=1, set before the kernels are defined) and, where a
+GPU is visible, on CUDA tensors too (run with TRITON_INTERPRET=0 there to compile the kernels for real)."""
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+
+from fused_resnet.triton import conv as triton_conv  # noqa: E402
+from fused_resnet.triton.conv import CONFIGS, INTERPRETER_CONFIG, conv2d  # noqa: E402
+
+from conftest import assert_rel, to_layout  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+
+class Geometry:
+    """A convolution problem: input [batch, cin, h, w], a k x k kernel to cout channels."""
+
+    def __init__(self, batch, cin, h, w, cout, k, stride=1, padding=0, dilation=1, groups=1):
+        self.batch, self.cin, self.h, self.w, self.cout, self.k = batch, cin, h, w, cout, k
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def __repr__(self):
+        return (f"n{self.batch}c{self.cin}x{self.h}x{self.w}-k{self.k}o{self.cout}s{self.stride}p{self.padding}"
+                f"d{self.dilation}g{self.groups}")
+
+    def conv_args(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    def out_size(self):
+        def size(n):
+            return (n + 2 * self.padding - self.dilation * (self.k - 1) - 1) // self.stride + 1
+        return size(self.h), size(self.w)
+
+
+GEOMETRIES = [
+    Geometry(2, 13, 7, 9, 16, 1),                               # 1x1, odd Cin, odd H/W
+    Geometry(2, 8, 9, 9, 16, 1, stride=2),                      # option B's projection shortcut
+    Geometry(2, 16, 9, 9, 13, 3, padding=1),                    # 3x3, odd Cout
+    Geometry(1, 8, 9, 7, 16, 3, stride=2, padding=1),           # 3x3 stride 2, N=1
+    Geometry(1, 3, 9, 9, 8, 7, stride=2, padding=3),            # the stem: 7x7 stride 2, 3 channels
+    Geometry(2, 8, 9, 9, 8, 3, padding=2, dilation=2),          # dilation 2
+    Geometry(2, 8, 7, 7, 12, 3, padding=1, groups=2),           # groups 2
+    Geometry(1, 16, 7, 9, 16, 3, stride=2, padding=1, groups=4),  # groups 4, 4 channels a group
+]
+GEOMETRY_3X3_S2 = GEOMETRIES[3]
+GEOMETRY_1X1 = GEOMETRIES[0]
+
+
+def tolerance(dtype, device):
+    """Relative error allowed against float64. The interpreter multiplies fp32 exactly in numpy; on a GPU fp32
+    runs on TF32 tensor cores by default (10-bit mantissa). 16-bit formats round the output (and the prologue's
+    normalized input) to 11 or 8 significant bits: PyTorch's own fp16/bf16 conv of the same data measures about
+    3.5e-4 and 2.5e-3 here. The interpreter converts fp32 to bf16 by truncation, not to nearest, which doubles
+    bf16's error (5e-3 at worst over these shapes), hence the bf16 bound is about 2x that."""
+    if dtype == torch.float16:
+        return 1e-3
+    if dtype == torch.bfloat16:
+        return 1.2e-2
+    if device == "cuda" and torch.backends.cudnn.allow_tf32:
+        return 2e-3
+    return 2e-5
+
+
+def make_inputs(g, dtype, device, channels_last):
+    x = to_layout(torch.randn(g.batch, g.cin, g.h, g.w, dtype=dtype, device=device), channels_last)
+    weight = torch.randn(g.cout, g.cin // g.groups, g.k, g.k, dtype=dtype, device=device)
+    weight = (weight / (g.cin // g.groups * g.k * g.k) ** 0.5).to(dtype)
+    return x, weight
+
+
+def make_prologue(cin, device):
+    """A BN's scale and shift with both signs, so the ReLU zeroes a good part of the normalized input."""
+    scale = torch.randn(cin, device=device) + 0.2
+    shift = torch.randn(cin, device=device) * 0.5
+    return scale, shift
+
+
+def reference(x, weight, g, bias=None, scale=None, shift=None, residual=None, residual_stride=1, offset=0,
+              relu=False):
+    """The unfused computation in float64 on the CPU: conv(relu(x*scale + shift)) + bias + R, then ReLU."""
+    x64 = x.double().cpu()
+    if scale is not None:
+        x64 = torch.relu(x64 * scale.double().cpu()[:, None, None] + shift.double().cpu()[:, None, None])
+    bias64 = bias.double().cpu() if bias is not None else None
+    y = F.conv2d(x64, weight.double().cpu(), bias64, **g.conv_args())
+    if residual is not None:
+        r = residual.double().cpu()[:, :, ::residual_stride, ::residual_stride]
+        y[:, offset:offset + r.shape[1]] += r
+    return torch.relu(y) if relu else y
+
+
+def check_output(y, expected, x, tol, what):
+    assert y.dtype == x.dtype and y.device == x.device, f"{what}: {y.dtype} on {y.device}"
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=layout), f"{what}: output strides {y.stride()} do not follow x's layout"
+    assert torch.isfinite(y).all(), f"{what}: non-finite values"
+    assert_rel(y.cpu(), expected, tol, what)
+
+
+def check_stats(y, mean, var, what):
+    """The statistics are those of y as returned (rounded to its dtype), in fp32: compare in float64."""
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all(), f"{what}: non-finite statistics"
+    ref_var, ref_mean = torch.var_mean(y.double().cpu(), dim=(0, 2, 3), unbiased=False)
+    assert_rel(mean.cpu(), ref_mean, 1e-5, f"{what} mean", floor=1e-3)
+    assert_rel(var.cpu(), ref_var, 1e-5, f"{what} var")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("g", GEOMETRIES, ids=repr)
+def test_conv_matches_float64(g, channels_last, device):
+    x, weight = make_inputs(g, torch.float32, device, channels_last)
+    y = conv2d(x, weight, None, **g.conv_args())
+    check_output(y, reference(x, weight, g), x, tolerance(torch.float32, device), repr(g))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("g", [GEOMETRY_1X1, GEOMETRY_3X3_S2, GEOMETRIES[7]], ids=repr)
+def test_conv_low_precision(g, channels_last, dtype, device):
+    x, weight = make_inputs(g, dtype, device, channels_last)
+    bias = torch.randn(g.cout, device=device)
+    y = conv2d(x, weight, bias, **g.conv_args())
+    check_output(y, reference(x, weight, g, bias), x, tolerance(dtype, device), f"{g} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_ieee_when_tf32_is_off(device, monkeypatch):
+    """allow_tf32 False: full fp32 products (on a GPU TF32 would miss this tolerance by about 100x)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    g = GEOMETRY_3X3_S2
+    x, weight = make_inputs(g, torch.float32, device, False)
+    y = conv2d(x, weight, **g.conv_args())
+    check_output(y, reference(x, weight, g), x, 2e-5, "ieee")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("g", [GEOMETRIES[2], GEOMETRY_3X3_S2, GEOMETRIES[5], GEOMETRIES[6]], ids=repr)
+def test_prologue(g, channels_last, dtype, device):
+    x, weight = make_inputs(g, dtype, device, channels_last)
+    scale, shift = make_prologue(g.cin, device)
+    y = conv2d(x, weight, input_scale=scale, input_shift=shift, **g.conv_args())
+    check_output(y, reference(x, weight, g, scale=scale, shift=shift), x, tolerance(dtype, device), f"{g} prologue")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_prologue_keeps_the_padding_zero(channels_last, device):
+    """conv(relu(bn(y))) pads the normalized activation with zeros: a kernel that normalized the padded zeros
+    too would add relu(shift) > 0 around the border. With positive shifts the two differ, and the test says so."""
+    g = Geometry(2, 8, 7, 9, 16, 3, stride=2, padding=2)
+    x, weight = make_inputs(g, torch.float32, device, channels_last)
+    scale = torch.rand(g.cin, device=device) + 0.5
+    shift = torch.rand(g.cin, device=device) + 0.5
+    y = conv2d(x, weight, input_scale=scale, input_shift=shift, **g.conv_args())
+    expected = reference(x, weight, g, scale=scale, shift=shift)
+
+    padded_then_normalized = torch.relu(F.pad(x.double().cpu(), [g.padding] * 4) * scale.double().cpu()[:, None, None]
+                                        + shift.double().cpu()[:, None, None])
+    wrong = F.conv2d(padded_then_normalized, weight.double().cpu(), stride=g.stride)
+    border = torch.ones_like(expected, dtype=torch.bool)
+    border[:, :, 1:-1, 1:-1] = False
+    assert (wrong - expected)[border].abs().min() > 1e-3, "the border test cannot tell the two paddings apart"
+    check_output(y, expected, x, tolerance(torch.float32, device), "prologue border")
+    assert_rel(y.cpu()[border], expected[border], tolerance(torch.float32, device), "prologue border pixels")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("g", [GEOMETRY_1X1, GEOMETRIES[2], GEOMETRIES[7]], ids=repr)
+def test_epilogue_bias_residual_relu(g, channels_last, dtype, device):
+    """Inference: BN folded into weight and bias, + the block's identity, ReLU; the residual in the other layout."""
+    x, weight = make_inputs(g, dtype, device, channels_last)
+    bias = torch.randn(g.cout, device=device)
+    residual = to_layout(torch.randn(g.batch, g.cout, *g.out_size(), dtype=dtype, device=device), not channels_last)
+    y = conv2d(x, weight, bias, residual=residual, relu=True, **g.conv_args())
+    expected = reference(x, weight, g, bias, residual=residual, relu=True)
+    assert (expected == 0).any() and (expected > 0).any(), "the ReLU must bite"
+    check_output(y, expected, x, tolerance(dtype, device), f"{g} epilogue")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("offset", [0, 3, 8])
+def test_epilogue_option_a_shortcut(offset, channels_last, device):
+    """Option A: the block input (8 channels, 9x9) subsampled by 2 and zero-padded to 16 channels, read in place."""
+    g = Geometry(2, 8, 9, 9, 16, 3, stride=2, padding=1)
+    x, weight = make_inputs(g, torch.float32, device, channels_last)
+    shortcut = to_layout(torch.randn(2, 8, 9, 9, device=device), channels_last)
+    y = conv2d(x, weight, residual=shortcut, residual_stride=2, residual_channel_offset=offset, relu=True,
+               **g.conv_args())
+    expected = reference(x, weight, g, residual=shortcut, residual_stride=2, offset=offset, relu=True)
+    check_output(y, expected, x, tolerance(torch.float32, device), f"option A at offset {offset}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("relu", [False, True], ids=["raw", "relu"])
+@pytest.mark.parametrize("g", [GEOMETRY_1X1, GEOMETRIES[4], GEOMETRIES[6]], ids=repr)
+def test_stats(g, relu, channels_last, dtype, device):
+    """Training: the raw output (or, for the check, a ReLU'd one) and its per-channel mean and biased variance.
+    A mean offset of 20 against a spread near 1 catches a naive sum of squares in fp32."""
+    x, weight = make_inputs(g, dtype, device, channels_last)
+    bias = torch.randn(g.cout, device=device) + 20.0
+    y, mean, var = conv2d(x, weight, bias, relu=relu, stats=True, **g.conv_args())
+    check_output(y, reference(x, weight, g, bias, relu=relu), x, tolerance(dtype, device), f"{g} stats output")
+    check_stats(y, mean, var, f"{g} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_everything_fused(device):
+    """Prologue, bias, option A residual, ReLU and statistics in one launch, on groups and odd channels."""
+    g = Geometry(2, 6, 9, 9, 14, 3, stride=2, padding=1, groups=2)
+    x, weight = make_inputs(g, torch.float32, device, True)
+    scale, shift = make_prologue(g.cin, device)
+    bias = torch.randn(g.cout, device=device)
+    shortcut = torch.randn(2, 5, 9, 9, device=device)
+    y, mean, var = conv2d(x, weight, bias, input_scale=scale, input_shift=shift, residual=shortcut,
+                          residual_stride=2, residual_channel_offset=4, relu=True, stats=True, **g.conv_args())
+    expected = reference(x, weight, g, bias, scale, shift, shortcut, 2, 4, relu=True)
+    check_output(y, expected, x, tolerance(torch.float32, device), "all fusions")
+    check_stats(y, mean, var, "all fusions")
+
+
+def _every_config():
+    return {**{f"m{c.block_m}n{c.block_n}k{c.block_k}w{c.num_warps}s{c.num_stages}": c for c in CONFIGS.values()},
+            "interpreter": INTERPRETER_CONFIG}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("g", [GEOMETRY_3X3_S2, Geometry(2, 13, 9, 9, 24, 1)], ids=repr)
+@pytest.mark.parametrize("config", list(_every_config().values()), ids=list(_every_config()))
+def test_every_shipped_config(config, g, device):
+    """Each configuration that can be launched, on a 3x3 stride-2 padded problem and a 1x1 one (162 rows: more
+    than one row tile for every BLOCK_M), with every fusion on, so that each tile size's masks are exercised."""
+    x, weight = make_inputs(g, torch.float32, device, False)
+    scale, shift = make_prologue(g.cin, device)
+    bias = torch.randn(g.cout, device=device)
+    residual = torch.randn(g.batch, g.cout, *g.out_size(), device=device)
+    y, mean, var = conv2d(x, weight, bias, input_scale=scale, input_shift=shift, residual=residual, relu=True,
+                          stats=True, config=config, **g.conv_args())
+    expected = reference(x, weight, g, bias, scale, shift, residual, relu=True)
+    check_output(y, expected, x, tolerance(torch.float32, device), f"{config}")
+    check_stats(y, mean, var, f"{config}")
+
+
+def test_config_heuristic(monkeypatch):
+    """Off the interpreter the heuristic picks a shipped config fitted to the group's channels."""
+    monkeypatch.setattr(triton_conv, "interpreting", lambda: False)
+    shipped = set(CONFIGS.values())
+    for cout_g, cin_g, dtype in [(4, 4, torch.bfloat16), (64, 3, torch.float32), (64, 64, torch.float32),
+                                 (256, 64, torch.bfloat16), (512, 2048, torch.float32), (32, 32, torch.float16),
+                                 (128, 128, torch.float16), (24, 13, torch.float32)]:
+        config = triton_conv.choose_config(cout_g, cin_g, dtype)
+        assert config in shipped
+        assert config.block_n >= min(cout_g, 128)
+        assert config.block_n < 2 * max(cout_g, 16)
+        assert config.block_k <= (64 if dtype != torch.float32 else 32)
+    assert triton_conv.choose_config(4, 4, torch.bfloat16).block_n == 16
+    assert triton_conv.choose_config(256, 256, torch.float32) == CONFIGS[(128, 32)]
+    assert triton_conv.choose_config(256, 256, torch.bfloat16) == CONFIGS[(128, 64)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autotune_path(device, monkeypatch):
+    """FUSED_RESNET_TRITON_AUTOTUNE=1: the search over CONFIGS, then the statistics cut to the winner's tiles."""
+    monkeypatch.setenv(triton_conv.AUTOTUNE_ENV_VAR, "1")
+    g = Geometry(2, 5, 9, 9, 12, 1)
+    x, weight = make_inputs(g, torch.float32, device, True)
+    bias = torch.randn(g.cout, device=device) + 3.0
+    y, mean, var = conv2d(x, weight, bias, stats=True, **g.conv_args())
+    assert triton_conv._conv_kernel_autotuned.best_config is not None
+    check_output(y, reference(x, weight, g, bias), x, tolerance(torch.float32, device), "autotuned")
+    check_stats(y, mean, var, "autotuned")
+
+
+def test_statistics_are_deterministic():
+    g = GEOMETRY_1X1
+    x, weight = make_inputs(g, torch.float32, "cpu", False)
+    first = conv2d(x, weight, stats=True, **g.conv_args())
+    second = conv2d(x, weight, stats=True, **g.conv_args())
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_import_needs_no_gpu_and_cpu_tensors_need_the_interpreter():
+    """Without the interpreter the module still imports (no GPU needed), and a CPU tensor is a clear error."""
+    script = ("import torch\n"
+              "from fused_resnet.triton.conv import conv2d\n"
+              "try:\n"
+              "    conv2d(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1))\n"
+              "except RuntimeError as e:\n"
+              "    print(e)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "run on CUDA tensors" in done.stdout and "TRITON_INTERPRET=1" in done.stdout, done.stdout
+
+
+def _good_args():
+    x = torch.randn(1, 4, 5, 5)
+    return x, torch.randn(6, 4, 3, 3)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda x, w, kw: (x.double(), w.double(), kw), TypeError, "float64"),
+    (lambda x, w, kw: (x.int(), w, kw), TypeError, "dtype float32, float16 or bfloat16"),
+    (lambda x, w, kw: (x, w.half(), kw), TypeError, "weight of dtype"),
+    (lambda x, w, kw: (x[0], w, kw), ValueError, "x to be a 4-D"),
+    (lambda x, w, kw: (x, w[:, :3], kw), ValueError, "input channels"),
+    (lambda x, w, kw: (x, w[:5, :2], {**kw, "groups": 2}), ValueError, "divisible by groups=2"),
+    (lambda x, w, kw: (x, w, {**kw, "groups": 0}), ValueError, "groups"),
+    (lambda x, w, kw: (x, w, {**kw, "stride": 0}), ValueError, "stride"),
+    (lambda x, w, kw: (x, w, {**kw, "padding": (1, -1)}), ValueError, "padding"),
+    (lambda x, w, kw: (x, w, {**kw, "bias": torch.randn(5)}), ValueError, "bias of shape [6]"),
+    (lambda x, w, kw: (x, w, {**kw, "bias": torch.randn(6).double()}), TypeError, "bias of dtype"),
+    (lambda x, w, kw: (x, w, {**kw, "input_scale": torch.randn(4)}), ValueError, "input_scale and input_shift"),
+    (lambda x, w, kw: (x, w, {**kw, "input_scale": torch.randn(3), "input_shift": torch.randn(3)}), ValueError,
+     "input_scale of shape [4]"),
+    (lambda x, w, kw: (x, w, {**kw, "input_scale": torch.randn(4).half(), "input_shift": torch.randn(4)}),
+     TypeError, "input_scale of dtype"),
+    (lambda x, w, kw: (x, w, {**kw, "residual": torch.randn(1, 6, 4, 5)}), ValueError, "residual of shape"),
+    (lambda x, w, kw: (x, w, {**kw, "residual": torch.randn(1, 6, 5, 5).half()}), TypeError, "residual of dtype"),
+    (lambda x, w, kw: (x, w, {**kw, "residual": torch.randn(1, 4, 10, 10), "residual_stride": 2,
+                              "residual_channel_offset": 3}), ValueError, "does not fit"),
+    (lambda x, w, kw: (x, w, {**kw, "residual_stride": 2}), ValueError, "need a residual"),
+    (lambda x, w, kw: (x, w, {**kw, "padding": 0, "dilation": 3}), ValueError, "output would be empty"),
+    (lambda x, w, kw: (x[:0], w, kw), ValueError, "output would be empty"),
+    (lambda x, w, kw: (x, w.to("meta"), kw), RuntimeError, "weight on cpu"),
+    (lambda x, w, kw: (x, w, {**kw, "config": (16, 16, 16, 1, 1)}), TypeError, "ConvConfig"),
+])
+def test_bad_input_raises_clearly(change, error, message):
+    x, weight, kwargs = change(*_good_args(), {"padding": 1})
+    with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
+        conv2d(x, weight, **kwargs)
+
+
+def test_good_args_run():
+    """The baseline of the bad-input cases runs, so each error above comes from the one thing changed."""
+    x, weight = _good_args()
+    y = conv2d(x, weight, padding=1)
+    assert_rel(y, F.conv2d(x.double(), weight.double(), padding=1), 2e-5, "baseline")
