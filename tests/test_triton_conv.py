@@ -141,6 +141,19 @@ def test_conv_low_precision(g, channels_last, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("g", [GEOMETRY_3X3_S2, GEOMETRIES[7]], ids=repr)
+def test_weight_in_any_layout(g, device):
+    """Weights are read through their strides: output channels innermost (the coalesced layout a caller may
+    cache) and channels_last weights give the same convolution."""
+    x, weight = make_inputs(g, torch.float32, device, True)
+    expected = reference(x, weight, g)
+    for layout in (weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1),
+                   weight.contiguous(memory_format=torch.channels_last)):
+        check_output(conv2d(x, layout, **g.conv_args()), expected, x, tolerance(torch.float32, device),
+                     f"weight strides {layout.stride()}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fp32_ieee_when_tf32_is_off(device, monkeypatch):
     """allow_tf32 False: full fp32 products (on a GPU TF32 would miss this tolerance by about 100x)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

@@ -5,7 +5,9 @@ runs over KH*KW*(Cin/groups). One program computes a BLOCK_M x BLOCK_N output ti
 taps (kh, kw) and, per tap, the group's input channels in chunks of BLOCK_K, gathering the input tile straight
 from x (no im2col buffer). Groups are folded into the grid's second dimension (groups * column tiles per group).
 Every tensor is addressed through its strides, so NCHW and channels_last inputs, weights and residuals run
-without copies; the output follows x's memory format.
+without copies; the output follows x's memory format. A weight tile is BLOCK_K input channels by BLOCK_N output
+channels: a weight whose output channels are innermost in memory (w.permute(2, 3, 1, 0).contiguous().permute(3, 2,
+0, 1), same shape) loads it in coalesced rows, which a caller that keeps weights across calls can cache.
 
 Fusions (DESIGN.md section 4):
 - prologue (training: conv_{i+1} of a BN-ReLU-conv chain): each input value is replaced by relu(x*scale + shift)
@@ -135,7 +137,7 @@ def _conv_kernel(
     ohw = m % pixels
     oh = ohw // out_w
     ow = ohw % out_w
-    # int64 for the batch term: a ResNet activation of batch 256 is near 2**31 elements.
+    # int64 for the batch term: N*C*H*W passes 2**31 at batches in the thousands (256 x 56 x 56 from 2,700 images).
     x_row = n.to(tl.int64) * x_stride_n
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
@@ -284,9 +286,10 @@ def _check_residual(residual: object, out_shape: tuple[int, int, int, int], stri
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int, int], stride: tuple[int, int],
-            padding: tuple[int, int], dilation: tuple[int, int], groups: int, input_scale: Tensor | None, input_shift: Tensor | None,
-            residual: Tensor | None, residual_stride: int, residual_channel_offset: int, relu: bool, stats: bool,
-            config: ConvConfig | None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+            padding: tuple[int, int], dilation: tuple[int, int], groups: int, input_scale: Tensor | None,
+            input_shift: Tensor | None, residual: Tensor | None, residual_stride: int, residual_channel_offset: int,
+            relu: bool, stats: bool, config: ConvConfig | None
+            ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Runs the kernel; returns the output and, with `stats`, the per-tile (mean, M2) [T, Cout] and counts [T].
     `config` None: the heuristic's choice, or the search when FUSED_RESNET_TRITON_AUTOTUNE is set."""
     batch, _, in_h, in_w = x.shape
@@ -298,26 +301,20 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int,
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     y = torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    # The interpreter keeps bfloat16 as raw uint16 bits and multiplies those as integers in tl.dot: there the
-    # operands go up to fp32 first, which is exact (a product of two bf16 values fits fp32's mantissa) and
-    # accumulates in fp32 as the tensor cores do.
-    if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        precision = "tf32"
-    else:
-        precision = "ieee"
+    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
-    use_search = config is None and autotune_enabled()
-    if config is None and not use_search:
+    search = config is None and autotune_enabled()
+    if config is None and not search:
         config = choose_config(out_per_group, in_per_group, x.dtype)
-    # Partials sized for the smallest BLOCK_M any launch may use; the rows past the chosen config's tiles are cut.
-    min_block_m = min(c.block_m for c in CONFIGS.values()) if use_search else config.block_m  # type: ignore[union-attr]
+    # Partials sized for the smallest BLOCK_M a launch may use (the search tries them all); the rows past the
+    # tiles of the configuration that ran are cut off below.
+    min_block_m = min(c.block_m for c in CONFIGS.values()) if config is None else config.block_m
     max_tiles = triton.cdiv(rows, min_block_m)
+    mean_partial = m2_partial = count_partial = None
     if stats:
         mean_partial = torch.empty((max_tiles, out_channels), dtype=torch.float32, device=x.device)
         m2_partial = torch.empty_like(mean_partial)
         count_partial = torch.empty(max_tiles, dtype=torch.int32, device=x.device)
-    else:
-        mean_partial = m2_partial = count_partial = None
 
     r = residual if residual is not None else x
     args = (
@@ -327,26 +324,28 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         r.shape[1], residual_stride, residual_channel_offset,
     )
+    # The interpreter keeps bfloat16 as raw uint16 bits and multiplies those as integers in tl.dot: there the
+    # operands go up to fp32 first, which is exact (a product of two bf16 values fits fp32's mantissa) and
+    # accumulates in fp32 as the tensor cores do.
     flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_PROLOGUE=input_scale is not None,
                  HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, INPUT_PRECISION=precision,
                  DOT_IN_FP32=interpreting() and x.dtype == torch.bfloat16)
 
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]), groups * triton.cdiv(out_per_group, meta["BLOCK_N"]))
+
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        if use_search:
-            def grid(meta):
-                return (triton.cdiv(rows, meta["BLOCK_M"]), groups * triton.cdiv(out_per_group, meta["BLOCK_N"]))
+        if config is None:
             _conv_kernel_autotuned[grid](*args, **flags)
             block_m = _conv_kernel_autotuned.best_config.kwargs["BLOCK_M"]
         else:
-            block_m = config.block_m  # type: ignore[union-attr]
-            grid = (triton.cdiv(rows, block_m), groups * triton.cdiv(out_per_group, config.block_n))  # type: ignore[union-attr]
-            _conv_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=config.block_n,  # type: ignore[union-attr]
-                               BLOCK_K=config.block_k, num_warps=config.num_warps,  # type: ignore[union-attr]
-                               num_stages=config.num_stages)  # type: ignore[union-attr]
+            block_m = config.block_m
+            _conv_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                               BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
     if not stats:
         return y, None, None, None
     tiles = triton.cdiv(rows, block_m)
-    return y, mean_partial[:tiles], m2_partial[:tiles], count_partial[:tiles]  # type: ignore[index]
+    return y, mean_partial[:tiles], m2_partial[:tiles], count_partial[:tiles]
 
 
 def conv2d(
@@ -434,8 +433,8 @@ def conv2d(
                                    residual_channel_offset, x)
 
     y, mean_partial, m2_partial, count_partial = _launch(
-        x, weight, bias, (out_h, out_w), stride, padding, dilation, groups, input_scale, input_shift, residual, residual_stride,
-        residual_channel_offset, bool(relu), bool(stats), config)
+        x, weight, bias, (out_h, out_w), stride, padding, dilation, groups, input_scale, input_shift, residual,
+        residual_stride, residual_channel_offset, bool(relu), bool(stats), config)
     if not stats:
         return y
     mean, var = merge_partial_stats(mean_partial, m2_partial, count_partial)
