@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
 import os
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ from . import _native
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 ENV_VAR = "FUSED_RESNET_BACKEND"
+INTERPRET_ENV_VAR = "TRITON_INTERPRET"
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_resnet_backend", default=None)
 
@@ -44,7 +46,17 @@ def _unavailable_reason(name: str) -> str | None:
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible to torch"
         return None
-    return "the Triton kernels are not part of this version of fused_resnet yet"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and not triton_interpreted():
+        return (f"no CUDA GPU is visible to torch, and {INTERPRET_ENV_VAR}=1 (Triton's CPU interpreter) is not set")
+    return None
+
+
+def triton_interpreted() -> bool:
+    """Whether the Triton kernels run in Triton's CPU interpreter, on CPU tensors: TRITON_INTERPRET=1, set before
+    fused_resnet.triton is first imported (Triton decides when a kernel is defined)."""
+    return os.environ.get(INTERPRET_ENV_VAR, "0") not in ("", "0")
 
 
 def backend_status() -> dict[str, str]:
@@ -93,4 +105,8 @@ def select_backend(device: torch.device, backend: str | None = None) -> str:
         raise RuntimeError(f"fused_resnet backend {name!r} is not available: {reason}")
     if name in ("cpu", "cuda") and device.type != name:
         raise RuntimeError(f"fused_resnet backend {name!r} runs on {name} tensors, but the input is on {device}")
+    if name == "triton" and not (device.type == "cuda" or (device.type == "cpu" and triton_interpreted())):
+        raise RuntimeError(
+            f"fused_resnet backend 'triton' runs on cuda tensors (and on cpu tensors when {INTERPRET_ENV_VAR}=1), "
+            f"but the input is on {device}")
     return name

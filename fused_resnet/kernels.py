@@ -24,13 +24,17 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class NativeKernels:
-    """The compiled ops of fused_resnet._C (CPU or CUDA, by the tensors' device) and ATen convolutions."""
+    """The compiled ops of fused_resnet._C (CPU or CUDA, by the tensors' device) and ATen convolutions.
 
-    def __init__(self, name: str):
+    `ops` is where the four memory-bound ops live (batch_stats, bn_act, bn_act_backward_reduce,
+    bn_act_backward_elemt, with the schemas of csrc/ops.cpp): torch.ops.fused_resnet here."""
+
+    def __init__(self, name: str, ops=None):
         self.name = name
+        self.ops = ops if ops is not None else torch.ops.fused_resnet
 
     def batch_stats(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.ops.fused_resnet.batch_stats(y)
+        return self.ops.batch_stats(y)
 
     def bn_act(
         self,
@@ -49,15 +53,14 @@ class NativeKernels:
         if residual is not None:
             residual = as_dtype(residual, y.dtype)
         if padding is not None:
-            return torch.ops.fused_resnet.bn_act(y, scale, shift, residual, None, None, relu, padding.stride,
-                                                 padding.channels_before)
-        return torch.ops.fused_resnet.bn_act(y, scale, shift, residual, residual_scale, residual_shift, relu)
+            return self.ops.bn_act(y, scale, shift, residual, None, None, relu, padding.stride, padding.channels_before)
+        return self.ops.bn_act(y, scale, shift, residual, residual_scale, residual_shift, relu)
 
     def backward_reduce(
         self, grad: Tensor, output: Tensor | None, y: Tensor, mean: Tensor, y2: Tensor | None = None,
         mean2: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return torch.ops.fused_resnet.bn_act_backward_reduce(grad, output, y, mean, y2, mean2)
+        return self.ops.bn_act_backward_reduce(grad, output, y, mean, y2, mean2)
 
     def backward_elemt(
         self, grad: Tensor, output: Tensor | None, y: Tensor, mean: Tensor, coefs: BackwardCoefs,
@@ -65,7 +68,7 @@ class NativeKernels:
         residual_grad: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         k2 = coefs2 if coefs2 is not None else (None, None, None)
-        grad_y, grad_other = torch.ops.fused_resnet.bn_act_backward_elemt(
+        grad_y, grad_other = self.ops.bn_act_backward_elemt(
             grad, output, y, mean, *coefs, y2, mean2, *k2, residual_grad
         )
         return grad_y, (grad_other if (y2 is not None or residual_grad) else None)
@@ -159,17 +162,72 @@ class CpuKernels(NativeKernels):
                 and (residual is None or residual.is_contiguous(memory_format=channels_last)))
 
 
+class TritonKernels(NativeKernels):
+    """The Triton kernels (fused_resnet.triton): the four memory-bound ops, and an implicit-GEMM convolution that
+    applies the previous BatchNorm and ReLU to its input as it loads it (prologue), computes the batch statistics
+    of its output as it stores it, and in inference adds the folded BN's bias, the residual and the ReLU
+    (epilogue). Convolution backward (dgrad, wgrad) stays on ATen: cuDNN's are tuned per architecture, and the
+    forward fusions are where Triton removes memory passes (DESIGN.md §4).
+
+    Triton has no autocast: under torch.autocast the convolution's input and weight are cast to the autocast dtype
+    first, as F.conv2d's autocast wrapper does."""
+
+    def __init__(self) -> None:
+        from .triton import bn, conv
+
+        super().__init__("triton", bn)
+        self._conv2d = conv.conv2d
+
+    def _low_precision(self, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        device = x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            return as_dtype(x, dtype), as_dtype(weight, dtype)
+        return x, weight
+
+    def _conv2d_of(self, x: Tensor, conv: ConvParams, weight: Tensor | None = None, **fusions) -> Tensor | tuple:
+        x, weight = self._low_precision(x, conv.weight if weight is None else weight)
+        return self._conv2d(x, weight, fusions.pop("bias", conv.bias), conv.stride, conv.padding, conv.dilation,
+                            conv.groups, **fusions)
+
+    def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
+        return self._conv2d_of(x, conv)
+
+    def conv_stats(self, x: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
+        return self._conv2d_of(x, conv, stats=True) if stats else (self._conv2d_of(x, conv),)
+
+    def bn_relu_conv(self, y: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
+        out = self._conv2d_of(y, conv, input_scale=as_dtype(scale, torch.float32),
+                              input_shift=as_dtype(shift, torch.float32), stats=stats)
+        return out if stats else (out,)
+
+    def conv_bias_act(
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
+        padding: ZeroPadIdentity | None = None,
+    ) -> Tensor:
+        option_a = dict(residual_stride=padding.stride, residual_channel_offset=padding.channels_before) if padding else {}
+        if residual is not None:
+            residual = as_dtype(residual, self._low_precision(x, weight)[0].dtype)
+        return self._conv2d_of(x, conv, weight, bias=as_dtype(bias, torch.float32), residual=residual, relu=relu,
+                               **option_a)
+
+
+_KERNEL_SETS: dict[str, NativeKernels] = {}
+
+
 def kernels_for(backend: str) -> NativeKernels:
-    """The kernel set of a concrete backend other than `torch` (which runs the reference composite)."""
-    if backend == "cpu":
-        return _CPU
-    if backend == "cuda":
-        return _CUDA
-    raise RuntimeError(f"fused_resnet backend {backend!r} has no kernels in this version")
-
-
-_CPU = CpuKernels("cpu")
-_CUDA = NativeKernels("cuda")
+    """The kernel set of a concrete backend other than `torch` (which runs the reference composite). The Triton
+    one is made on first use: importing it compiles nothing, but imports triton."""
+    if backend not in _KERNEL_SETS:
+        if backend == "cpu":
+            _KERNEL_SETS[backend] = CpuKernels("cpu")
+        elif backend == "cuda":
+            _KERNEL_SETS[backend] = NativeKernels("cuda")
+        elif backend == "triton":
+            _KERNEL_SETS[backend] = TritonKernels()
+        else:
+            raise RuntimeError(f"fused_resnet backend {backend!r} has no kernels")
+    return _KERNEL_SETS[backend]
 
 
 def _register_fake_implementations() -> None:

@@ -11,11 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-import fused_resnet
+# Without a GPU the Triton backend runs in Triton's CPU interpreter, which must be on before any Triton kernel is
+# defined, so before fused_resnet.triton is imported (by any test module). With a GPU it runs compiled, on CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The fused backends that can run on CPU tensors here (``torch`` is the reference composite itself).
-CPU_BACKENDS = [b for b in fused_resnet.available_backends() if b in ("cpu", "triton")]
+import fused_resnet  # noqa: E402
+
+# The compiled fused backends that run on CPU tensors here (``torch`` is the reference composite itself), which the
+# full module/model matrices run on. The interpreted Triton backend is some thousand times slower and has no
+# float64: tests/test_triton_*.py cover it on small shapes.
+CPU_BACKENDS = [b for b in fused_resnet.available_backends() if b == "cpu"]
 ALL_BACKENDS = ["torch", *CPU_BACKENDS]
+TRITON_ON_CPU = fused_resnet.backend_status()["triton"] == "available" and fused_resnet.backends.triton_interpreted()
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:

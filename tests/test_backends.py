@@ -89,5 +89,34 @@ else:
 print("ok")
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop(backends.INTERPRET_ENV_VAR, None)  # the Triton backend would run here on the CPU too
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the Triton backend runs compiled, on CUDA")
+def test_triton_on_the_cpu_needs_the_interpreter():
+    """Without TRITON_INTERPRET=1 and without a GPU, the triton backend says what it lacks; with it, it runs on
+    CPU tensors; on other devices it is an error either way."""
+    script = """
+import torch, fused_resnet
+from fused_resnet import backends
+reason = fused_resnet.backend_status()["triton"]
+assert "TRITON_INTERPRET=1" in reason and "no CUDA GPU" in reason, reason
+try:
+    with fused_resnet.use_backend("triton"):
+        fused_resnet.BasicBlock(4, 4)(torch.randn(2, 4, 5, 5))
+except RuntimeError as error:
+    assert "backend 'triton' is not available" in str(error), error
+else:
+    raise AssertionError("the triton backend ran on the CPU without its interpreter")
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop(backends.INTERPRET_ENV_VAR, None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    if backends.triton_interpreted() and fused_resnet.backend_status()["triton"] == "available":
+        assert backends.select_backend(torch.device("cpu"), "triton") == "triton"
+        with pytest.raises(RuntimeError, match="backend 'triton' runs on cuda tensors .* but the input is on meta"):
+            backends.select_backend(torch.device("meta"), "triton")

@@ -1,0 +1,157 @@
+"""The `triton` backend end to end: whole blocks (train: output, every gradient, running statistics; eval;
+inference) against torchvision in float64, option A, ConvBNReLU, a CIFAR net, low precision, and the proof that
+a block's forward runs no ATen convolution or batch_norm (its convolutions are Triton's, with the BatchNorms
+fused around them).
+
+Without a GPU these run in Triton's CPU interpreter (tests/conftest.py turns it on), on small shapes: a block's
+train step takes seconds there. With a GPU they run compiled, on CUDA tensors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_resnet
+from conftest import TRITON_ON_CPU, assert_rel, randomize_batchnorms, rel_err, to_layout
+from fused_resnet import use_backend
+from test_modules import BLOCKS, step, torchvision_block
+
+pytestmark = pytest.mark.skipif(fused_resnet.backend_status()["triton"] != "available",
+                                reason=f"triton backend: {fused_resnet.backend_status()['triton']}")
+
+DEVICE = "cpu" if TRITON_ON_CPU else "cuda"
+# fp32 against float64: the interpreter computes fp32 exactly as numpy does; on a GPU convolutions use TF32, as
+# PyTorch's do by default (torch.backends.cudnn.allow_tf32), which moves results by ~1e-3 relative.
+TOL = 1e-4 if TRITON_ON_CPU else 5e-3
+
+
+def fused_fp32(tv: torch.nn.Module) -> torch.nn.Module:
+    return fused_resnet.convert(copy.deepcopy(tv)).float().to(DEVICE)
+
+
+def compare(fused, tv, x64, mode, channels_last, tol=TOL):
+    """Two steps of `fused` (float32, triton) and `tv` (float64) in `mode` on the same data; compares the output,
+    the input gradient, every parameter gradient and every buffer."""
+    x = to_layout(x64, channels_last)
+    for seed in range(2):  # twice: running statistics and num_batches_tracked evolve
+        with use_backend("triton"):
+            out, gx = step(fused, x.float().to(DEVICE), mode, seed)
+        ref, rgx = step(tv, x, mode, seed)
+    assert out.dtype == torch.float32 and not out.isnan().any()
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_rel(out.cpu(), ref, tol, "output")
+    if mode != "inference":
+        assert_rel(gx.cpu(), rgx, tol, "grad x")
+        for (name, p), rp in zip(fused.named_parameters(), tv.parameters()):
+            assert_rel(p.grad.cpu(), rp.grad, tol, f"grad {name}", floor=1e-3 * rp.grad.norm().item() + 1e-12)
+    for (name, b), rb in zip(fused.named_buffers(), tv.buffers()):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(b.cpu(), rb), name
+        else:
+            assert_rel(b.cpu(), rb, tol, name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["train", "inference"])
+@pytest.mark.parametrize("name", ["basic", "basic-down", "bottleneck-down", "resnext-like", "dilated"])
+def test_block_matches_torchvision(name, mode, channels_last):
+    tv = torchvision_block(name)
+    _, _, _, cin, h, w = BLOCKS[name]
+    compare(fused_fp32(tv), tv, torch.randn(2, cin, h, w, dtype=torch.float64), mode, channels_last)
+
+
+@pytest.mark.parametrize("name", ["basic-down", "bottleneck"])
+def test_eval_mode_with_gradients_matches_torchvision(name):
+    """Running statistics, but gradients wanted (fine-tuning with frozen BN): the training chain, not the folded
+    inference path."""
+    tv = torchvision_block(name)
+    _, _, _, cin, h, w = BLOCKS[name]
+    compare(fused_fp32(tv), tv, torch.randn(2, cin, h, w, dtype=torch.float64), "eval-grad", True)
+
+
+@pytest.mark.parametrize("mode", ["train", "inference"])
+def test_option_a_block_matches_the_reference(mode):
+    """Option A's zero-padded identity: subsampled and padded inside the last kernel (train) or the conv's
+    epilogue (inference), checked against the reference composite in float64."""
+    block = randomize_batchnorms(fused_resnet.BasicBlock(6, 10, stride=2, shortcut="A")).double()
+    fused = copy.deepcopy(block).float().to(DEVICE)
+    x64 = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    for seed in range(2):
+        with use_backend("triton"):
+            out, gx = step(fused, x64.float().to(DEVICE), mode, seed)
+        with use_backend("torch"):
+            ref, rgx = step(block, x64, mode, seed)
+    assert_rel(out.cpu(), ref, TOL, "output")
+    if mode == "train":
+        assert_rel(gx.cpu(), rgx, TOL, "grad x")
+        for (name, p), rp in zip(fused.named_parameters(), block.parameters()):
+            assert_rel(p.grad.cpu(), rp.grad, TOL, f"grad {name}")
+        for (name, b), rb in zip(fused.named_buffers(), block.buffers()):
+            assert_rel(b.cpu().double(), rb.double(), TOL, name)
+
+
+def test_conv_bn_relu_and_a_cifar_net_train_like_the_reference():
+    net = randomize_batchnorms(fused_resnet.cifar_resnet(8, shortcut="A", num_classes=5)).double()
+    fused = copy.deepcopy(net).float().to(DEVICE)
+    x64 = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with use_backend("triton"):
+        out, gx = step(fused, x64.float().to(DEVICE), "train")
+    with use_backend("torch"):
+        ref, rgx = step(net, x64, "train")
+    assert_rel(out.cpu(), ref, TOL, "logits")
+    assert_rel(gx.cpu(), rgx, TOL, "grad x")
+    for (name, p), rp in zip(fused.named_parameters(), net.parameters()):
+        assert_rel(p.grad.cpu(), rp.grad, TOL, f"grad {name}")
+    for (name, b), rb in zip(fused.named_buffers(), net.buffers()):
+        assert_rel(b.cpu().double(), rb.double(), TOL, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_block_is_as_accurate_as_torchvision_in_it(dtype):
+    """DESIGN.md §6: within 2x of PyTorch's own error in that dtype against the float64 reference."""
+    tv = torchvision_block("bottleneck-down")
+    x64 = to_layout(torch.randn(2, 8, 9, 9, dtype=torch.float64), True)
+    ref, _ = step(tv, x64, "train")
+    low_tv = copy.deepcopy(tv).to(dtype)
+    low_out, _ = step(low_tv, x64.to(dtype), "train")
+    fused = fused_resnet.convert(copy.deepcopy(tv)).to(dtype).to(DEVICE)
+    with use_backend("triton"):
+        out, _ = step(fused, x64.to(dtype).to(DEVICE), "train")
+    assert out.dtype == dtype
+    assert rel_err(out.cpu(), ref) <= 2 * rel_err(low_out, ref) + 1e-3
+
+
+class _RecordAtenOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["train", "inference"])
+@pytest.mark.parametrize("name", ["basic-down", "bottleneck"])
+def test_a_block_forward_runs_no_aten_convolution_or_batch_norm(name, mode):
+    tv = torchvision_block(name)
+    fused = fused_fp32(tv).train(mode == "train")
+    _, _, _, cin, h, w = BLOCKS[name]
+    x = torch.randn(2, cin, h, w, device=DEVICE)
+    recorder = _RecordAtenOps()
+    with use_backend("triton"), torch.set_grad_enabled(mode == "train"), recorder:
+        fused(x.requires_grad_(mode == "train"))
+    banned = {op for op in recorder.names if "conv" in op or "batch_norm" in op}
+    assert not banned, f"the triton backend's forward called {sorted(banned)}"
+    # The recorder does see ATen ops: the per-channel BatchNorm arithmetic (rsqrt of the variance) in training,
+    # the folded weights' scaling in inference.
+    assert recorder.names, "the recorder saw no ATen op at all"
+    # The same recorder on the cpu backend sees the convolutions it must not see on triton's.
+    if "cpu" in fused_resnet.available_backends():
+        control = _RecordAtenOps()
+        with use_backend("cpu"), torch.set_grad_enabled(mode == "train"), control:
+            fused.cpu()(x.detach().cpu().requires_grad_(mode == "train"))
+        assert any("convolution" in op for op in control.names), sorted(control.names)
