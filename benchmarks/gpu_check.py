@@ -56,6 +56,7 @@ BENCHMARK_ARGS = ["--dtype", "bfloat16", "--channels-last", "--models", "resnet5
 # compute-sanitizer slows every kernel launch down many times over: the bf16 kernel tests on two shapes, one with
 # odd sizes (the scalar paths) and one with 512 channels (the 16-byte vector paths), in every layout and alignment.
 SANITIZER_SELECTION = "bfloat16 and (2x3x7x9 or 2x512x14x14)"
+RACECHECK_SELECTION = "bfloat16 and 2x512x14x14"
 
 
 def _pytest(*args: str) -> list[str]:
@@ -388,8 +389,18 @@ def _plan_cuda_tests(check: Check) -> list[str]:
     return _pytest("tests/test_cuda_kernels.py", "-q", "-rs")
 
 
+# The Triton backend's tests: compiled on the GPU's CUDA tensors here, interpreted on the CPU in `make test`.
+TRITON_TESTS = ["tests/test_triton_kernels.py", "tests/test_triton_conv.py", "tests/test_triton_backend.py"]
+
+
+def _plan_triton_tests(check: Check) -> list[str]:
+    command = _pytest(*TRITON_TESTS, "-q", "-rs")
+    # On the CPU they run in Triton's interpreter, minutes long, and `make test` has just run them.
+    return [*command, "--collect-only"] if check.rehearsal else command
+
+
 def _plan_other_tests(check: Check) -> list[str]:
-    command = _pytest("tests", "--ignore=tests/test_cuda_kernels.py", "-q")
+    command = _pytest("tests", "--ignore=tests/test_cuda_kernels.py", *(f"--ignore={t}" for t in TRITON_TESTS), "-q")
     # `make test` has just run them all on this CPU: the rehearsal only checks that they collect.
     return [*command, "--collect-only"] if check.rehearsal else command
 
@@ -412,15 +423,25 @@ def _plan_sanitizer(check: Check) -> list[str] | str:
             *_pytest("tests/test_cuda_kernels.py", "-q", "-m", "not slow", "-k", SANITIZER_SELECTION)]
 
 
+def _plan_racecheck(check: Check) -> list[str] | str:
+    memcheck = _plan_sanitizer(check)
+    if isinstance(memcheck, str):
+        return memcheck
+    # Shared-memory races live in the reductions (statistics, backward sums): one bf16 shape with 512 channels.
+    return [memcheck[0], "--tool", "racecheck", "--error-exitcode", "1",
+            *_pytest("tests/test_cuda_kernels.py", "-q", "-m", "not slow", "-k", RACECHECK_SELECTION)]
+
+
 def _conclude_sanitizer(check: Check, result: StepResult, output: str) -> None:
     errors = re.findall(r"ERROR SUMMARY: (\d+) error", output)
     outcome = _pytest_outcome(output)
+    tool = result.name.split()[-1]  # memcheck or racecheck
     if not errors:
-        verdict = "no memcheck summary (see log.txt)"
+        verdict = f"no {tool} summary (see log.txt)"
     elif int(errors[-1]) == 0:
-        verdict = "clean: 0 memcheck errors" + (" in the tests that ran" if result.status == "timed out" else "")
+        verdict = f"clean: 0 {tool} errors" + (" in the tests that ran" if result.status == "timed out" else "")
     else:
-        verdict = f"{errors[-1]} memcheck errors (see log.txt)"
+        verdict = f"{errors[-1]} {tool} errors (see log.txt)"
     result.note = "; ".join(part for part in (verdict, outcome, result.note) if part)
 
 
@@ -442,16 +463,18 @@ def _conclude_benchmarks(check: Check, result: StepResult, output: str) -> None:
 
 
 STEPS = [
-    Step("build", 150, _plan_build, env={"MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))},
+    Step("build", 120, _plan_build, env={"MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))},
          conclude=_conclude_build),
-    Step("environment", 20, _plan_environment, conclude=_conclude_environment),
-    Step("CUDA kernel tests", 45, _plan_cuda_tests, conclude=_note_pytest_outcome),
-    Step("other tests", 45, _plan_other_tests, conclude=_conclude_other_tests),
+    Step("environment", 15, _plan_environment, conclude=_conclude_environment),
+    Step("CUDA kernel tests", 40, _plan_cuda_tests, conclude=_note_pytest_outcome),
+    Step("Triton tests", 50, _plan_triton_tests, conclude=_conclude_other_tests),
+    Step("other tests", 35, _plan_other_tests, conclude=_conclude_other_tests),
     # The caching allocator hands out pieces of larger blocks, where memcheck cannot see an overrun: allocate each
     # tensor on its own.
-    Step("compute-sanitizer memcheck", 45, _plan_sanitizer, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+    Step("compute-sanitizer memcheck", 40, _plan_sanitizer, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
          conclude=_conclude_sanitizer),
-    Step("benchmarks", 135, _plan_benchmarks, conclude=_conclude_benchmarks),
+    Step("compute-sanitizer racecheck", 25, _plan_racecheck, conclude=_conclude_sanitizer),
+    Step("benchmarks", 120, _plan_benchmarks, conclude=_conclude_benchmarks),
 ]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import re
 from collections.abc import Callable, Iterable
@@ -352,6 +353,7 @@ TARGET_DTYPE, TARGET_MEMORY_FORMAT = "bfloat16", "channels_last"
 # (key, mode, baseline provider, the fused/baseline throughput ratio to reach)
 SPEED_TARGETS = [("train_vs_eager", "train", "torchvision", 1.3), ("train_vs_compile", "train", "torch-compile", 1.1),
                  ("eval_vs_eager", "eval", "torchvision", 1.3)]
+BLOCK_TARGET = 1.5  # issues 4 and 5: a ResNet-50 Bottleneck's train step against torchvision eager
 COPY_FRACTION_TARGET = 0.8  # fused memory-bound ops: GB/s against the device's plain-copy GB/s
 MEMORY_TARGET = 0.6  # resnet50 training: bytes saved for backward, fused over torchvision
 
@@ -387,8 +389,33 @@ def target_checks(report: Report) -> list[TargetCheck]:
                  if (row["dtype"], row["memory_format"]) == (TARGET_DTYPE, TARGET_MEMORY_FORMAT)]
     off_card = (None if _on_target_card(report)
                 else f"targets are for an {'/'.join(TARGET_CARDS)}, not {report.header.get('device')}")
-    return [*_speed_checks(report, in_layout, off_card), *_copy_checks(report, in_layout, off_card),
-            *_memory_checks(report)]
+    return [*_speed_checks(report, in_layout, off_card), *_block_checks(report, in_layout, off_card),
+            *_copy_checks(report, in_layout, off_card), *_memory_checks(report)]
+
+
+def _block_checks(report: Report, in_layout: list[dict], off_card: str | None) -> list[TargetCheck]:
+    """Issues 4 and 5: a ResNet-50 Bottleneck's train step against torchvision eager, per fused provider: the
+    geometric mean of its ratios over the Bottleneck shapes that ran (each one ResNet-50 stage's)."""
+    layout, target = f"{TARGET_DTYPE} {TARGET_MEMORY_FORMAT}", f">= {BLOCK_TARGET:.2f}x"
+    what = "ResNet-50 Bottleneck train step vs torchvision"
+    rows = [row for row in in_layout if row["suite"] == "blocks" and row["mode"] == "train"
+            and row["case"].startswith("Bottleneck") and row["provider"].startswith("fused-")
+            and row["ratio"] is not None]
+    if not rows:
+        return [TargetCheck("block_train_vs_eager", what, target, None, "-", "not measured",
+                            f"no fused Bottleneck train step ran in {layout}")]
+    not_judged = off_card or (None if report.header.get("size") == "full" else
+                              f"judged at the full size, not the {report.header.get('size')} size")
+    checks = []
+    for provider in sorted({row["provider"] for row in rows}):
+        ratios = [row["ratio"] for row in rows if row["provider"] == provider]
+        value = math.prod(ratios) ** (1 / len(ratios))
+        checks.append(TargetCheck(
+            "block_train_vs_eager", f"{what}, {provider}", target, value,
+            f"{value:.2f}x (geomean of {len(ratios)} shapes, {min(ratios):.2f}-{max(ratios):.2f}x)",
+            "not judged" if not_judged else _verdict(value, BLOCK_TARGET, at_least=True),
+            layout + (f"; {not_judged}" if not_judged else "")))
+    return checks
 
 
 def _speed_checks(report: Report, in_layout: list[dict], off_card: str | None) -> list[TargetCheck]:

@@ -92,7 +92,7 @@ def _row(suite, case, mode, provider, images_per_s, *, reference=False, gb_per_s
             "images_per_s": images_per_s, "gb_per_s": gb_per_s, "median_s": 1.0, "peak_memory_mib": None, **extra}
 
 
-def _h100_report(fused_train=3000.0, fused_memory=0.8, batch=256) -> report.Report:
+def _h100_report(fused_train=3000.0, fused_memory=0.8, batch=256, fused_block=(160.0, 300.0)) -> report.Report:
     model = dict(model="resnet50", resolution=224, batch=batch)
     rows = [
         _row("models", "resnet50 @224", "train", "torchvision", 2000.0, reference=True, **model),
@@ -103,6 +103,10 @@ def _h100_report(fused_train=3000.0, fused_memory=0.8, batch=256) -> report.Repo
         _row("ops", "bn+add+relu", "eval fwd", "torch-unfused", 100.0, reference=True, gb_per_s=1000.0),
         _row("ops", "bn+add+relu", "eval fwd", "fused-cuda", 250.0, gb_per_s=2500.0),
         _row("copy", "256x256x56x56", "copy", "torch copy_", 120.0, reference=True, gb_per_s=3000.0),
+        _row("blocks", "Bottleneck 256/64@56", "train", "torchvision", 100.0, reference=True),
+        _row("blocks", "Bottleneck 256/64@56", "train", "fused-cuda", fused_block[0]),
+        _row("blocks", "Bottleneck 512/128@28", "train", "torchvision", 200.0, reference=True),
+        _row("blocks", "Bottleneck 512/128@28", "train", "fused-cuda", fused_block[1]),
     ]
     memory = [{**_row("memory", "resnet50 @224", "train", provider, 0.0, reference=provider == "torchvision",
                       model="resnet50", resolution=224), "saved_bytes_per_image": per_image}
@@ -134,10 +138,13 @@ def test_tables_put_the_providers_side_by_side():
 def test_targets_are_judged_on_an_h100_at_the_full_configuration():
     verdicts = {(c.key, c.verdict) for c in report.target_checks(_h100_report())}
     assert verdicts == {("train_vs_eager", "met"), ("train_vs_compile", "met"), ("eval_vs_eager", "NOT MET"),
-                        ("elementwise_vs_copy", "met"), ("memory", "NOT MET")}
-    assert {c.key: c.verdict for c in report.target_checks(_h100_report(fused_train=2600, fused_memory=0.5))} == {
+                        ("block_train_vs_eager", "met"), ("elementwise_vs_copy", "met"), ("memory", "NOT MET")}
+    block = next(c for c in report.target_checks(_h100_report()) if c.key == "block_train_vs_eager")
+    assert block.value == pytest.approx((1.6 * 1.5) ** 0.5) and "geomean of 2 shapes, 1.50-1.60x" in block.measured
+    assert {c.key: c.verdict for c in report.target_checks(
+        _h100_report(fused_train=2600, fused_memory=0.5, fused_block=(160.0, 260.0)))} == {
         "train_vs_eager": "met", "train_vs_compile": "NOT MET", "eval_vs_eager": "NOT MET",
-        "elementwise_vs_copy": "met", "memory": "met"}
+        "block_train_vs_eager": "NOT MET", "elementwise_vs_copy": "met", "memory": "met"}
 
 
 def test_targets_are_not_judged_elsewhere():
