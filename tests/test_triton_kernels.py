@@ -14,20 +14,24 @@ an element or a partial a kernel forgets to write fails the comparison instead o
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot run")
+triton = pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot run")
 
 import primitives  # noqa: E402
 from conftest import to_layout  # noqa: E402
 from fused_resnet import _native  # noqa: E402
 from fused_resnet.triton import bn, stats  # noqa: E402
 
-INTERPRETED = bn._is_interpreted()
+INTERPRETED = stats.kernels_are_interpreted()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -555,3 +559,65 @@ def test_launchers_reject_an_option_a_residual_that_does_not_fit(device):
         bn.bn_act(x, s, s, torch.randn(2, 8, 8, 8, device=device), None, None, True, 0, 4)
     with pytest.raises(TypeError, match=r"expected residual of dtype torch.float32"):
         bn.bn_act(x, s, s, torch.randn(2, 8, 8, 8, device=device).half(), None, None, True, 2, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU build: the interpreter accepts programs the compiler rejects (and the reverse), so every kernel variant the
+# launchers can pick is compiled for an H100 (sm_90) here, without a GPU, by Triton's own ptxas.
+
+COMPILE_FOR_SM90 = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fused_resnet.triton import bn, stats
+
+    ACTIVATIONS = {"x_ptr", "residual_ptr", "out_ptr", "g_ptr", "output_ptr", "x2_ptr", "grad_x_ptr", "grad_other_ptr"}
+
+    def compile_for_sm90(kernel, num_warps, **constants):
+        signature, constexprs = {}, {}
+        for name in kernel.arg_names:
+            if name in constants:
+                signature[name], constexprs[name] = "constexpr", constants[name]
+            elif name.endswith("_ptr"):
+                signature[name] = ("*bf16" if name in ACTIVATIONS else "*i32" if name.startswith("count")
+                                   else "*fp32")
+            else:
+                signature[name] = "i32"
+        triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps))
+
+    SECOND_BN = ("x2_ptr", "mean2_ptr", "coef2_dy_ptr", "coef2_xmu_ptr", "coef2_const_ptr")
+    compile_for_sm90(stats._merge_partial_stats_kernel, 4, BLOCK_T=64, BLOCK_C=32)
+    compile_for_sm90(bn._batch_stats_planes_kernel, 8, BLOCK_N=1, BLOCK_HW=4096)
+    compile_for_sm90(bn._batch_stats_rows_kernel, 8, BLOCKS_PER_TILE=16, BLOCK_R=64, BLOCK_C=64)
+    compile_for_sm90(bn._sum_partials_kernel, 4, BLOCK_T=64, BLOCK_COLS=32)
+    for kernel, blocks in ((bn._bn_act_planes_kernel, dict(BLOCK_P=1, BLOCK_HW=2048)),
+                           (bn._bn_act_rows_kernel, dict(BLOCK_R=16, BLOCK_C=128))):
+        for residual in range(4):
+            unused = {name: None for name in (["residual_ptr"] if residual == 0 else [])
+                      + (["residual_scale_ptr", "residual_shift_ptr"] if residual != 2 else [])}
+            compile_for_sm90(kernel, 4, RESIDUAL=residual, RELU=residual % 2 == 0, **unused, **blocks)
+    for kernel, blocks in ((bn._backward_reduce_planes_kernel, dict(BLOCK_N=1, BLOCK_HW=4096)),
+                           (bn._backward_reduce_rows_kernel, dict(BLOCKS_PER_TILE=16, BLOCK_R=64, BLOCK_C=64))):
+        compile_for_sm90(kernel, 8, MASK=False, SECOND=False, output_ptr=None, x2_ptr=None, mean2_ptr=None, **blocks)
+        compile_for_sm90(kernel, 8, MASK=True, SECOND=True, **blocks)
+    for kernel, blocks in ((bn._backward_elemt_planes_kernel, dict(BLOCK_P=1, BLOCK_HW=2048)),
+                           (bn._backward_elemt_rows_kernel, dict(BLOCK_R=16, BLOCK_C=128))):
+        compile_for_sm90(kernel, 4, MASK=False, OTHER=0, output_ptr=None, grad_other_ptr=None,
+                         **dict.fromkeys(SECOND_BN), **blocks)
+        compile_for_sm90(kernel, 4, MASK=True, OTHER=1, **dict.fromkeys(SECOND_BN), **blocks)
+        compile_for_sm90(kernel, 4, MASK=True, OTHER=2, **blocks)
+    print("compiled")
+""")
+
+
+def test_every_kernel_variant_compiles_for_an_h100(tmp_path):
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists() and not os.environ.get("TRITON_PTXAS_PATH"):
+        pytest.skip("Triton's CUDA backend has no ptxas here: the kernels cannot be compiled for a GPU")
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "compiled", result.stderr[-4000:]

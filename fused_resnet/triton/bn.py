@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .stats import merge_partial_stats
+from .stats import check_launch_device, describe, merge_partial_stats
 
 # Activation dtypes and their accumulation dtypes.
 ACCUMULATION_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
@@ -508,42 +508,22 @@ class ElementwiseBlocks(NamedTuple):
 # Argument checks, named like the compiled ops' (csrc/checks.h).
 
 
-def _describe(t: Tensor) -> str:
-    return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}"
-
-
-def _is_interpreted() -> bool:
-    # Kernels defined while TRITON_INTERPRET=1 are interpreter functions, not JIT-compiled ones, for good.
-    return not isinstance(_bn_act_rows_kernel, triton.runtime.jit.JITFunction)
-
-
 def _check_tensor(op: str, name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: expected {name} to be a Tensor, got {type(t).__name__}")
     return t
 
 
-def _check_device(op: str, t: Tensor) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and _is_interpreted():
-        return
-    if t.device.type == "cpu":
-        raise RuntimeError(f"{op}: CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before "
-                           "fused_resnet.triton is imported, or pass CUDA tensors")
-    raise RuntimeError(f"{op}: expected CUDA tensors, got a {_describe(t)}")
-
-
 def _input(op: str, t: object) -> Activation:
     """The checked input of an op, dense in its layout (NCHW unless it is dense channels_last)."""
     t = _check_tensor(op, "input", t)
     if t.dim() != 4:
-        raise ValueError(f"{op}: expected input to be 4-D (N, C, H, W), got a {_describe(t)}")
+        raise ValueError(f"{op}: expected input to be 4-D (N, C, H, W), got a {describe(t)}")
     if t.dtype not in ACCUMULATION_DTYPES:
-        raise TypeError(f"{op}: expected input of dtype float16, bfloat16, float32 or float64, got a {_describe(t)}")
+        raise TypeError(f"{op}: expected input of dtype float16, bfloat16, float32 or float64, got a {describe(t)}")
     if t.numel() == 0:
-        raise ValueError(f"{op}: expected a non-empty input, got a {_describe(t)}")
-    _check_device(op, t)
+        raise ValueError(f"{op}: expected a non-empty input, got a {describe(t)}")
+    check_launch_device(op, t)
     channels_last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
     dense = t if channels_last else t.contiguous()
     return Activation(dense, channels_last, *t.shape)
@@ -554,11 +534,11 @@ def _activation_like(op: str, name: str, t: object, a: Activation) -> Tensor:
     t = _check_tensor(op, name, t)
     ref = a.tensor
     if t.shape != ref.shape:
-        raise ValueError(f"{op}: expected {name} of shape {list(ref.shape)} like the input, got a {_describe(t)}")
+        raise ValueError(f"{op}: expected {name} of shape {list(ref.shape)} like the input, got a {describe(t)}")
     if t.dtype != ref.dtype:
-        raise TypeError(f"{op}: expected {name} of dtype {ref.dtype} like the input, got a {_describe(t)}")
+        raise TypeError(f"{op}: expected {name} of dtype {ref.dtype} like the input, got a {describe(t)}")
     if t.device != ref.device:
-        raise RuntimeError(f"{op}: expected {name} on {ref.device} like the input, got a {_describe(t)}")
+        raise RuntimeError(f"{op}: expected {name} on {ref.device} like the input, got a {describe(t)}")
     return t.contiguous(memory_format=a.memory_format)
 
 
@@ -570,11 +550,11 @@ def _channel_param(op: str, name: str, t: object, a: Activation) -> Tensor:
     """A vector of C per-channel values on the input's device, contiguous in the accumulation dtype."""
     t = _check_tensor(op, name, t)
     if t.dim() != 1 or t.shape[0] != a.C:
-        raise ValueError(f"{op}: expected {name} to be a vector of {a.C} per-channel values, got a {_describe(t)}")
+        raise ValueError(f"{op}: expected {name} to be a vector of {a.C} per-channel values, got a {describe(t)}")
     if not t.is_floating_point():
-        raise TypeError(f"{op}: expected {name} to be floating-point, got a {_describe(t)}")
+        raise TypeError(f"{op}: expected {name} to be floating-point, got a {describe(t)}")
     if t.device != a.tensor.device:
-        raise RuntimeError(f"{op}: expected {name} on {a.tensor.device} like the input, got a {_describe(t)}")
+        raise RuntimeError(f"{op}: expected {name} on {a.tensor.device} like the input, got a {describe(t)}")
     return t.to(a.accumulation_dtype).contiguous()
 
 
@@ -603,7 +583,7 @@ def _padded_residual(op: str, a: Activation, residual: Tensor | None, affine: bo
         raise ValueError(f"{op}: a subsampled or channel-padded residual takes no residual_scale")
     r = _check_tensor(op, "residual", residual)
     if r.dim() != 4:
-        raise ValueError(f"{op}: expected residual to be 4-D (N, C, H, W), got a {_describe(r)}")
+        raise ValueError(f"{op}: expected residual to be 4-D (N, C, H, W), got a {describe(r)}")
     if stride < 1:
         raise ValueError(f"{op}: expected residual_stride >= 1, got {stride}")
     if offset < 0 or offset + r.shape[1] > a.C:
@@ -613,9 +593,9 @@ def _padded_residual(op: str, a: Activation, residual: Tensor | None, affine: bo
         raise ValueError(f"{op}: a residual of shape {list(r.shape)} subsampled by {stride} does not match the "
                          f"input of shape {list(a.tensor.shape)}")
     if r.dtype != a.tensor.dtype:
-        raise TypeError(f"{op}: expected residual of dtype {a.tensor.dtype}, got a {_describe(r)}")
+        raise TypeError(f"{op}: expected residual of dtype {a.tensor.dtype}, got a {describe(r)}")
     if r.device != a.tensor.device:
-        raise RuntimeError(f"{op}: expected residual on {a.tensor.device}, got a {_describe(r)}")
+        raise RuntimeError(f"{op}: expected residual on {a.tensor.device}, got a {describe(r)}")
     return r.contiguous(memory_format=a.memory_format)
 
 

@@ -94,8 +94,24 @@ def _merge_partial_stats_kernel(
     tl.store(var_ptr + channels, out_var.to(var_ptr.dtype.element_ty), mask=channel_mask)
 
 
-def _describe(t: Tensor) -> str:
+def describe(t: Tensor) -> str:
     return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}"
+
+
+def kernels_are_interpreted() -> bool:
+    """Whether this package's kernels run under Triton's interpreter: decided once, when they were defined."""
+    return not isinstance(_merge_partial_stats_kernel, triton.runtime.jit.JITFunction)
+
+
+def check_launch_device(op: str, t: Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; anything else is refused here rather
+    than failing inside Triton with a message about pointers."""
+    if t.device.type == "cuda" or (t.device.type == "cpu" and kernels_are_interpreted()):
+        return
+    if t.device.type == "cpu":
+        raise RuntimeError(f"{op}: CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before "
+                           "fused_resnet.triton is imported, or pass CUDA tensors")
+    raise RuntimeError(f"{op}: expected CUDA tensors, got a {describe(t)}")
 
 
 def merge_partial_stats(mean_partial: Tensor, m2_partial: Tensor, count_partial: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,27 +128,28 @@ def merge_partial_stats(mean_partial: Tensor, m2_partial: Tensor, count_partial:
         if not isinstance(t, Tensor):
             raise TypeError(f"{_OP}: expected {name} to be a Tensor, got {type(t).__name__}")
         if t.dim() != 2 or t.numel() == 0:
-            raise ValueError(f"{_OP}: expected {name} to be a non-empty [tiles, channels] matrix, got a {_describe(t)}")
+            raise ValueError(f"{_OP}: expected {name} to be a non-empty [tiles, channels] matrix, got a {describe(t)}")
         if t.dtype not in PARTIAL_DTYPES:
-            raise TypeError(f"{_OP}: expected {name} of dtype torch.float32 or torch.float64, got a {_describe(t)}")
+            raise TypeError(f"{_OP}: expected {name} of dtype torch.float32 or torch.float64, got a {describe(t)}")
     if not isinstance(count_partial, Tensor):
         raise TypeError(f"{_OP}: expected count_partial to be a Tensor, got {type(count_partial).__name__}")
     num_tiles, num_channels = mean_partial.shape
     if m2_partial.shape != mean_partial.shape:
         raise ValueError(f"{_OP}: expected m2_partial of shape {list(mean_partial.shape)} like mean_partial, "
-                         f"got a {_describe(m2_partial)}")
+                         f"got a {describe(m2_partial)}")
     if m2_partial.dtype != mean_partial.dtype:
         raise TypeError(f"{_OP}: expected m2_partial of dtype {mean_partial.dtype} like mean_partial, "
-                        f"got a {_describe(m2_partial)}")
+                        f"got a {describe(m2_partial)}")
     if count_partial.shape != (num_tiles,):
         raise ValueError(f"{_OP}: expected count_partial to hold {num_tiles} per-tile counts, got a "
-                         f"{_describe(count_partial)}")
+                         f"{describe(count_partial)}")
     if count_partial.dtype not in COUNT_DTYPES:
         raise TypeError(f"{_OP}: expected count_partial of dtype int32, int64, float32 or float64, got a "
-                        f"{_describe(count_partial)}")
+                        f"{describe(count_partial)}")
     for name, t in (("m2_partial", m2_partial), ("count_partial", count_partial)):
         if t.device != mean_partial.device:
-            raise RuntimeError(f"{_OP}: expected {name} on {mean_partial.device} like mean_partial, got a {_describe(t)}")
+            raise RuntimeError(f"{_OP}: expected {name} on {mean_partial.device} like mean_partial, got a {describe(t)}")
+    check_launch_device(_OP, mean_partial)
 
     mean_partial, m2_partial, count_partial = (t.contiguous() for t in (mean_partial, m2_partial, count_partial))
     mean = torch.empty(num_channels, dtype=mean_partial.dtype, device=mean_partial.device)
