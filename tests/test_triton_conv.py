@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="the Triton backend needs the triton packag
 from fused_resnet.triton import conv as triton_conv  # noqa: E402
 from fused_resnet.triton.conv import CONFIGS, INTERPRETER_CONFIG, conv2d  # noqa: E402
 
-from conftest import assert_rel, to_layout  # noqa: E402
+from conftest import assert_rel, rel_err, to_layout  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LOW_PRECISION = [torch.float16, torch.bfloat16]
@@ -191,7 +191,7 @@ def test_prologue_keeps_the_padding_zero(channels_last, device):
     wrong = F.conv2d(padded_then_normalized, weight.double().cpu(), stride=g.stride)
     border = torch.ones_like(expected, dtype=torch.bool)
     border[:, :, 1:-1, 1:-1] = False
-    assert (wrong - expected)[border].abs().min() > 1e-3, "the border test cannot tell the two paddings apart"
+    assert rel_err(wrong[border], expected[border]) > 0.05, "the border test cannot tell the two paddings apart"
     check_output(y, expected, x, tolerance(torch.float32, device), "prologue border")
     assert_rel(y.cpu()[border], expected[border], tolerance(torch.float32, device), "prologue border pixels")
 

@@ -405,7 +405,7 @@ def conv2d(
         raise ValueError(f"{_OP}: expected the weight's {out_channels} output channels to be divisible by "
                          f"groups={groups}")
     if bias is not None:
-        bias = _check_channel_vector(bias, "bias", out_channels, x, tuple({torch.float32, x.dtype}))
+        bias = _check_channel_vector(bias, "bias", out_channels, x, tuple(dict.fromkeys((torch.float32, x.dtype))))
     if (input_scale is None) != (input_shift is None):
         raise ValueError(f"{_OP}: input_scale and input_shift go together (the prologue relu(x*scale + shift)); "
                          f"got only {'input_scale' if input_shift is None else 'input_shift'}")
