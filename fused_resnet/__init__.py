@@ -24,14 +24,15 @@ from .models import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
-from .modules import BasicBlock, Bottleneck, ConvBNReLU
+from .modules import BasicBlock, Bottleneck, ConvBNReLU, TimmBasicBlock, TimmBottleneck
 from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BasicBlock", "BatchNormParams", "Bottleneck", "CifarResNet", "ConvBN", "ConvBNReLU", "ConvParams",
-    "FusionWarning", "ResNet", "ZeroPadIdentity", "available_backends", "backend_status", "cifar_resnet", "convert",
-    "ops", "reference", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-    "resnext101_32x8d", "resnext101_64x4d", "unfused_modules", "use_backend", "wide_resnet50_2", "wide_resnet101_2",
+    "FusionWarning", "ResNet", "TimmBasicBlock", "TimmBottleneck", "ZeroPadIdentity", "available_backends",
+    "backend_status", "cifar_resnet", "convert", "ops", "reference", "resnet18", "resnet34", "resnet50",
+    "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "unfused_modules",
+    "use_backend", "wide_resnet50_2", "wide_resnet101_2",
 ]

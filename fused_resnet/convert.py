@@ -1,22 +1,28 @@
-"""convert(model): fuse an existing torchvision model in place, keeping its parameters, buffers and state_dict keys.
+"""convert(model): fuse an existing torchvision or timm model in place, keeping its parameters, buffers and
+state_dict keys.
 
 Swapped: torchvision's BasicBlock and Bottleneck (for fused_resnet's), Conv2dNormActivation with BatchNorm2d and
-ReLU (for ConvBNReLU), and the stem of a torchvision ResNet (the model becomes a FusedStemResNet, a subclass of
-torchvision's ResNet whose conv1-bn1-relu runs as one fused op). The new modules share the originals' submodules,
-so every parameter and buffer is the same tensor and a checkpoint loads both ways with strict=True.
-Modules that cannot be fused (another norm layer, a subclass with its own forward, a non-standard downsample)
-are left as they are and reported with a FusionWarning.
+ReLU (for ConvBNReLU), timm.models.resnet's BasicBlock and Bottleneck (for TimmBasicBlock and TimmBottleneck), and
+the stem of a torchvision or timm ResNet (the model becomes a FusedStemResNet or FusedTimmResNet, a subclass of
+the library's ResNet whose stem runs as one fused op). The norm layers may be BatchNorm2d or torchvision's
+FrozenBatchNorm2d. The new modules share the originals' submodules, so every parameter and buffer is the same
+tensor and a checkpoint loads both ways with strict=True.
+Modules that cannot be fused (another norm layer, a subclass with its own forward, a non-standard downsample,
+timm's attention or anti-aliasing layers) are left as they are and reported with a FusionWarning, and so are
+timm blocks with stochastic depth, which are swapped but run unfused while they train.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 
+import torch
 from torch import nn
 
-from .models import ResNet, stem_blocker, stem_forward
-from .modules import BasicBlock, Bottleneck, ConvBNReLU
+from .models import ResNet, stem_blocker, timm_stem_blocker, timm_stem_forward, timm_stem_structure_blocker
+from .modules import BasicBlock, Bottleneck, ConvBNReLU, TimmBasicBlock, TimmBottleneck, timm_resnet_module
 
 __all__ = ["FusionWarning", "convert", "unfused_modules"]
 
@@ -53,28 +59,72 @@ def _fused_stem_resnet_class() -> type:
     return FusedStemResNet
 
 
+@functools.cache
+def _fused_timm_resnet_class() -> type:
+    timm_resnet = timm_resnet_module()
+
+    class FusedTimmResNet(timm_resnet.ResNet):
+        """A timm ResNet whose stem (conv1, or a deep stem's three convolutions, with bn1 and act1) runs as one
+        fused op; convert() makes it."""
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            # timm's forward_features with the stem fused.
+            x = self.maxpool(timm_stem_forward(self, x))
+            stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                return timm_resnet.checkpoint_seq(stages, x, flatten=True)
+            for stage in stages:
+                x = stage(x)
+            return x
+
+        def _fusion_blocker(self) -> str | None:
+            return timm_stem_blocker(self)
+
+        def _structure_blocker(self) -> str | None:
+            return timm_stem_structure_blocker(self)
+
+    FusedTimmResNet.__module__ = __name__
+    FusedTimmResNet.__qualname__ = "FusedTimmResNet"  # pickled by reference: fused_resnet.convert.FusedTimmResNet
+    return FusedTimmResNet
+
+
 def __getattr__(name: str):
-    # Unpickling a converted model looks the class up here; it exists only where torchvision does.
+    # Unpickling a converted model looks the class up here; it exists only where torchvision (timm) does.
     if name == "FusedStemResNet" and _torchvision() is not None:
         return _fused_stem_resnet_class()
+    if name == "FusedTimmResNet":
+        return _fused_timm_resnet_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _fused_counterpart(module: nn.Module, torchvision) -> tuple[nn.Module | None, str | None]:
+def _candidates(torchvision) -> dict[type, type]:
+    """{class convert() swaps: its fused counterpart}. timm's classes count only once timm is imported: a model
+    holding timm blocks has imported it, and importing timm for others would cost seconds."""
+    candidates: dict[type, type] = {}
+    if torchvision is not None:
+        tv_resnet = torchvision.models.resnet
+        candidates.update({tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck,
+                           torchvision.ops.misc.Conv2dNormActivation: ConvBNReLU})
+    timm_resnet = sys.modules.get("timm.models.resnet")
+    if timm_resnet is not None:
+        candidates.update({timm_resnet.BasicBlock: TimmBasicBlock, timm_resnet.Bottleneck: TimmBottleneck})
+    return candidates
+
+
+def _fused_counterpart(module: nn.Module, candidates: dict[type, type]) -> tuple[nn.Module | None, str | None]:
     """(the fused module replacing `module`, None), (None, why it cannot be fused), or (None, None) when
     `module` is not something convert() fuses."""
-    if torchvision is None:
-        return None, None
-    tv_resnet = torchvision.models.resnet
-    candidates = {tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck,
-                  torchvision.ops.misc.Conv2dNormActivation: ConvBNReLU}
-    for tv_class, fused_class in candidates.items():
-        if type(module) is tv_class:
+    for original_class, fused_class in candidates.items():
+        if type(module) is original_class:
+            if fused_class is ConvBNReLU and len(module) == 1:
+                return None, None  # a lone convolution (an FPN's Conv2dNormActivation): nothing to fuse
             fused = fused_class.adopt(module)
             reason = fused._structure_blocker()
             return (None, reason) if reason else (fused, None)
-        if isinstance(module, tv_class) and not isinstance(module, fused_class):
-            return None, f"{type(module).__name__} subclasses torchvision's {tv_class.__name__} (its forward may differ)"
+        if isinstance(module, original_class) and not isinstance(module, fused_class):
+            library = original_class.__module__.split(".")[0]
+            return None, (f"{type(module).__name__} subclasses {library}'s {original_class.__name__} "
+                          "(its forward may differ)")
     return None, None
 
 
@@ -83,28 +133,38 @@ def convert(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
     torchvision = _torchvision()
+    candidates = _candidates(torchvision)
     skipped: dict[str, str] = {}
     replacements = []
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
-            fused, reason = _fused_counterpart(child, torchvision)
             qualified = f"{parent_name}.{child_name}" if parent_name else child_name
+            fused, reason = _fused_counterpart(child, candidates)
             if fused is not None:
                 replacements.append((parent, child_name, fused))
-            elif reason is not None:
+                reason = _training_note(fused)
+            if reason is not None:
                 skipped[qualified] = reason
     for parent, child_name, fused in replacements:
         setattr(parent, child_name, fused)
 
-    fused_root, reason = _fused_counterpart(model, torchvision)
+    fused_root, reason = _fused_counterpart(model, candidates)
     if fused_root is not None:
         model = fused_root
-    elif reason is not None:
+        reason = _training_note(fused_root)
+    if reason is not None:
         skipped["(the model)"] = reason
-    if torchvision is not None and type(model) is torchvision.models.ResNet:
-        reason = ResNet._structure_blocker(model)
+    stems = {}  # {a library's ResNet: (why its stem cannot be fused, the subclass that fuses it)}
+    if torchvision is not None:
+        stems[torchvision.models.ResNet] = (ResNet._structure_blocker, _fused_stem_resnet_class)
+    timm_resnet = sys.modules.get("timm.models.resnet")
+    if timm_resnet is not None:
+        stems[timm_resnet.ResNet] = (timm_stem_structure_blocker, _fused_timm_resnet_class)
+    if type(model) in stems:
+        blocker, fused_class = stems[type(model)]
+        reason = blocker(model)
         if reason is None:
-            model.__class__ = _fused_stem_resnet_class()
+            model.__class__ = fused_class()
         else:
             skipped["(stem)"] = reason
     if skipped:
@@ -113,12 +173,20 @@ def convert(model: nn.Module) -> nn.Module:
     return model
 
 
+def _training_note(fused: nn.Module) -> str | None:
+    """For the FusionWarning: why a swapped module will still run unfused while it trains, or None."""
+    training_blocker = getattr(fused, "_training_blocker", None)
+    reason = training_blocker() if training_blocker is not None else None
+    return f"runs unfused while training ({reason})" if reason else None
+
+
 def unfused_modules(model: nn.Module) -> dict[str, str]:
     """The modules of `model` that would not run fused ops on their next forward, and why: fused_resnet modules
-    that fall back to PyTorch (hooks, an unusual norm layer...) and torchvision blocks convert() would swap."""
+    that fall back to PyTorch (hooks, an unusual norm layer...) and torchvision or timm blocks convert() would
+    swap."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfused_modules: expected a torch.nn.Module, got {type(model).__name__}")
-    torchvision = _torchvision()
+    candidates = _candidates(_torchvision())
     found = {}
     for name, module in model.named_modules():
         label = name or "(the model)"
@@ -128,9 +196,10 @@ def unfused_modules(model: nn.Module) -> dict[str, str]:
             if reason is not None:
                 found[label] = reason
             continue
-        fused, reason = _fused_counterpart(module, torchvision)
+        fused, reason = _fused_counterpart(module, candidates)
         if fused is not None:
-            found[label] = f"a torchvision {type(module).__name__}: call fused_resnet.convert(model)"
+            library = type(module).__module__.split(".")[0]
+            found[label] = f"a {library} {type(module).__name__}: call fused_resnet.convert(model)"
         elif reason is not None:
             found[label] = reason
     return found

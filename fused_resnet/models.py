@@ -12,7 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .modules import BasicBlock, Bottleneck, conv1x1, conv_bn, hooks_blocker, stem_structure_blocker
+from .modules import (
+    BasicBlock, Bottleneck, conv1x1, conv_bn, conv_blocker, bn_blocker, hooks_blocker, relu_blocker,
+    stem_structure_blocker,
+)
 from .ops import FoldedWeights
 
 __all__ = [
@@ -35,6 +38,50 @@ def stem_forward(model: nn.Module, x: Tensor) -> Tensor:
     if "_folded" not in model.__dict__:  # a torchvision ResNet converted in place
         model._folded = FoldedWeights()
     return ops.conv_bn_relu(x, conv_bn(model.conv1, model.bn1, "conv1/bn1"), folded=model._folded)
+
+
+def _timm_stem_layers(model: nn.Module) -> list[tuple[tuple[str, nn.Module], ...]]:
+    """The ((name, conv), (name, norm), (name, act)) triples of a timm ResNet's stem: conv1, bn1, act1, or with a
+    deep stem (resnet50d's: conv1 an nn.Sequential of conv, norm, act, conv, norm, act, conv) three, the last
+    finished by bn1 and act1."""
+    conv1 = model.conv1
+    if not isinstance(conv1, nn.Sequential):
+        return [(("conv1", conv1), ("bn1", model.bn1), ("act1", model.act1))]
+    return [(("conv1.0", conv1[0]), ("conv1.1", conv1[1]), ("conv1.2", conv1[2])),
+            (("conv1.3", conv1[3]), ("conv1.4", conv1[4]), ("conv1.5", conv1[5])),
+            (("conv1.6", conv1[6]), ("bn1", model.bn1), ("act1", model.act1))]
+
+
+def timm_stem_structure_blocker(model: nn.Module) -> str | None:
+    """Why a timm ResNet's stem cannot run fused, hooks aside; None if it can."""
+    conv1 = model.conv1
+    if isinstance(conv1, nn.Sequential) and (type(conv1).forward is not nn.Sequential.forward or len(conv1) != 7):
+        return "conv1 is not a deep stem of conv, norm, act, conv, norm, act, conv"
+    for (conv_name, conv), (bn_name, bn), (act_name, act) in _timm_stem_layers(model):
+        reason = conv_blocker(conv_name, conv) or bn_blocker(bn_name, bn) or relu_blocker(act_name, act)
+        if reason:
+            return reason
+    return None
+
+
+def timm_stem_blocker(model: nn.Module) -> str | None:
+    """Why a timm ResNet's stem runs unfused, or None."""
+    return timm_stem_structure_blocker(model) or hooks_blocker(
+        [("conv1", model.conv1), ("bn1", model.bn1), ("act1", model.act1)]
+    )
+
+
+def timm_stem_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """act1(bn1(conv1(x))) of a timm ResNet, fused unless :func:`timm_stem_blocker` says otherwise."""
+    if timm_stem_blocker(model) is not None:
+        return model.act1(model.bn1(model.conv1(x)))
+    if "_folded" not in model.__dict__:  # a timm ResNet converted in place
+        model._folded = FoldedWeights()
+    units = [conv_bn(conv, bn, f"{conv_name}/{bn_name}")
+             for (conv_name, conv), (bn_name, bn), _ in _timm_stem_layers(model)]
+    # A chain of conv-BN-ReLU units is a residual block without a shortcut: the deep stem runs as one op whose
+    # normalized activations between the convolutions are recomputed in backward, never saved.
+    return ops.residual_block(x, units, None, folded=model._folded)
 
 
 class ResNet(nn.Module):

@@ -1,16 +1,21 @@
-"""Drop-in fused modules: torchvision's BasicBlock and Bottleneck, and torchvision.ops.Conv2dNormActivation's
-conv-BN-ReLU, with the same constructor signatures, attribute names and state_dict keys.
+"""Drop-in fused modules: torchvision's BasicBlock and Bottleneck, timm's BasicBlock and Bottleneck
+(timm.models.resnet), and torchvision.ops.Conv2dNormActivation's conv-BN-ReLU, with the same constructor
+signatures, attribute names and state_dict keys.
 
-The modules only hold parameters; their forward hands the current tensors to the fused ops. A module runs the
-plain PyTorch sequence of its submodules instead whenever the fused op would not be the same computation: a norm
-layer other than BatchNorm2d (a subclass that overrides forward, GroupNorm, FrozenBatchNorm2d...), a changed
-activation, a downsample other than conv1x1+BatchNorm2d, or forward/backward hooks on a submodule (which would not
-fire inside a fused op). :func:`fused_resnet.unfused_modules` lists which modules of a model do, and why.
+The modules only hold parameters; their forward hands the current tensors to the fused ops. The norm layers they
+fuse are nn.BatchNorm2d and torchvision's FrozenBatchNorm2d (an eval-mode BatchNorm in every mode, as detection
+backbones use it). A module runs the plain PyTorch sequence of its submodules instead whenever the fused op would
+not be the same computation: another norm layer (a subclass that overrides forward, GroupNorm...), a changed
+activation, a downsample other than conv+BatchNorm2d, timm's anti-aliasing, attention or active stochastic-depth
+layers, or forward/backward hooks on a submodule (which would not fire inside a fused op).
+:func:`fused_resnet.unfused_modules` lists which modules of a model do, and why.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,7 +25,7 @@ from . import ops
 from .ops import FoldedWeights
 from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity
 
-__all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU", "conv_bn"]
+__all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU", "TimmBasicBlock", "TimmBottleneck", "batch_norm_params", "conv_bn"]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -32,17 +37,33 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
-def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, name: str) -> ConvBN:
-    """The op-level view of a Conv2d followed by a BatchNorm2d (their current tensors and flags)."""
+def is_frozen_batch_norm(module: nn.Module) -> bool:
+    """Whether `module` is torchvision's FrozenBatchNorm2d (timm's models use the same class). Looked up without
+    importing torchvision: an instance exists only once its module has been imported."""
+    misc = sys.modules.get("torchvision.ops.misc")
+    return misc is not None and type(module) is misc.FrozenBatchNorm2d
+
+
+def batch_norm_params(bn: nn.Module) -> BatchNormParams:
+    """The op-level view of a BatchNorm2d or a FrozenBatchNorm2d (its current tensors and flags)."""
+    if type(bn) is not nn.BatchNorm2d and is_frozen_batch_norm(bn):
+        # An eval-mode BatchNorm whatever the module's mode: running statistics, never updated; its weight and
+        # bias are buffers, so no gradient reaches them, while the input and the convolution still get theirs.
+        return BatchNormParams(bn.weight, bn.bias, bn.running_mean, bn.running_var, None, 0.0, bn.eps, False)
+    return BatchNormParams(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
+                           bn.eps, bn.training)
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.Module, name: str) -> ConvBN:
+    """The op-level view of a Conv2d followed by a BatchNorm2d or FrozenBatchNorm2d (current tensors and flags)."""
     return ConvBN(
         ConvParams(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups),
-        BatchNormParams(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
-                        bn.eps, bn.training),
+        batch_norm_params(bn),
         name,
     )
 
 
-def _conv_blocker(name: str, conv: nn.Module) -> str | None:
+def conv_blocker(name: str, conv: nn.Module) -> str | None:
     if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
         return f"{name} is a {type(conv).__name__}, not a plain nn.Conv2d"
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -50,9 +71,11 @@ def _conv_blocker(name: str, conv: nn.Module) -> str | None:
     return None
 
 
-def _bn_blocker(name: str, bn: nn.Module) -> str | None:
+def bn_blocker(name: str, bn: nn.Module) -> str | None:
+    if is_frozen_batch_norm(bn):
+        return None
     if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
-        return f"{name} is a {type(bn).__name__}, not nn.BatchNorm2d"
+        return f"{name} is a {type(bn).__name__}, not nn.BatchNorm2d or FrozenBatchNorm2d"
     return None
 
 
@@ -69,7 +92,7 @@ def hooks_blocker(modules: Sequence[tuple[str, nn.Module]]) -> str | None:
     return None
 
 
-def _relu_blocker(name: str, relu: nn.Module) -> str | None:
+def relu_blocker(name: str, relu: nn.Module) -> str | None:
     if type(relu) is not nn.ReLU:
         return f"{name} is a {type(relu).__name__}, not nn.ReLU"
     return None
@@ -77,7 +100,25 @@ def _relu_blocker(name: str, relu: nn.Module) -> str | None:
 
 def stem_structure_blocker(model: nn.Module) -> str | None:
     """Why a ResNet's stem (conv1, bn1, relu) cannot run as one fused op, hooks aside; None if it can."""
-    return _conv_blocker("conv1", model.conv1) or _bn_blocker("bn1", model.bn1) or _relu_blocker("relu", model.relu)
+    return conv_blocker("conv1", model.conv1) or bn_blocker("bn1", model.bn1) or relu_blocker("relu", model.relu)
+
+
+def _downsample_blocker(downsample: nn.Module) -> str | None:
+    """Why a projection shortcut cannot run fused, or None. Fused: nn.Sequential(conv, norm) (torchvision's and
+    timm's downsample_conv), and timm's downsample_avg where its pool is an nn.Identity (stride 1)."""
+    expected = "downsample is not nn.Sequential(conv, BatchNorm2d)"
+    if not (isinstance(downsample, nn.Sequential) and type(downsample).forward is nn.Sequential.forward):
+        return expected
+    if len(downsample) == 3 and isinstance(downsample[0], nn.AvgPool2d):
+        # The projection would convolve avgpool(x), and ops.residual_block convolves its input x: it would need
+        # the shortcut's input as an argument of its own.
+        return ("downsample average-pools before its projection (timm's avg_down); ops.residual_block "
+                "convolves the block input itself")
+    if len(downsample) == 3 and type(downsample[0]) is nn.Identity:
+        return conv_blocker("downsample.1", downsample[1]) or bn_blocker("downsample.2", downsample[2])
+    if len(downsample) != 2:
+        return expected
+    return conv_blocker("downsample.0", downsample[0]) or bn_blocker("downsample.1", downsample[1])
 
 
 SHORTCUTS = (None, "A", "B", "none")
@@ -97,8 +138,10 @@ class _ResidualBlock(nn.Module):
     """
 
     expansion: int
-    # (conv, bn) attribute names of F, in order; the ReLU is `relu`, the shortcut `downsample` (or option A).
+    # (conv, bn) attribute names of F, in order; the shortcut is `downsample` (or option A).
     _pairs: tuple[tuple[str, str], ...]
+    # The attribute names of the ReLUs (torchvision's blocks apply one `relu` everywhere).
+    _activations: tuple[str, ...] = ("relu",)
 
     def __init__(self) -> None:
         super().__init__()
@@ -136,17 +179,15 @@ class _ResidualBlock(nn.Module):
 
     def _structure_blocker(self) -> str | None:
         for conv_name, bn_name in self._pairs:
-            reason = _conv_blocker(conv_name, getattr(self, conv_name)) or _bn_blocker(bn_name, getattr(self, bn_name))
+            reason = conv_blocker(conv_name, getattr(self, conv_name)) or bn_blocker(bn_name, getattr(self, bn_name))
             if reason:
                 return reason
-        reason = _relu_blocker("relu", self.relu)
-        if reason:
-            return reason
+        for name in self._activations:
+            reason = relu_blocker(name, getattr(self, name))
+            if reason:
+                return reason
         if self.downsample is not None:
-            ds = self.downsample
-            if not (isinstance(ds, nn.Sequential) and type(ds).forward is nn.Sequential.forward and len(ds) == 2):
-                return "downsample is not nn.Sequential(conv, BatchNorm2d)"
-            return _conv_blocker("downsample.0", ds[0]) or _bn_blocker("downsample.1", ds[1])
+            return _downsample_blocker(self.downsample)
         return None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -157,7 +198,9 @@ class _ResidualBlock(nn.Module):
         if self.shortcut == "none":
             shortcut = None
         elif self.downsample is not None:
-            shortcut = conv_bn(self.downsample[0], self.downsample[1], "downsample.0/downsample.1")
+            last = len(self.downsample) - 1  # past timm's identity pool, when there is one
+            shortcut = conv_bn(self.downsample[last - 1], self.downsample[last],
+                               f"downsample.{last - 1}/downsample.{last}")
         elif self._zero_pad is not None:
             shortcut = self._zero_pad
         return ops.residual_block(x, units, shortcut, folded=self._folded)
@@ -307,9 +350,89 @@ class ConvBNReLU(nn.Sequential):
     def _structure_blocker(self) -> str | None:
         if len(self) != 3:
             return f"it has {len(self)} layers, not conv, norm and activation"
-        return _conv_blocker("0", self[0]) or _bn_blocker("1", self[1]) or _relu_blocker("2", self[2])
+        return conv_blocker("0", self[0]) or bn_blocker("1", self[1]) or relu_blocker("2", self[2])
 
     def forward(self, x: Tensor) -> Tensor:
         if self._fusion_blocker() is not None:
             return super().forward(x)
         return ops.conv_bn_relu(x, conv_bn(self[0], self[1], "0/1"), folded=self._folded)
+
+
+def timm_resnet_module() -> ModuleType:
+    """timm.models.resnet, imported on first use (timm is optional, and slow to import)."""
+    try:
+        import timm.models.resnet
+    except ImportError as error:
+        raise ImportError(f"fused_resnet's timm blocks need timm (pip install timm): {error}") from error
+    return timm.models.resnet
+
+
+class _TimmResidualBlock(_ResidualBlock):
+    """What the fused versions of timm.models.resnet's BasicBlock and Bottleneck share: timm's constructor,
+    attributes and state_dict keys; the residual branch and the shortcut run through ops.residual_block.
+
+    Fused when the block computes only relu(F(x) + shortcut(x)): every activation an nn.ReLU, no anti-aliasing
+    layer (`aa` an nn.Identity), no attention module (`se` None), and `drop_block`/`drop_path` identities, or
+    timm's DropBlock2d/DropPath while they do not drop (in eval, or at drop_prob 0). Otherwise timm's own forward
+    runs: an SE block or a block with anti-aliasing always, one with stochastic depth while it trains."""
+
+    _timm_class_name: str  # the class of timm.models.resnet this one fuses
+
+    def __init__(self, *args, **kwargs) -> None:
+        # Built by timm's constructor, whose signature changes between timm releases, then taken over whole.
+        super().__init__()
+        timm_block = getattr(timm_resnet_module(), self._timm_class_name)(*args, **kwargs)
+        self.__dict__.update(timm_block.__dict__)
+        self.shortcut, self._zero_pad = None, None
+
+    def _structure_blocker(self) -> str | None:
+        reason = super()._structure_blocker()
+        if reason:
+            return reason
+        if type(self.aa) is not nn.Identity:
+            return f"aa is a {type(self.aa).__name__} (anti-aliasing between convolutions; not fused)"
+        if self.se is not None:
+            return f"se is a {type(self.se).__name__} (attention after the last BatchNorm; not fused)"
+        timm_layers = timm_resnet_module()
+        for name, stochastic in (("drop_block", timm_layers.DropBlock2d), ("drop_path", timm_layers.DropPath)):
+            layer = getattr(self, name)
+            if layer is not None and type(layer) not in (nn.Identity, stochastic):
+                return f"{name} is a {type(layer).__name__}, not nn.Identity or timm's {stochastic.__name__}"
+        return None
+
+    def _dropping_layers(self) -> list[tuple[str, nn.Module]]:
+        """The stochastic-depth layers (name, layer) that drop something while they train."""
+        layers = ((name, getattr(self, name)) for name in ("drop_block", "drop_path"))
+        return [(name, layer) for name, layer in layers if getattr(layer, "drop_prob", 0.0)]
+
+    def _training_blocker(self) -> str | None:
+        """Why the block runs unfused whenever it trains, or None."""
+        return next((f"{name} drops with probability {layer.drop_prob} in training"
+                     for name, layer in self._dropping_layers()), None)
+
+    def _fusion_blocker(self) -> str | None:
+        reason = self._structure_blocker() or next(
+            (f"{name} drops with probability {layer.drop_prob} (it is training)"
+             for name, layer in self._dropping_layers() if layer.training), None)
+        return reason or hooks_blocker(list(self.named_children()))
+
+    def _unfused_forward(self, x: Tensor) -> Tensor:
+        return getattr(timm_resnet_module(), self._timm_class_name).forward(self, x)
+
+
+class TimmBasicBlock(_TimmResidualBlock):
+    """timm.models.resnet.BasicBlock, fused (see _TimmResidualBlock); timm's constructor arguments."""
+
+    expansion: int = 1
+    _timm_class_name = "BasicBlock"
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"))
+    _activations = ("act1", "act2")
+
+
+class TimmBottleneck(_TimmResidualBlock):
+    """timm.models.resnet.Bottleneck, fused (see _TimmResidualBlock); timm's constructor arguments."""
+
+    expansion: int = 4
+    _timm_class_name = "Bottleneck"
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+    _activations = ("act1", "act2", "act3")
