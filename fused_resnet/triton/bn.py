@@ -25,7 +25,7 @@ of a tile and tiles are combined with Chan et al.'s update (stats.merge_partial_
 
 Block sizes (all powers of two, from the shape alone):
   reductions hold up to REDUCE_BLOCK = 4096 values in registers (16 per thread with 8 warps), enough to amortize a
-  program's fixed cost; elementwise kernels move ELEMENTWISE_BLOCK = 2048 elements per program (8 or 16 per
+  program's fixed cost; elementwise kernels move ELEMENTWISE_BLOCK = 2048 elements per program (16 per
   thread, each thread's run contiguous for vector loads). Along the contiguous axis a block spans as much of it as
   it has (a whole plane when H*W fits; 64 or 128 channels of a row, 128-256 bytes of bfloat16), the rest of the
   budget goes to more planes/images/rows, so 7x7 or 1x1 planes do not leave most lanes idle.
@@ -65,9 +65,15 @@ SUM_BLOCK_T = 64
 TARGET_PROGRAMS = 1024
 MAX_BLOCKS_PER_TILE = 16
 
-# bn_act's residual term and bn_act_backward_elemt's second output, as kernel constants.
-RESIDUAL_NONE, RESIDUAL_IDENTITY, RESIDUAL_AFFINE, RESIDUAL_PADDED = 0, 1, 2, 3
-OTHER_NONE, OTHER_MASKED_GRAD, OTHER_SECOND_BN = 0, 1, 2
+# bn_act's residual term: none, + residual, + residual * residual_scale + residual_shift, option A's.
+RESIDUAL_NONE = tl.constexpr(0)
+RESIDUAL_IDENTITY = tl.constexpr(1)
+RESIDUAL_AFFINE = tl.constexpr(2)
+RESIDUAL_PADDED = tl.constexpr(3)
+# bn_act_backward_elemt's second output: none, the masked gradient (an identity residual's), a second BN's input grad.
+OTHER_NONE = tl.constexpr(0)
+OTHER_MASKED_GRAD = tl.constexpr(1)
+OTHER_SECOND_BN = tl.constexpr(2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,9 +167,9 @@ def _bn_act_term(x, scale, shift, residual, residual_scale, residual_shift, RESI
                  RELU: tl.constexpr):
     # `residual` is the loaded residual (option A's already zero outside its channels), unused without one.
     v = x * scale + shift
-    if RESIDUAL == 1 or RESIDUAL == 3:
+    if RESIDUAL == RESIDUAL_IDENTITY or RESIDUAL == RESIDUAL_PADDED:
         v += residual
-    if RESIDUAL == 2:
+    if RESIDUAL == RESIDUAL_AFFINE:
         v += residual * residual_scale + residual_shift
     if RELU:
         v = _relu(v)
@@ -189,10 +195,10 @@ def _bn_act_planes_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_sc
     residual_mask = mask
     residual_scale = scale
     residual_shift = shift
-    if RESIDUAL == 2:
+    if RESIDUAL == RESIDUAL_AFFINE:
         residual_scale = tl.load(residual_scale_ptr + c, mask=plane_mask, other=0)[:, None]
         residual_shift = tl.load(residual_shift_ptr + c, mask=plane_mask, other=0)[:, None]
-    if RESIDUAL == 3:
+    if RESIDUAL == RESIDUAL_PADDED:
         # R[n, c, h, w] = residual[n, c - offset, h * stride, w * stride] where residual has that channel.
         residual_c = c - residual_channel_offset
         n = (plane_ids // C).to(tl.int64)
@@ -203,7 +209,7 @@ def _bn_act_planes_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_sc
         # Lanes outside the residual's channels are masked off and read as the zero padding.
         residual_mask = mask & ((residual_c >= 0) & (residual_c < residual_C))[:, None]
     residual = x
-    if RESIDUAL != 0:
+    if RESIDUAL != RESIDUAL_NONE:
         residual = tl.load(residual_ptr + residual_offsets, mask=residual_mask, other=0).to(acc_dtype)
     v = _bn_act_term(x, scale, shift, residual, residual_scale, residual_shift, RESIDUAL, RELU)
     tl.store(out_ptr + offsets, v.to(out_ptr.dtype.element_ty), mask=mask)
@@ -227,10 +233,10 @@ def _bn_act_rows_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_scal
     residual_mask = mask
     residual_scale = scale
     residual_shift = shift
-    if RESIDUAL == 2:
+    if RESIDUAL == RESIDUAL_AFFINE:
         residual_scale = tl.load(residual_scale_ptr + channels, mask=channel_mask, other=0)[None, :]
         residual_shift = tl.load(residual_shift_ptr + channels, mask=channel_mask, other=0)[None, :]
-    if RESIDUAL == 3:
+    if RESIDUAL == RESIDUAL_PADDED:
         # Row (n, h, w) reads residual row (n, h * stride, w * stride), its channels from `offset` on.
         n = (row_ids // HW).to(tl.int64)
         h = (row_ids % HW) // W
@@ -240,7 +246,7 @@ def _bn_act_rows_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_scal
         residual_offsets = residual_row[:, None] * residual_C + residual_c[None, :]
         residual_mask = mask & ((residual_c >= 0) & (residual_c < residual_C))[None, :]
     residual = x
-    if RESIDUAL != 0:
+    if RESIDUAL != RESIDUAL_NONE:
         residual = tl.load(residual_ptr + residual_offsets, mask=residual_mask, other=0).to(acc_dtype)
     v = _bn_act_term(x, scale, shift, residual, residual_scale, residual_shift, RESIDUAL, RELU)
     tl.store(out_ptr + offsets, v.to(out_ptr.dtype.element_ty), mask=mask)
@@ -369,9 +375,9 @@ def _backward_elemt_planes_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, coef_dy_pt
                                   tl.load(coef_xmu_ptr + c, mask=plane_mask, other=0)[:, None],
                                   tl.load(coef_const_ptr + c, mask=plane_mask, other=0)[:, None])
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-    if OTHER == 1:
+    if OTHER == OTHER_MASKED_GRAD:
         tl.store(grad_other_ptr + offsets, gm.to(grad_other_ptr.dtype.element_ty), mask=mask)
-    if OTHER == 2:
+    if OTHER == OTHER_SECOND_BN:
         x2 = tl.load(x2_ptr + offsets, mask=mask, other=0).to(acc_dtype)
         grad_x2 = _backward_elemt_term(gm, x2, tl.load(mean2_ptr + c, mask=plane_mask, other=0)[:, None],
                                        tl.load(coef2_dy_ptr + c, mask=plane_mask, other=0)[:, None],
@@ -400,9 +406,9 @@ def _backward_elemt_rows_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, coef_dy_ptr,
                                   tl.load(coef_xmu_ptr + channels, mask=channel_mask, other=0)[None, :],
                                   tl.load(coef_const_ptr + channels, mask=channel_mask, other=0)[None, :])
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-    if OTHER == 1:
+    if OTHER == OTHER_MASKED_GRAD:
         tl.store(grad_other_ptr + offsets, gm.to(grad_other_ptr.dtype.element_ty), mask=mask)
-    if OTHER == 2:
+    if OTHER == OTHER_SECOND_BN:
         x2 = tl.load(x2_ptr + offsets, mask=mask, other=0).to(acc_dtype)
         grad_x2 = _backward_elemt_term(gm, x2, tl.load(mean2_ptr + channels, mask=channel_mask, other=0)[None, :],
                                        tl.load(coef2_dy_ptr + channels, mask=channel_mask, other=0)[None, :],
@@ -495,9 +501,11 @@ class ElementwiseBlocks(NamedTuple):
     @staticmethod
     def of(a: Activation) -> ElementwiseBlocks:
         outer, inner = (a.rows, a.C) if a.channels_last else (a.N * a.C, a.HW)
-        block_inner = min(triton.next_power_of_2(inner), ELEMENTWISE_BLOCK_C if a.channels_last else ELEMENTWISE_BLOCK)
+        inner_limit = ELEMENTWISE_BLOCK_C if a.channels_last else ELEMENTWISE_BLOCK
+        block_inner = min(triton.next_power_of_2(inner), inner_limit)
         block_outer = min(max(1, ELEMENTWISE_BLOCK // block_inner), triton.next_power_of_2(outer))
-        return ElementwiseBlocks(block_outer, block_inner, (triton.cdiv(outer, block_outer), triton.cdiv(inner, block_inner)))
+        grid = (triton.cdiv(outer, block_outer), triton.cdiv(inner, block_inner))
+        return ElementwiseBlocks(block_outer, block_inner, grid)
 
     @property
     def num_warps(self) -> int:
@@ -669,7 +677,7 @@ def bn_act(
     block_names = ("BLOCK_R", "BLOCK_C") if a.channels_last else ("BLOCK_P", "BLOCK_HW")
     kernel[blocks.grid](
         x, scale, shift, residual, residual_scale, residual_shift, out, extent, a.C,
-        a.HW, a.W, *residual_geometry, residual_stride, residual_channel_offset, RESIDUAL=kind, RELU=bool(relu),
+        a.HW, a.W, *residual_geometry, residual_stride, residual_channel_offset, RESIDUAL=kind.value, RELU=bool(relu),
         **dict(zip(block_names, (blocks.block_outer, blocks.block_inner))), num_warps=blocks.num_warps)
     return out
 
@@ -755,7 +763,7 @@ def bn_act_backward_elemt(
         kernel, extent, block_names = _backward_elemt_planes_kernel, a.N * a.C, ("BLOCK_P", "BLOCK_HW")
     kernel[blocks.grid](
         g, out, x, *params, x2, *params2, grad_input, grad_other, extent,
-        *((a.C,) if a.channels_last else (a.C, a.HW)), MASK=out is not None, OTHER=other,
+        *((a.C,) if a.channels_last else (a.C, a.HW)), MASK=out is not None, OTHER=other.value,
         **dict(zip(block_names, (blocks.block_outer, blocks.block_inner))), num_warps=blocks.num_warps)
     if grad_other is None:
         grad_other = torch.empty(0, dtype=x.dtype, device=x.device)

@@ -148,7 +148,8 @@ def merge_partial_stats(mean_partial: Tensor, m2_partial: Tensor, count_partial:
                         f"{describe(count_partial)}")
     for name, t in (("m2_partial", m2_partial), ("count_partial", count_partial)):
         if t.device != mean_partial.device:
-            raise RuntimeError(f"{_OP}: expected {name} on {mean_partial.device} like mean_partial, got a {describe(t)}")
+            raise RuntimeError(f"{_OP}: expected {name} on {mean_partial.device} like mean_partial, "
+                               f"got a {describe(t)}")
     check_launch_device(_OP, mean_partial)
 
     mean_partial, m2_partial, count_partial = (t.contiguous() for t in (mean_partial, m2_partial, count_partial))
