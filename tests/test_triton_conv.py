@@ -1,27 +1,24 @@
 """fused_resnet.triton.conv2d against F.conv2d in float64: geometry, layouts, dtypes, the BN-ReLU prologue, the
 bias/residual/ReLU epilogue, the BN statistics, every shipped launch configuration, the search, and bad input.
 
-Runs under the Triton interpreter on the CPU (TRITON_INTERPRET=1, set before the kernels are defined) and, where a
-GPU is visible, on CUDA tensors too (run with TRITON_INTERPRET=0 there to compile the kernels for real)."""
+Runs on CUDA tensors where a GPU is visible (compiled), else on CPU tensors under the Triton interpreter, which
+tests/conftest.py turns on (TRITON_INTERPRET=1) before any kernel is defined."""
 
 import os
 import subprocess
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
+from conftest import TRITON_ON_CPU, assert_rel, rel_err, to_layout  # noqa: E402
 from fused_resnet.triton import conv as triton_conv  # noqa: E402
 from fused_resnet.triton.conv import CONFIGS, INTERPRETER_CONFIG, conv2d  # noqa: E402
 
-from conftest import assert_rel, rel_err, to_layout  # noqa: E402
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] if TRITON_ON_CPU else ["cuda"]
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
 
