@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -242,10 +243,11 @@ class _BNSpec(NamedTuple):
 
     eps: float
     use_batch_stats: bool
+    process_group: object | None = None  # a synchronized BatchNorm's (its backward sums over the group)
 
 
 def _spec(bn: BatchNormParams) -> _BNSpec:
-    return _BNSpec(bn.eps, bn.use_batch_stats)
+    return _BNSpec(bn.eps, bn.use_batch_stats, bn.process_group)
 
 
 def _affine(
@@ -279,6 +281,50 @@ def _backward_coefs(
         zeros = torch.zeros_like(invstd)
         coefs = (w_invstd, zeros, zeros)
     return coefs, sum_dy_xmu * invstd, sum_dy
+
+
+# Synchronized BatchNorm (nn.SyncBatchNorm): the batch statistics of every rank of a process group together.
+
+
+def _gather_over(group: object, vector: Tensor) -> Tensor:
+    """Every rank's `vector` in `group`, stacked in rank order, in float64: counts stay exact, and sums over the
+    ranks are taken in the same order on every rank."""
+    vector = vector.to(torch.float64)
+    gathered = [torch.empty_like(vector) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, vector, group=group)
+    return torch.stack(gathered)
+
+
+def _synchronized(bn: BatchNormParams, stats: Sequence[Tensor], shape: Sequence[int]) -> tuple[Sequence[Tensor], int]:
+    """A BatchNorm's batch statistics (mean, biased variance; none when it uses running ones) of a conv output of
+    `shape`, and their count per channel: over every rank of its process group when it has one, each rank's
+    (count, mean, variance) merged as Chan et al. merge partial moments (no cancellation)."""
+    count = shape[0] * shape[2] * shape[3]
+    if not stats or bn.process_group is None:
+        return stats, count
+    mean, var = stats
+    channels = mean.numel()
+    rows = _gather_over(bn.process_group, torch.cat([mean.new_full((1,), count), mean, var]))
+    counts, means, variances = rows[:, :1], rows[:, 1:1 + channels], rows[:, 1 + channels:]
+    total = counts.sum()
+    group_mean = (counts * means).sum(0) / total
+    group_var = (counts * (variances + (means - group_mean).square())).sum(0) / total
+    return (group_mean.to(mean.dtype), group_var.to(var.dtype)), int(total.item())
+
+
+def _node_backward_coefs(
+    spec: _BNSpec, sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None, count: int
+) -> tuple[BackwardCoefs, Tensor, Tensor]:
+    """_backward_coefs of a node's BatchNorm. A synchronized one normalized with the group's mean and variance,
+    so its input gradient takes sum_dy and sum_dy_xmu summed over the group; its weight and bias gradients stay
+    this rank's, for DistributedDataParallel to average, as in nn.SyncBatchNorm's backward."""
+    coefs, grad_weight, grad_bias = _backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, spec.use_batch_stats, count)
+    if spec.process_group is not None:
+        channels = sum_dy.numel()
+        sums = _gather_over(spec.process_group, torch.cat([sum_dy.new_full((1,), count), sum_dy, sum_dy_xmu])).sum(0)
+        coefs = _backward_coefs(sums[1:1 + channels].to(sum_dy.dtype), sums[1 + channels:].to(sum_dy.dtype), invstd,
+                                weight, True, int(sums[0].item()))[0]
+    return coefs, grad_weight, grad_bias
 
 
 def _memory_format_of(t: Tensor) -> torch.memory_format:
@@ -383,11 +429,10 @@ class _BatchNormActFunction(torch.autograd.Function):
         count = y.numel() // y.shape[1]
         sum_dy, sum_dy_xmu, sum_dy_xmu2 = kernels.backward_reduce(grad_out, out, y, mean, y2, mean2)
         spec, spec2 = ctx.specs
-        coefs, grad_weight, grad_bias = _backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, spec.use_batch_stats, count)
+        coefs, grad_weight, grad_bias = _node_backward_coefs(spec, sum_dy, sum_dy_xmu, invstd, weight, count)
         coefs2 = grad_weight2 = grad_bias2 = None
         if y2 is not None:  # the projection's BN shares the masked gradient, so one pass serves both
-            coefs2, grad_weight2, grad_bias2 = _backward_coefs(
-                sum_dy, sum_dy_xmu2, invstd2, weight2, spec2.use_batch_stats, count)
+            coefs2, grad_weight2, grad_bias2 = _node_backward_coefs(spec2, sum_dy, sum_dy_xmu2, invstd2, weight2, count)
         residual_grad = ctx.residual_shape is not None and need[10]
         grad_y, grad_other = kernels.backward_elemt(
             grad_out, out, y, mean, coefs, y2, mean2, coefs2, residual_grad=residual_grad)
@@ -444,8 +489,8 @@ class _BatchNormReluConvFunction(torch.autograd.Function):
         if grad_a is not None:
             grad_a = _dense_like(grad_a, a)
             sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, a, y, mean)
-            coefs, grad_weight, grad_bias = _backward_coefs(
-                sum_dy, sum_dy_xmu, invstd, weight, ctx.spec.use_batch_stats, y.numel() // y.shape[1])
+            coefs, grad_weight, grad_bias = _node_backward_coefs(
+                ctx.spec, sum_dy, sum_dy_xmu, invstd, weight, y.numel() // y.shape[1])
             grad_y, _ = kernels.backward_elemt(grad_a, a, y, mean, coefs)
         return (
             None, None, None, None,
@@ -598,28 +643,31 @@ def _block(
 ) -> Tensor:
     shapes = _check_block(op, x, units, shortcut)
     name = select_backend(x.device, backend)
+    every_unit = [*units, shortcut] if isinstance(shortcut, ConvBN) else list(units)
     if name == "torch":
+        if any(u.bn.process_group is not None for u in every_unit):
+            raise ValueError(f"{op}: the torch backend (the reference composite) does not synchronize BatchNorm "
+                             "statistics over a process group; use the cpu or cuda backend")
         return reference.residual_block(x, units, shortcut)
     kernels = kernels_for(name)
-    every_unit = [*units, shortcut] if isinstance(shortcut, ConvBN) else list(units)
     if not _needs_autograd(x, every_unit) and not any(u.bn.use_batch_stats for u in every_unit):
         return _inference_block(kernels, x, units, shortcut, folded if folded is not None else FoldedWeights())
     first = units[0]
     y, *y_stats = _ConvFunction.apply(
         kernels, _conv_static(first.conv), first.bn.use_batch_stats, x, first.conv.weight, first.conv.bias)
-    batch_stats = [(first.bn, y_stats, shapes[0])]
+    batch_stats = [(first.bn, *_synchronized(first.bn, y_stats, shapes[0]))]
     for previous, unit, shape in zip(units[:-1], units[1:], shapes[1:]):
         y, *y_stats = _BatchNormReluConvFunction.apply(
             kernels, _spec(previous.bn), _conv_static(unit.conv), unit.bn.use_batch_stats, y,
             *_stats_inputs(batch_stats[-1][1]), *_bn_tensors(previous.bn), unit.conv.weight, unit.conv.bias)
-        batch_stats.append((unit.bn, y_stats, shape))
+        batch_stats.append((unit.bn, *_synchronized(unit.bn, y_stats, shape)))
     projection = (None,) * 8
     if isinstance(shortcut, ConvBN):
         y2, *y2_stats = _ConvFunction.apply(
             kernels, _conv_static(shortcut.conv), shortcut.bn.use_batch_stats, x, shortcut.conv.weight,
             shortcut.conv.bias)
-        batch_stats.append((shortcut.bn, y2_stats, shapes[-1]))
-        projection = (_spec(shortcut.bn), y2, *_stats_inputs(y2_stats), *_bn_tensors(shortcut.bn))
+        batch_stats.append((shortcut.bn, *_synchronized(shortcut.bn, y2_stats, shapes[-1])))
+        projection = (_spec(shortcut.bn), y2, *_stats_inputs(batch_stats[-1][1]), *_bn_tensors(shortcut.bn))
     identity = shortcut == "identity" or isinstance(shortcut, ZeroPadIdentity)
     padding = shortcut if isinstance(shortcut, ZeroPadIdentity) else None
     last = units[-1].bn
@@ -627,9 +675,9 @@ def _block(
         kernels, _spec(last), True, y, *_stats_inputs(batch_stats[len(units) - 1][1]), *_bn_tensors(last),
         x if identity else None, padding, *projection)
     # The running statistics move only once every node has run.
-    for bn, stats, (n, _, h, w) in batch_stats:
+    for bn, stats, count in batch_stats:
         if stats:
-            update_running_stats(bn, *stats, n * h * w)
+            update_running_stats(bn, *stats, count)
     return out
 
 

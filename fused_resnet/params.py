@@ -35,6 +35,8 @@ class BatchNormParams(NamedTuple):
 
     `momentum` follows nn.BatchNorm2d: None means a cumulative average over `num_batches_tracked` batches.
     `training` is the module's flag; batch statistics are used when training or when there are no running ones.
+    `process_group` (a torch.distributed process group) makes the batch statistics those of every rank's batch
+    together, as nn.SyncBatchNorm's in training: set it only when they are used and the group has several ranks.
     """
 
     weight: Tensor | None
@@ -45,6 +47,7 @@ class BatchNormParams(NamedTuple):
     momentum: float | None = 0.1
     eps: float = 1e-5
     training: bool = True
+    process_group: object | None = None
 
     @property
     def use_batch_stats(self) -> bool:
@@ -93,8 +96,9 @@ def advance_batch_count(bn: BatchNormParams) -> float:
 
 def update_running_stats(bn: BatchNormParams, batch_mean: Tensor, batch_var: Tensor, count: int) -> None:
     """The running-statistics update of one training forward, as nn.BatchNorm2d does it: the running variance
-    takes the unbiased batch variance. `batch_var` is the biased one; `count` the values per channel. The batch
-    statistics come without autograd history, so the in-place updates record none either."""
+    takes the unbiased batch variance. `batch_var` is the biased one; `count` the values per channel (over the
+    whole process group for a synchronized BatchNorm). The batch statistics come without autograd history, so the
+    in-place updates record none either."""
     factor = advance_batch_count(bn)
     if not bn.updates_running_stats:
         return
