@@ -389,18 +389,19 @@ def _plan_cuda_tests(check: Check) -> list[str]:
     return _pytest("tests/test_cuda_kernels.py", "-q", "-rs")
 
 
-# The Triton backend's tests: compiled on the GPU's CUDA tensors here, interpreted on the CPU in `make test`.
-TRITON_TESTS = ["tests/test_triton_kernels.py", "tests/test_triton_conv.py", "tests/test_triton_backend.py"]
+# The Triton kernels' tests and the whole-block tests of the triton and cuda backends: on the GPU's CUDA tensors
+# here (Triton compiled), interpreted on the CPU in `make test` (triton only).
+GPU_BACKEND_TESTS = ["tests/test_triton_kernels.py", "tests/test_triton_conv.py", "tests/test_gpu_backends.py"]
 
 
-def _plan_triton_tests(check: Check) -> list[str]:
-    command = _pytest(*TRITON_TESTS, "-q", "-rs")
+def _plan_gpu_backend_tests(check: Check) -> list[str]:
+    command = _pytest(*GPU_BACKEND_TESTS, "-q", "-rs")
     # On the CPU they run in Triton's interpreter, minutes long, and `make test` has just run them.
     return [*command, "--collect-only"] if check.rehearsal else command
 
 
 def _plan_other_tests(check: Check) -> list[str]:
-    command = _pytest("tests", "--ignore=tests/test_cuda_kernels.py", *(f"--ignore={t}" for t in TRITON_TESTS), "-q")
+    command = _pytest("tests", "--ignore=tests/test_cuda_kernels.py", *(f"--ignore={t}" for t in GPU_BACKEND_TESTS), "-q")
     # `make test` has just run them all on this CPU: the rehearsal only checks that they collect.
     return [*command, "--collect-only"] if check.rehearsal else command
 
@@ -467,7 +468,7 @@ STEPS = [
          conclude=_conclude_build),
     Step("environment", 15, _plan_environment, conclude=_conclude_environment),
     Step("CUDA kernel tests", 40, _plan_cuda_tests, conclude=_note_pytest_outcome),
-    Step("Triton tests", 50, _plan_triton_tests, conclude=_conclude_other_tests),
+    Step("Triton and GPU-backend tests", 50, _plan_gpu_backend_tests, conclude=_conclude_other_tests),
     Step("other tests", 35, _plan_other_tests, conclude=_conclude_other_tests),
     # The caching allocator hands out pieces of larger blocks, where memcheck cannot see an overrun: allocate each
     # tensor on its own.

@@ -8,6 +8,8 @@ and run convolutions through ATen (oneDNN on the CPU, cuDNN on the GPU).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -162,6 +164,46 @@ class CpuKernels(NativeKernels):
                 and (residual is None or residual.is_contiguous(memory_format=channels_last)))
 
 
+class CudaKernels(NativeKernels):
+    """On CUDA, inference runs conv+bias+ReLU and conv+bias+add+ReLU as single cuDNN calls (cuDNN's fused
+    convolution-bias-activation, what DESIGN.md §4 names the bar to beat), and a projection's conv+bias as one
+    F.conv2d. Where cuDNN turns a configuration down (it supports fewer dtype/layout/algorithm combinations than
+    plain convolution), that configuration goes through conv + one fused pass from then on, with a warning."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self._cudnn_refused: set[tuple] = set()
+
+    def conv_bias_act(
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
+        padding: ZeroPadIdentity | None = None,
+    ) -> Tensor:
+        # Under torch.compile the compiler makes its own fusions; under autocast only F.conv2d knows to cast.
+        if padding is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cuda"):
+            return super().conv_bias_act(x, conv, weight, bias, residual, relu, padding)
+        geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        cudnn_bias = as_dtype(bias, weight.dtype)  # cuDNN adds a bias in the convolution's dtype
+        if not relu and residual is None:
+            return F.conv2d(x, weight, cudnn_bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        key = (x.dtype, _memory_format_name(x), residual is not None, relu)
+        if not relu or key in self._cudnn_refused or not torch.backends.cudnn.is_available():
+            return super().conv_bias_act(x, conv, weight, bias, residual, relu, padding)
+        try:
+            if residual is None:
+                return torch.ops.aten.cudnn_convolution_relu(x, weight, cudnn_bias, *geometry)
+            return torch.ops.aten.cudnn_convolution_add_relu(x, weight, as_dtype(residual, x.dtype), 1.0, cudnn_bias,
+                                                             *geometry)
+        except RuntimeError as error:
+            self._cudnn_refused.add(key)
+            warnings.warn(f"fused_resnet: cuDNN's fused convolution refused {key} ({error}); that configuration "
+                          "runs as convolution + one fused pass from now on", RuntimeWarning, stacklevel=2)
+            return super().conv_bias_act(x, conv, weight, bias, residual, relu, padding)
+
+
+def _memory_format_name(t: Tensor) -> str:
+    return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else "nchw"
+
+
 class TritonKernels(NativeKernels):
     """The Triton kernels (fused_resnet.triton): the four memory-bound ops, and an implicit-GEMM convolution that
     applies the previous BatchNorm and ReLU to its input as it loads it (prologue), computes the batch statistics
@@ -222,7 +264,7 @@ def kernels_for(backend: str) -> NativeKernels:
         if backend == "cpu":
             _KERNEL_SETS[backend] = CpuKernels("cpu")
         elif backend == "cuda":
-            _KERNEL_SETS[backend] = NativeKernels("cuda")
+            _KERNEL_SETS[backend] = CudaKernels("cuda")
         elif backend == "triton":
             _KERNEL_SETS[backend] = TritonKernels()
         else:

@@ -3,9 +3,8 @@ tests/primitives.py and against the compiled ops (torch.ops.fused_resnet.*) wher
 dtype and layout, odd shapes, option A and projection residuals, every tiling path, robustness of the statistics
 and determinism.
 
-On the CPU the kernels run under Triton's interpreter, switched on below before anything defines a kernel. On a
-CUDA machine the same tests also run on CUDA tensors; to run the compiled kernels there rather than interpreted
-ones, start pytest with TRITON_INTERPRET=0 (the CPU cases then skip).
+Without a GPU the kernels run under Triton's interpreter on CPU tensors (tests/conftest.py switches it on before
+anything defines a kernel); with one they run compiled, on CUDA tensors.
 
 Every output buffer the launchers allocate starts out NaN (deterministic mode's fill of uninitialized memory), so
 an element or a partial a kernel forgets to write fails the comparison instead of passing on stale zeros.
@@ -19,10 +18,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot run")
 
@@ -32,7 +29,7 @@ from fused_resnet import _native  # noqa: E402
 from fused_resnet.triton import bn, stats  # noqa: E402
 
 INTERPRETED = stats.kernels_are_interpreted()
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] if INTERPRETED else ["cuda"]
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # Element-wise tolerances: the kernels compute in fp32 (fp64 for fp64) and round once to the output dtype.

@@ -1,10 +1,11 @@
-"""The `triton` backend end to end: whole blocks (train: output, every gradient, running statistics; eval;
-inference) against torchvision in float64, option A, ConvBNReLU, a CIFAR net, low precision, and the proof that
-a block's forward runs no ATen convolution or batch_norm (its convolutions are Triton's, with the BatchNorms
-fused around them).
+"""The backends made for the GPU, `triton` and `cuda`, end to end: whole blocks (train: output, every gradient,
+running statistics; eval; inference) against torchvision in float64, option A, ConvBNReLU, a CIFAR net, low
+precision, and the proof that with `triton` a block's forward runs no ATen convolution or batch_norm (its
+convolutions are Triton's, with the BatchNorms fused around them).
 
-Without a GPU these run in Triton's CPU interpreter (tests/conftest.py turns it on), on small shapes: a block's
-train step takes seconds there. With a GPU they run compiled, on CUDA tensors."""
+With a GPU both run on CUDA tensors (`cuda` with cuDNN's fused convolution-bias-ReLU in inference). Without one,
+`triton` runs in Triton's CPU interpreter (tests/conftest.py turns it on), on small shapes: a block's train step
+takes seconds there; `cuda` has no CPU mode."""
 
 from __future__ import annotations
 
@@ -19,25 +20,30 @@ from conftest import TRITON_ON_CPU, assert_rel, randomize_batchnorms, rel_err, t
 from fused_resnet import use_backend
 from test_modules import BLOCKS, step, torchvision_block
 
-pytestmark = pytest.mark.skipif(fused_resnet.backend_status()["triton"] != "available",
-                                reason=f"triton backend: {fused_resnet.backend_status()['triton']}")
-
+STATUS = fused_resnet.backend_status()
+BACKENDS = [b for b in ("triton", "cuda") if STATUS[b] == "available"]
+pytestmark = pytest.mark.skipif(not BACKENDS, reason=f"triton: {STATUS['triton']}; cuda: {STATUS['cuda']}")
 DEVICE = "cpu" if TRITON_ON_CPU else "cuda"
 # fp32 against float64: the interpreter computes fp32 exactly as numpy does; on a GPU convolutions use TF32, as
 # PyTorch's do by default (torch.backends.cudnn.allow_tf32), which moves results by ~1e-3 relative.
 TOL = 1e-4 if TRITON_ON_CPU else 5e-3
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
 def fused_fp32(tv: torch.nn.Module) -> torch.nn.Module:
     return fused_resnet.convert(copy.deepcopy(tv)).float().to(DEVICE)
 
 
-def compare(fused, tv, x64, mode, channels_last, tol=TOL):
-    """Two steps of `fused` (float32, triton) and `tv` (float64) in `mode` on the same data; compares the output,
+def compare(backend, fused, tv, x64, mode, channels_last, tol=TOL):
+    """Two steps of `fused` (float32, on `backend`) and `tv` (float64) in `mode` on the same data; compares the output,
     the input gradient, every parameter gradient and every buffer."""
     x = to_layout(x64, channels_last)
     for seed in range(2):  # twice: running statistics and num_batches_tracked evolve
-        with use_backend("triton"):
+        with use_backend(backend):
             out, gx = step(fused, x.float().to(DEVICE), mode, seed)
         ref, rgx = step(tv, x, mode, seed)
     assert out.dtype == torch.float32 and not out.isnan().any()
@@ -57,30 +63,30 @@ def compare(fused, tv, x64, mode, channels_last, tol=TOL):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("mode", ["train", "inference"])
 @pytest.mark.parametrize("name", ["basic", "basic-down", "bottleneck-down", "resnext-like", "dilated"])
-def test_block_matches_torchvision(name, mode, channels_last):
+def test_block_matches_torchvision(backend, name, mode, channels_last):
     tv = torchvision_block(name)
     _, _, _, cin, h, w = BLOCKS[name]
-    compare(fused_fp32(tv), tv, torch.randn(2, cin, h, w, dtype=torch.float64), mode, channels_last)
+    compare(backend, fused_fp32(tv), tv, torch.randn(2, cin, h, w, dtype=torch.float64), mode, channels_last)
 
 
 @pytest.mark.parametrize("name", ["basic-down", "bottleneck"])
-def test_eval_mode_with_gradients_matches_torchvision(name):
+def test_eval_mode_with_gradients_matches_torchvision(backend, name):
     """Running statistics, but gradients wanted (fine-tuning with frozen BN): the training chain, not the folded
     inference path."""
     tv = torchvision_block(name)
     _, _, _, cin, h, w = BLOCKS[name]
-    compare(fused_fp32(tv), tv, torch.randn(2, cin, h, w, dtype=torch.float64), "eval-grad", True)
+    compare(backend, fused_fp32(tv), tv, torch.randn(2, cin, h, w, dtype=torch.float64), "eval-grad", True)
 
 
 @pytest.mark.parametrize("mode", ["train", "inference"])
-def test_option_a_block_matches_the_reference(mode):
+def test_option_a_block_matches_the_reference(backend, mode):
     """Option A's zero-padded identity: subsampled and padded inside the last kernel (train) or the conv's
     epilogue (inference), checked against the reference composite in float64."""
     block = randomize_batchnorms(fused_resnet.BasicBlock(6, 10, stride=2, shortcut="A")).double()
     fused = copy.deepcopy(block).float().to(DEVICE)
     x64 = torch.randn(2, 6, 7, 9, dtype=torch.float64)
     for seed in range(2):
-        with use_backend("triton"):
+        with use_backend(backend):
             out, gx = step(fused, x64.float().to(DEVICE), mode, seed)
         with use_backend("torch"):
             ref, rgx = step(block, x64, mode, seed)
@@ -93,11 +99,11 @@ def test_option_a_block_matches_the_reference(mode):
             assert_rel(b.cpu().double(), rb.double(), TOL, name)
 
 
-def test_conv_bn_relu_and_a_cifar_net_train_like_the_reference():
+def test_conv_bn_relu_and_a_cifar_net_train_like_the_reference(backend):
     net = randomize_batchnorms(fused_resnet.cifar_resnet(8, shortcut="A", num_classes=5)).double()
     fused = copy.deepcopy(net).float().to(DEVICE)
     x64 = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    with use_backend("triton"):
+    with use_backend(backend):
         out, gx = step(fused, x64.float().to(DEVICE), "train")
     with use_backend("torch"):
         ref, rgx = step(net, x64, "train")
@@ -110,7 +116,7 @@ def test_conv_bn_relu_and_a_cifar_net_train_like_the_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_block_is_as_accurate_as_torchvision_in_it(dtype):
+def test_low_precision_block_is_as_accurate_as_torchvision_in_it(backend, dtype):
     """DESIGN.md §6: within 2x of PyTorch's own error in that dtype against the float64 reference."""
     tv = torchvision_block("bottleneck-down")
     x64 = to_layout(torch.randn(2, 8, 9, 9, dtype=torch.float64), True)
@@ -118,7 +124,7 @@ def test_low_precision_block_is_as_accurate_as_torchvision_in_it(dtype):
     low_tv = copy.deepcopy(tv).to(dtype)
     low_out, _ = step(low_tv, x64.to(dtype), "train")
     fused = fused_resnet.convert(copy.deepcopy(tv)).to(dtype).to(DEVICE)
-    with use_backend("triton"):
+    with use_backend(backend):
         out, _ = step(fused, x64.to(dtype).to(DEVICE), "train")
     assert out.dtype == dtype
     assert rel_err(out.cpu(), ref) <= 2 * rel_err(low_out, ref) + 1e-3
@@ -136,6 +142,7 @@ class _RecordAtenOps(TorchDispatchMode):
 
 @pytest.mark.parametrize("mode", ["train", "inference"])
 @pytest.mark.parametrize("name", ["basic-down", "bottleneck"])
+@pytest.mark.skipif("triton" not in BACKENDS, reason=f"triton: {STATUS['triton']}")
 def test_a_block_forward_runs_no_aten_convolution_or_batch_norm(name, mode):
     tv = torchvision_block(name)
     fused = fused_fp32(tv).train(mode == "train")
