@@ -10,7 +10,7 @@ choose with ``fused_resnet.use_backend(name)`` or the ``FUSED_RESNET_BACKEND`` e
 from . import ops, reference
 from .backends import available_backends, backend_status, use_backend
 from .cifar import CifarResNet, cifar_resnet
-from .convert import FusionWarning, convert, unfused_modules
+from .convert import FusionWarning, convert, convert_sync_batchnorm, unfused_modules
 from .models import (
     ResNet,
     resnet18,
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BasicBlock", "BatchNormParams", "Bottleneck", "CifarResNet", "ConvBN", "ConvBNReLU", "ConvParams",
     "FusionWarning", "ResNet", "TimmBasicBlock", "TimmBottleneck", "ZeroPadIdentity", "available_backends",
-    "backend_status", "cifar_resnet", "convert", "ops", "reference", "resnet18", "resnet34", "resnet50",
-    "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "unfused_modules",
-    "use_backend", "wide_resnet50_2", "wide_resnet101_2",
+    "backend_status", "cifar_resnet", "convert", "convert_sync_batchnorm", "ops", "reference", "resnet18",
+    "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    "unfused_modules", "use_backend", "wide_resnet50_2", "wide_resnet101_2",
 ]

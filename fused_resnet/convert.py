@@ -24,7 +24,7 @@ from torch import nn
 from .models import ResNet, stem_blocker, timm_stem_blocker, timm_stem_forward, timm_stem_structure_blocker
 from .modules import BasicBlock, Bottleneck, ConvBNReLU, TimmBasicBlock, TimmBottleneck, timm_resnet_module
 
-__all__ = ["FusionWarning", "convert", "unfused_modules"]
+__all__ = ["FusionWarning", "convert", "convert_sync_batchnorm", "unfused_modules"]
 
 
 class FusionWarning(UserWarning):
@@ -128,10 +128,17 @@ def _fused_counterpart(module: nn.Module, candidates: dict[type, type]) -> tuple
     return None, None
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """Fuses `model` in place and returns it (a new module only when `model` itself is a block)."""
+def convert(model: nn.Module, sync_bn: bool = False, process_group: object | None = None) -> nn.Module:
+    """Fuses `model` in place and returns it (a new module only when `model` itself is a block).
+
+    With `sync_bn`, every BatchNorm becomes an nn.SyncBatchNorm (see :func:`convert_sync_batchnorm`) whose
+    statistics the fused ops merge over `process_group` (the default group when None) in training."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(sync_bn, bool):
+        raise TypeError(f"convert: expected sync_bn to be a bool, got {type(sync_bn).__name__}")
+    if process_group is not None and not sync_bn:
+        raise ValueError("convert: a process_group is only used with sync_bn=True")
     torchvision = _torchvision()
     candidates = _candidates(torchvision)
     skipped: dict[str, str] = {}
@@ -170,7 +177,18 @@ def convert(model: nn.Module) -> nn.Module:
     if skipped:
         details = "; ".join(f"{name}: {why}" for name, why in skipped.items())
         warnings.warn(f"convert left {len(skipped)} module(s) unfused: {details}", FusionWarning, stacklevel=2)
-    return model
+    return convert_sync_batchnorm(model, process_group) if sync_bn else model
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group: object | None = None) -> nn.Module:
+    """torch.nn.SyncBatchNorm.convert_sync_batchnorm: every BatchNorm*d of `model` becomes an nn.SyncBatchNorm
+    sharing its parameters and buffers (the state_dict keys stay). Fused modules run them fused, merging the
+    per-channel statistics over `process_group` (the default group when None) inside the fused ops in training
+    under torch.distributed; elsewhere (eval, one rank) they are ordinary BatchNorms. Returns the model (a new
+    module only when `model` itself is a BatchNorm)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_sync_batchnorm: expected a torch.nn.Module, got {type(model).__name__}")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
 
 
 def _training_note(fused: nn.Module) -> str | None:

@@ -3,8 +3,8 @@
 signatures, attribute names and state_dict keys.
 
 The modules only hold parameters; their forward hands the current tensors to the fused ops. The norm layers they
-fuse are nn.BatchNorm2d and torchvision's FrozenBatchNorm2d (an eval-mode BatchNorm in every mode, as detection
-backbones use it). A module runs the plain PyTorch sequence of its submodules instead whenever the fused op would
+fuse are nn.BatchNorm2d, nn.SyncBatchNorm (the fused ops merge the batch statistics over its process group) and
+torchvision's FrozenBatchNorm2d (an eval-mode BatchNorm in every mode, as detection backbones use it). A module runs the plain PyTorch sequence of its submodules instead whenever the fused op would
 not be the same computation: another norm layer (a subclass that overrides forward, GroupNorm...), a changed
 activation, a downsample other than conv+BatchNorm2d, timm's anti-aliasing, attention or active stochastic-depth
 layers, or forward/backward hooks on a submodule (which would not fire inside a fused op).
@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch.nn.functional as F
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
@@ -44,14 +45,24 @@ def is_frozen_batch_norm(module: nn.Module) -> bool:
     return misc is not None and type(module) is misc.FrozenBatchNorm2d
 
 
+def sync_process_group(bn: nn.SyncBatchNorm) -> object | None:
+    """The process group whose batch statistics a SyncBatchNorm merges on its next forward, or None when it
+    merges none: as nn.SyncBatchNorm decides, only in training, with torch.distributed initialized, over its
+    process_group (the default group when None) when that has more than one rank."""
+    if not (bn.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
 def batch_norm_params(bn: nn.Module) -> BatchNormParams:
-    """The op-level view of a BatchNorm2d or a FrozenBatchNorm2d (its current tensors and flags)."""
+    """The op-level view of a BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d (its current tensors and flags)."""
     if type(bn) is not nn.BatchNorm2d and is_frozen_batch_norm(bn):
         # An eval-mode BatchNorm whatever the module's mode: running statistics, never updated; its weight and
         # bias are buffers, so no gradient reaches them, while the input and the convolution still get theirs.
         return BatchNormParams(bn.weight, bn.bias, bn.running_mean, bn.running_var, None, 0.0, bn.eps, False)
     return BatchNormParams(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
-                           bn.eps, bn.training)
+                           bn.eps, bn.training, sync_process_group(bn) if type(bn) is nn.SyncBatchNorm else None)
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.Module, name: str) -> ConvBN:
@@ -72,10 +83,10 @@ def conv_blocker(name: str, conv: nn.Module) -> str | None:
 
 
 def bn_blocker(name: str, bn: nn.Module) -> str | None:
-    if is_frozen_batch_norm(bn):
+    if type(bn) is nn.SyncBatchNorm or is_frozen_batch_norm(bn):
         return None
     if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
-        return f"{name} is a {type(bn).__name__}, not nn.BatchNorm2d or FrozenBatchNorm2d"
+        return f"{name} is a {type(bn).__name__}, not nn.BatchNorm2d, nn.SyncBatchNorm or FrozenBatchNorm2d"
     return None
 
 
