@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import reference
 from .backends import select_backend
@@ -274,13 +275,16 @@ def _backward_coefs(
     and the gradients of the BN weight and bias. With batch statistics the mean and variance depend on y:
         grad_y = w*invstd * (g - mean(g) - (y - mean) * invstd^2 * mean(g * (y - mean)))."""
     w_invstd = invstd * as_dtype(weight, invstd.dtype) if weight is not None else invstd
+    sum_dy_xhat = sum_dy_xmu * invstd  # also the weight's gradient
     if use_batch_stats:
-        coefs = (w_invstd, (w_invstd * invstd).mul_(invstd).mul_(sum_dy_xmu).mul_(-1.0 / count),
+        # invstd^3 on its own underflows fp32 for a spread above ~4e12 (bf16 activations reach 1e38): multiplying
+        # sum(g * x_hat) by invstd and then w*invstd keeps every intermediate in range.
+        coefs = (w_invstd, (sum_dy_xhat * invstd).mul_(w_invstd).mul_(-1.0 / count),
                  (w_invstd * sum_dy).mul_(-1.0 / count))
     else:
         zeros = torch.zeros_like(invstd)
         coefs = (w_invstd, zeros, zeros)
-    return coefs, sum_dy_xmu * invstd, sum_dy
+    return coefs, sum_dy_xhat, sum_dy
 
 
 # Synchronized BatchNorm (nn.SyncBatchNorm): the batch statistics of every rank of a process group together.
@@ -545,12 +549,28 @@ def batch_norm_act(
 # residual_block and conv_bn_relu
 
 
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Fused optimizers (torch.optim.Adam(fused=True), and others written the same way) change parameters in place
+# without bumping their version counters, so FoldedWeights also refolds after any torch.optim step: a Python call per
+# step, once per process.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class FoldedWeights:
     """A module's cache of BN-folded convolution weights for inference, one entry per conv-BN unit.
 
-    An entry is reused while every source tensor is the same object at the same version (any in-place change,
-    an optimizer step or load_state_dict, bumps the version; `.to()` makes new tensors), so it is never stale.
-    It holds references to its sources, so a freed tensor's address cannot alias a live key. Not pickled."""
+    An entry is reused while every source tensor is the same object at the same version (any in-place change
+    through autograd-visible ops, load_state_dict, bumps the version; `.to()` makes new tensors) and no torch.optim
+    optimizer has stepped since it was folded. Edits through `.data` bypass the version counter, as they bypass
+    autograd's checks: after one, :meth:`clear` (or `fused_resnet.clear_folded_weights(model)`). An entry holds
+    references to its sources, so a freed tensor's address cannot alias a live key. Not pickled."""
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[tuple, tuple, tuple[Tensor, Tensor]]] = {}  # (sources, versions, folded)
@@ -561,6 +581,10 @@ class FoldedWeights:
     def __setstate__(self, state: dict) -> None:
         self._entries = {}
 
+    def clear(self) -> None:
+        """Forgets every folded weight: the next inference call folds again."""
+        self._entries.clear()
+
     def get(self, index: int, unit: ConvBN) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling():
             # A compiled graph folds on every call (a few per-channel ops the compiler fuses); version counters are
@@ -568,7 +592,7 @@ class FoldedWeights:
             return fold_batch_norm(unit)
         sources = (unit.conv.weight, unit.conv.bias, unit.bn.weight, unit.bn.bias, unit.bn.running_mean, unit.bn.running_var)
         try:
-            versions = tuple(t._version if t is not None else None for t in sources) + (unit.bn.eps,)
+            versions = tuple(t._version if t is not None else None for t in sources) + (unit.bn.eps, _optimizer_steps)
         except RuntimeError:  # inference tensors have no version counter: fold every time
             return fold_batch_norm(unit)
         entry = self._entries.get(index)
@@ -577,6 +601,16 @@ class FoldedWeights:
         folded = fold_batch_norm(unit)
         self._entries[index] = (sources, versions, folded)
         return folded
+
+
+def clear_folded_weights(model: torch.nn.Module) -> None:
+    """Makes every fused module of `model` fold its BatchNorms again at its next inference call: needed only after
+    editing parameters or buffers through `.data` (which autograd's version counters, and so the cache, cannot
+    see)."""
+    for module in model.modules():
+        folded = module.__dict__.get("_folded")
+        if isinstance(folded, FoldedWeights):
+            folded.clear()
 
 
 @torch.no_grad()
