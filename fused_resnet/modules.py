@@ -4,10 +4,11 @@ signatures, attribute names and state_dict keys.
 
 The modules only hold parameters; their forward hands the current tensors to the fused ops. The norm layers they
 fuse are nn.BatchNorm2d, nn.SyncBatchNorm (the fused ops merge the batch statistics over its process group) and
-torchvision's FrozenBatchNorm2d (an eval-mode BatchNorm in every mode, as detection backbones use it). A module runs the plain PyTorch sequence of its submodules instead whenever the fused op would
-not be the same computation: another norm layer (a subclass that overrides forward, GroupNorm...), a changed
-activation, a downsample other than conv+BatchNorm2d, timm's anti-aliasing, attention or active stochastic-depth
-layers, or forward/backward hooks on a submodule (which would not fire inside a fused op).
+torchvision's FrozenBatchNorm2d (an eval-mode BatchNorm in every mode, as detection backbones use it). A module
+runs the plain PyTorch sequence of its submodules instead whenever the fused op would not be the same
+computation: another norm layer (a subclass that overrides forward, GroupNorm...), a changed activation, a
+downsample other than conv+BatchNorm2d, timm's anti-aliasing, attention or active stochastic-depth layers, or
+forward/backward hooks on a submodule (which would not fire inside a fused op).
 :func:`fused_resnet.unfused_modules` lists which modules of a model do, and why.
 """
 
@@ -17,8 +18,8 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-import torch.nn.functional as F
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
@@ -26,7 +27,9 @@ from . import ops
 from .ops import FoldedWeights
 from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity
 
-__all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU", "TimmBasicBlock", "TimmBottleneck", "batch_norm_params", "conv_bn"]
+__all__ = [
+    "BasicBlock", "Bottleneck", "ConvBNReLU", "TimmBasicBlock", "TimmBottleneck", "batch_norm_params", "conv_bn",
+]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -66,7 +69,7 @@ def batch_norm_params(bn: nn.Module) -> BatchNormParams:
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.Module, name: str) -> ConvBN:
-    """The op-level view of a Conv2d followed by a BatchNorm2d or FrozenBatchNorm2d (current tensors and flags)."""
+    """The op-level view of a Conv2d followed by a norm layer batch_norm_params() takes (current tensors, flags)."""
     return ConvBN(
         ConvParams(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups),
         batch_norm_params(bn),

@@ -112,7 +112,8 @@ def test_detection_backbone_is_fused(backend):
         warnings.simplefilter("error", fused_resnet.FusionWarning)
         fused = fused_copy(reference)
     body = fused.body
-    assert all(type(body.get_submodule(f"layer{i}.{j}")) is fused_resnet.BasicBlock for i in range(1, 5) for j in (0, 1))
+    blocks = [body.get_submodule(f"layer{i}.{j}") for i in range(1, 5) for j in (0, 1)]
+    assert all(type(block) is fused_resnet.BasicBlock for block in blocks)
     x = torch.randn(2, 3, 40, 36, dtype=torch.float64)
     frozen = {n: b.clone() for n, b in reference.named_buffers()}
     for train in (True, False):
@@ -131,7 +132,9 @@ def test_detection_backbone_is_fused(backend):
         loss.backward()
         expected_loss.backward()
         trained = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
-        assert any(n.startswith("body.layer4") for n, _ in trained) and not any(n.startswith("body.layer1") for n, _ in trained)
+        trained_names = [n for n, _ in trained]
+        assert any(n.startswith("body.layer4") for n in trained_names)
+        assert not any(n.startswith("body.layer1") for n in trained_names)
         fused_params = dict(fused.named_parameters())
         for n, p in trained:
             assert_rel(fused_params[n].grad, p.grad, 1e-10, f"grad {n}", floor=1e-6)

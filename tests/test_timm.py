@@ -33,6 +33,10 @@ def converted(model: nn.Module) -> nn.Module:
         return fused_resnet.convert(copy.deepcopy(model))
 
 
+def timm_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (timm_resnet.BasicBlock, timm_resnet.Bottleneck))}
+
+
 def fused_block_count(model: nn.Module) -> int:
     return sum(isinstance(m, (TimmBasicBlock, TimmBottleneck)) for m in model.modules())
 
@@ -45,8 +49,7 @@ def test_converted_timm_model_keeps_its_keys_and_reports_what_it_leaves(name):
         warnings.simplefilter("always")
         fused = fused_resnet.convert(copy.deepcopy(original))
     assert type(fused).__name__ == "FusedTimmResNet" and isinstance(fused, timm_resnet.ResNet)
-    timm_blocks = [n for n, m in original.named_modules() if isinstance(m, (timm_resnet.BasicBlock, timm_resnet.Bottleneck))]
-    assert fused_block_count(fused) == len(timm_blocks) - len(leaves)
+    assert fused_block_count(fused) == len(timm_blocks(original)) - len(leaves)
     messages = [str(w.message) for w in record if issubclass(w.category, fused_resnet.FusionWarning)]
     if leaves:
         assert len(messages) == 1 and all(f"{block}: downsample average-pools" in messages[0] for block in leaves)
@@ -128,7 +131,7 @@ def test_blocks_with_what_cannot_be_fused_are_left_to_timm_and_reported(case):
     with pytest.warns(fused_resnet.FusionWarning) as record:
         fused = fused_resnet.convert(copy.deepcopy(original))
     message = str(record[0].message)
-    blocks = {n: m for n, m in original.named_modules() if isinstance(m, (timm_resnet.BasicBlock, timm_resnet.Bottleneck))}
+    blocks = timm_blocks(original)
     left = [n for n, m in blocks.items() if carries_it(m)]
     assert 0 < len(left) and fused_block_count(fused) == len(blocks) - len(left)
     assert all(type(fused.get_submodule(n)) is type(blocks[n]) for n in left)
