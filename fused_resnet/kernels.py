@@ -8,6 +8,7 @@ and run convolutions through ATen (oneDNN on the CPU, cuDNN on the GPU).
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
@@ -254,22 +255,25 @@ class TritonKernels(NativeKernels):
                                **option_a)
 
 
-_KERNEL_SETS: dict[str, NativeKernels] = {}
+def _kernel_sets() -> dict[str, NativeKernels]:
+    """Every kernel set, made once at import: under torch.compile a set made on first use would be traced (and
+    break the graph). The Triton one imports its kernels, which defines them: compiled ones, or interpreted ones when
+    TRITON_INTERPRET=1 is set by then (before fused_resnet is imported)."""
+    sets: dict[str, NativeKernels] = {"cpu": CpuKernels("cpu"), "cuda": CudaKernels("cuda")}
+    if importlib.util.find_spec("triton") is not None:
+        sets["triton"] = TritonKernels()
+    return sets
+
+
+_KERNEL_SETS = _kernel_sets()
 
 
 def kernels_for(backend: str) -> NativeKernels:
-    """The kernel set of a concrete backend other than `torch` (which runs the reference composite). The Triton
-    one is made on first use: importing it compiles nothing, but imports triton."""
-    if backend not in _KERNEL_SETS:
-        if backend == "cpu":
-            _KERNEL_SETS[backend] = CpuKernels("cpu")
-        elif backend == "cuda":
-            _KERNEL_SETS[backend] = CudaKernels("cuda")
-        elif backend == "triton":
-            _KERNEL_SETS[backend] = TritonKernels()
-        else:
-            raise RuntimeError(f"fused_resnet backend {backend!r} has no kernels")
-    return _KERNEL_SETS[backend]
+    """The kernel set of a concrete backend other than `torch` (which runs the reference composite)."""
+    kernels = _KERNEL_SETS.get(backend)
+    if kernels is None:
+        raise RuntimeError(f"fused_resnet backend {backend!r} has no kernels here")
+    return kernels
 
 
 def _register_fake_implementations() -> None:

@@ -47,16 +47,9 @@ def test_every_integration_has_a_snippet():
     ]
 
 
-# In a fresh process the first fused op runs inside torch.compile's trace, and that is where kernels_for() first
-# builds the CPU kernel set: CpuKernels.__init__ asks torch.backends.mkldnn.is_available(), which dynamo skips,
-# a graph break that fullgraph=True turns into an error. The fix belongs in fused_resnet/kernels.py (build the
-# kernel sets, or ask oneDNN, outside the trace); strict, so that this fails once it is fixed.
-LAZY_KERNELS = pytest.mark.xfail(
-    strict=True, reason="kernels_for() builds CpuKernels lazily, inside the trace: a graph break in a fresh process")
-
-
-@pytest.mark.parametrize("title", [pytest.param(t, marks=LAZY_KERNELS) if t == "torch.compile" else t
-                                   for t in snippets()])
+# In a fresh process the first fused op of the compile snippet runs inside torch.compile's trace: it must find
+# everything it needs built (fused_resnet builds its kernel sets at import), or fullgraph=True fails.
+@pytest.mark.parametrize("title", list(snippets()))
 def test_readme_snippet_runs(title, tmp_path):
     code = snippets()[title]
     if "torch.compile(" in code:
