@@ -216,10 +216,9 @@ class TritonKernels(NativeKernels):
     first, as F.conv2d's autocast wrapper does."""
 
     def __init__(self) -> None:
-        from .triton import bn, conv
+        from .triton import library  # registers torch.ops.fused_resnet_triton
 
-        super().__init__("triton", bn)
-        self._conv2d = conv.conv2d
+        super().__init__("triton", torch.ops.fused_resnet_triton)
 
     def _low_precision(self, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         device = x.device.type
@@ -228,31 +227,35 @@ class TritonKernels(NativeKernels):
             return as_dtype(x, dtype), as_dtype(weight, dtype)
         return x, weight
 
-    def _conv2d_of(self, x: Tensor, conv: ConvParams, weight: Tensor | None = None, **fusions) -> Tensor | tuple:
+    def _conv2d(self, x: Tensor, conv: ConvParams, weight: Tensor | None = None, bias: Tensor | None = None,
+                scale: Tensor | None = None, shift: Tensor | None = None, residual: Tensor | None = None,
+                padding: ZeroPadIdentity | None = None, relu: bool = False, stats: bool = False) -> tuple[Tensor, ...]:
+        """(y, mean, var) of the Triton convolution with its fusions; mean and var are empty unless `stats`."""
         x, weight = self._low_precision(x, conv.weight if weight is None else weight)
-        return self._conv2d(x, weight, fusions.pop("bias", conv.bias), conv.stride, conv.padding, conv.dilation,
-                            conv.groups, **fusions)
+        if residual is not None:
+            residual = as_dtype(residual, x.dtype)
+        to_fp32 = (lambda t: None if t is None else as_dtype(t, torch.float32))
+        return torch.ops.fused_resnet_triton.conv2d(
+            x, weight, conv.bias if bias is None else to_fp32(bias), list(conv.stride), list(conv.padding),
+            list(conv.dilation), conv.groups, to_fp32(scale), to_fp32(shift), residual,
+            padding.stride if padding else 1, padding.channels_before if padding else 0, relu, stats)
 
     def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
-        return self._conv2d_of(x, conv)
+        return self._conv2d(x, conv)[0]
 
     def conv_stats(self, x: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
-        return self._conv2d_of(x, conv, stats=True) if stats else (self._conv2d_of(x, conv),)
+        out = self._conv2d(x, conv, stats=stats)
+        return out if stats else out[:1]
 
     def bn_relu_conv(self, y: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
-        out = self._conv2d_of(y, conv, input_scale=as_dtype(scale, torch.float32),
-                              input_shift=as_dtype(shift, torch.float32), stats=stats)
-        return out if stats else (out,)
+        out = self._conv2d(y, conv, scale=scale, shift=shift, stats=stats)
+        return out if stats else out[:1]
 
     def conv_bias_act(
         self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
         padding: ZeroPadIdentity | None = None,
     ) -> Tensor:
-        option_a = dict(residual_stride=padding.stride, residual_channel_offset=padding.channels_before) if padding else {}
-        if residual is not None:
-            residual = as_dtype(residual, self._low_precision(x, weight)[0].dtype)
-        return self._conv2d_of(x, conv, weight, bias=as_dtype(bias, torch.float32), residual=residual, relu=relu,
-                               **option_a)
+        return self._conv2d(x, conv, weight, bias, residual=residual, padding=padding, relu=relu)[0]
 
 
 def _kernel_sets() -> dict[str, NativeKernels]:

@@ -66,17 +66,18 @@ def test_compiled_inference_sees_weights_change_in_place():
 needs_extension = pytest.mark.skipif(not _native.has_extension(), reason=str(_native.load_error))
 
 
-def op_samples():
-    """(op, args) covering each op's optional arguments, on CPU float32 and channels_last float64."""
-    ops = torch.ops.fused_resnet
+def op_samples(ops=None, device="cpu"):
+    """(op, args) covering each BatchNorm op's optional arguments (of torch.ops.fused_resnet, or another namespace
+    with the same schemas), on `device`, float32 NCHW and float64 channels_last."""
+    ops = ops if ops is not None else torch.ops.fused_resnet
     samples = []
     for dtype, fmt in ((torch.float32, torch.contiguous_format), (torch.float64, torch.channels_last)):
-        x = torch.randn(2, 6, 5, 4, dtype=dtype).contiguous(memory_format=fmt)
+        x = torch.randn(2, 6, 5, 4, dtype=dtype, device=device).contiguous(memory_format=fmt)
         r = torch.randn_like(x)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        v = [torch.randn(6, dtype=acc) for _ in range(8)]
+        v = [torch.randn(6, dtype=acc, device=device) for _ in range(8)]
         out = torch.relu(torch.randn_like(x))
-        small = torch.randn(2, 4, 10, 8, dtype=dtype).contiguous(memory_format=fmt)
+        small = torch.randn(2, 4, 10, 8, dtype=dtype, device=device).contiguous(memory_format=fmt)
         samples += [
             (ops.batch_stats.default, (x,)),
             (ops.bn_act.default, (x, v[0], v[1], None, None, None, True)),
@@ -90,8 +91,12 @@ def op_samples():
     return samples
 
 
+NATIVE_DEVICES = ["cpu"] + (["cuda"] if fused_resnet.backend_status()["cuda"] == "available" else [])
+
+
 @needs_extension
+@pytest.mark.parametrize("device", NATIVE_DEVICES)
 @pytest.mark.parametrize("sample", range(16))
-def test_opcheck(sample):
-    op, args = op_samples()[sample]
+def test_opcheck(sample, device):
+    op, args = op_samples(device=device)[sample]
     torch.library.opcheck(op, args)

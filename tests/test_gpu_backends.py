@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fused_resnet
 from conftest import TRITON_ON_CPU, assert_rel, randomize_batchnorms, rel_err, to_layout
 from fused_resnet import use_backend
+from test_compile import op_samples, small_network
 from test_modules import BLOCKS, step, torchvision_block
 
 STATUS = fused_resnet.backend_status()
@@ -162,3 +163,56 @@ def test_a_block_forward_runs_no_aten_convolution_or_batch_norm(name, mode):
         with use_backend("cpu"), torch.set_grad_enabled(mode == "train"), control:
             fused.cpu()(x.detach().cpu().requires_grad_(mode == "train"))
         assert any("convolution" in op for op in control.names), sorted(control.names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile: the Triton launches are opaque custom ops (fused_resnet/triton/library.py)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_fused_network_compiles_without_graph_breaks_and_matches_eager(backend, train):
+    torch._dynamo.reset()
+    eager = randomize_batchnorms(small_network()).float().to(DEVICE).train(train)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    with use_backend(backend):
+        for step_ in range(2):
+            xe, xc = x.clone().requires_grad_(train), x.clone().requires_grad_(train)
+            with torch.set_grad_enabled(train):
+                out_e, out_c = eager(xe), compiled(xc)
+            assert_rel(out_c, out_e, 1e-5, f"output, step {step_}")
+            if train:
+                out_e.sum().backward()
+                out_c.sum().backward()
+                assert_rel(xc.grad, xe.grad, 1e-5, "grad x")
+    if train:
+        for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
+            assert_rel(p.grad, q.grad, 1e-5, f"grad {name}", floor=1e-3)
+    for (name, b), r in zip(compiled_model.named_buffers(), eager.buffers()):
+        assert_rel(b.float(), r.float(), 1e-5, name)
+
+
+def triton_op_samples():
+    """(op, args) of every torch.ops.fused_resnet_triton op: the BatchNorm ones as the compiled ops' samples, and the
+    convolution with each fusion."""
+    ops = torch.ops.fused_resnet_triton
+    samples = op_samples(ops, DEVICE)
+    x = torch.randn(2, 4, 6, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, 3, 3, device=DEVICE)
+    vectors = [torch.randn(n, device=DEVICE) for n in (4, 4, 6)]
+    geometry = ([2, 2], [1, 1], [1, 1], 1)
+    residual = torch.randn(2, 3, 6, 5, device=DEVICE)
+    samples += [
+        (ops.conv2d.default, (x, w, None, *geometry, None, None, None, 1, 0, False, True)),
+        (ops.conv2d.default, (x, w, None, *geometry, vectors[0], vectors[1], None, 1, 0, False, False)),
+        (ops.conv2d.default, (x, w, vectors[2], *geometry, None, None, residual, 2, 1, True, False)),
+    ]
+    return samples
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason=f"triton: {STATUS['triton']}")
+@pytest.mark.parametrize("sample", range(19))
+def test_triton_opcheck(sample):
+    op, args = triton_op_samples()[sample]
+    torch.library.opcheck(op, args)
