@@ -160,9 +160,10 @@ class CpuKernels(NativeKernels):
     def _onednn_supports(self, x: Tensor, residual: Tensor | None) -> bool:
         # Channels_last only: there the fused primitive beats conv + one pass (64@56, batch 8: 8.6 ms against
         # 11.1); on NCHW it was slower (14.8 ms against 13.9), its add falling back to a separate ATen add_relu.
-        channels_last = torch.channels_last
-        return (x.dtype in self._onednn_dtypes and x.is_contiguous(memory_format=channels_last)
-                and (residual is None or residual.is_contiguous(memory_format=channels_last)))
+        # Strictly channels_last: a tensor that is NCHW too (one channel, or 1x1 pixels) sends oneDNN down its NCHW
+        # path, whose add has no bf16 kernel.
+        return (x.dtype in self._onednn_dtypes and _memory_format_name(x) == "channels_last"
+                and (residual is None or _memory_format_name(residual) == "channels_last"))
 
 
 class CudaKernels(NativeKernels):

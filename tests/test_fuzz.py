@@ -425,9 +425,6 @@ def test_blocks_match_reference(backend):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="kernels.CpuKernels sends tensors that are both NCHW and channels_last (C=1 or H*W=1) to "
-                          "oneDNN's fused conv+add+ReLU, which has no bfloat16 add_relu for them")
 @pytest.mark.parametrize("shape", [(2, 1, 4, 4), (2, 4, 1, 1)])
 def test_ambiguous_layout_bf16_inference(shape):
     """A bf16 ResNet's last stage on a small image (1x1 pixels) in inference."""
