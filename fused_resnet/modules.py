@@ -119,16 +119,12 @@ def stem_structure_blocker(model: nn.Module) -> str | None:
 
 def _downsample_blocker(downsample: nn.Module) -> str | None:
     """Why a projection shortcut cannot run fused, or None. Fused: nn.Sequential(conv, norm) (torchvision's and
-    timm's downsample_conv), and timm's downsample_avg where its pool is an nn.Identity (stride 1)."""
+    timm's downsample_conv), and timm's downsample_avg, nn.Sequential(pool, conv, norm) with an nn.AvgPool2d (run
+    as it is, its output the projection's input) or an nn.Identity (stride 1) as the pool."""
     expected = "downsample is not nn.Sequential(conv, BatchNorm2d)"
     if not (isinstance(downsample, nn.Sequential) and type(downsample).forward is nn.Sequential.forward):
         return expected
-    if len(downsample) == 3 and isinstance(downsample[0], nn.AvgPool2d):
-        # The projection would convolve avgpool(x), and ops.residual_block convolves its input x: it would need
-        # the shortcut's input as an argument of its own.
-        return ("downsample average-pools before its projection (timm's avg_down); ops.residual_block "
-                "convolves the block input itself")
-    if len(downsample) == 3 and type(downsample[0]) is nn.Identity:
+    if len(downsample) == 3 and type(downsample[0]) in (nn.AvgPool2d, nn.Identity):
         return conv_blocker("downsample.1", downsample[1]) or bn_blocker("downsample.2", downsample[2])
     if len(downsample) != 2:
         return expected
@@ -209,15 +205,18 @@ class _ResidualBlock(nn.Module):
             return self._unfused_forward(x)
         units = [conv_bn(getattr(self, c), getattr(self, b), f"{c}/{b}") for c, b in self._pairs]
         shortcut: ops.Shortcut = "identity"
+        shortcut_input = None
         if self.shortcut == "none":
             shortcut = None
         elif self.downsample is not None:
-            last = len(self.downsample) - 1  # past timm's identity pool, when there is one
+            last = len(self.downsample) - 1
+            if last == 2:  # timm's downsample_avg: its pool (average or identity) makes the projection's input
+                shortcut_input = self.downsample[0](x)
             shortcut = conv_bn(self.downsample[last - 1], self.downsample[last],
                                f"downsample.{last - 1}/downsample.{last}")
         elif self._zero_pad is not None:
             shortcut = self._zero_pad
-        return ops.residual_block(x, units, shortcut, folded=self._folded)
+        return ops.residual_block(x, units, shortcut, shortcut_input=shortcut_input, folded=self._folded)
 
     def _unfused_forward(self, x: Tensor) -> Tensor:
         out = x

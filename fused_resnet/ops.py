@@ -190,9 +190,17 @@ def _check_conv(op: str, label: str, conv: ConvParams, x_shape: Sequence[int], r
     return [x_shape[0], w.shape[0], out_h, out_w]
 
 
-def _check_block(op: str, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut) -> list[list[int]]:
+def _check_block(
+    op: str, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, shortcut_input: Tensor | None = None
+) -> list[list[int]]:
     """Checks a block's arguments; returns the output shape of every unit (the projection's last)."""
     _check_activation(op, "x", x)
+    if shortcut_input is not None:
+        if not isinstance(shortcut, ConvBN):
+            raise ValueError(f"{op}: shortcut_input is the input of a projection shortcut, but the shortcut is "
+                             f"{shortcut!r}")
+        _check_activation(op, "shortcut_input", shortcut_input)
+        _check_like(op, "shortcut_input", shortcut_input, x, "x")
     if isinstance(units, ConvBN) or not isinstance(units, Sequence):
         raise TypeError(f"{op}: expected units to be a sequence of ConvBN, got a {type(units).__name__}")
     if len(units) == 0:
@@ -212,7 +220,8 @@ def _check_block(op: str, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut
             )
     elif isinstance(shortcut, ConvBN):
         _check_unit(op, "shortcut", shortcut)
-        shortcut_shape = _check_conv(op, shortcut.name, shortcut.conv, list(x.shape), x)
+        projected = x if shortcut_input is None else shortcut_input
+        shortcut_shape = _check_conv(op, shortcut.name, shortcut.conv, list(projected.shape), x)
         _check_batch_norm(op, shortcut.name, shortcut.bn, shortcut_shape, x)
         if shortcut_shape != shape:
             raise ValueError(
@@ -631,7 +640,8 @@ def fold_batch_norm(unit: ConvBN) -> tuple[Tensor, Tensor]:
 
 
 def _inference_block(
-    kernels: NativeKernels, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, folded: FoldedWeights
+    kernels: NativeKernels, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, shortcut_input: Tensor,
+    folded: FoldedWeights,
 ) -> Tensor:
     n = len(units)
     residual, padding = None, None
@@ -641,7 +651,7 @@ def _inference_block(
         residual, padding = x, shortcut
     elif isinstance(shortcut, ConvBN):
         weight, bias = folded.get(n, shortcut)
-        residual = kernels.conv_bias_act(x, shortcut.conv, weight, bias, None, relu=False)
+        residual = kernels.conv_bias_act(shortcut_input, shortcut.conv, weight, bias, None, relu=False)
     a = x
     for i, unit in enumerate(units):
         weight, bias = folded.get(i, unit)
@@ -651,11 +661,11 @@ def _inference_block(
     return a
 
 
-def _needs_autograd(x: Tensor, units: Sequence[ConvBN]) -> bool:
+def _needs_autograd(inputs: Sequence[Tensor], units: Sequence[ConvBN]) -> bool:
     if not torch.is_grad_enabled():
         return False
     tensors = (t for u in units for t in (u.conv.weight, u.conv.bias, u.bn.weight, u.bn.bias))
-    return x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
+    return any(t.requires_grad for t in inputs) or any(t is not None and t.requires_grad for t in tensors)
 
 
 def residual_block(
@@ -663,29 +673,35 @@ def residual_block(
     units: Sequence[ConvBN],
     shortcut: Shortcut = "identity",
     *,
+    shortcut_input: Tensor | None = None,
     folded: FoldedWeights | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """``relu(F(x) + shortcut(x))``: `units` are the block's convolutions with their BatchNorms (ReLU between
-    them), `shortcut` is "identity", a projection ConvBN applied to x, or None. BatchNorm running statistics are
-    updated as nn.BatchNorm2d updates them. `folded` caches BN-folded weights for inference between calls."""
-    return _block("residual_block", x, units, shortcut, folded, backend)
+    them), `shortcut` is "identity", a projection ConvBN, option A's ZeroPadIdentity, or None. The projection
+    convolves `shortcut_input` when given (timm's avg_down: the average-pooled x), else x. BatchNorm running
+    statistics are updated as nn.BatchNorm2d updates them. `folded` caches BN-folded weights for inference between
+    calls."""
+    return _block("residual_block", x, units, shortcut, folded, backend, shortcut_input)
 
 
 def _block(
-    op: str, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, folded: FoldedWeights | None, backend: str | None
+    op: str, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, folded: FoldedWeights | None, backend: str | None,
+    shortcut_input: Tensor | None = None,
 ) -> Tensor:
-    shapes = _check_block(op, x, units, shortcut)
+    shapes = _check_block(op, x, units, shortcut, shortcut_input)
     name = select_backend(x.device, backend)
     every_unit = [*units, shortcut] if isinstance(shortcut, ConvBN) else list(units)
     if name == "torch":
         if any(u.bn.process_group is not None for u in every_unit):
             raise ValueError(f"{op}: the torch backend (the reference composite) does not synchronize BatchNorm "
                              "statistics over a process group; use the cpu or cuda backend")
-        return reference.residual_block(x, units, shortcut)
+        return reference.residual_block(x, units, shortcut, shortcut_input)
     kernels = kernels_for(name)
-    if not _needs_autograd(x, every_unit) and not any(u.bn.use_batch_stats for u in every_unit):
-        return _inference_block(kernels, x, units, shortcut, folded if folded is not None else FoldedWeights())
+    projected = x if shortcut_input is None else shortcut_input
+    if not _needs_autograd([x, projected], every_unit) and not any(u.bn.use_batch_stats for u in every_unit):
+        return _inference_block(kernels, x, units, shortcut, projected,
+                                folded if folded is not None else FoldedWeights())
     first = units[0]
     y, *y_stats = _ConvFunction.apply(
         kernels, _conv_static(first.conv), first.bn.use_batch_stats, x, first.conv.weight, first.conv.bias)
@@ -698,7 +714,7 @@ def _block(
     projection = (None,) * 8
     if isinstance(shortcut, ConvBN):
         y2, *y2_stats = _ConvFunction.apply(
-            kernels, _conv_static(shortcut.conv), shortcut.bn.use_batch_stats, x, shortcut.conv.weight,
+            kernels, _conv_static(shortcut.conv), shortcut.bn.use_batch_stats, projected, shortcut.conv.weight,
             shortcut.conv.bias)
         batch_stats.append((shortcut.bn, *_synchronized(shortcut.bn, y2_stats, shapes[-1])))
         projection = (_spec(shortcut.bn), y2, *_stats_inputs(batch_stats[-1][1]), *_bn_tensors(shortcut.bn))

@@ -41,10 +41,12 @@ def conv_bn_relu(x: Tensor, unit: ConvBN) -> Tensor:
     return F.relu(conv_bn(x, unit))
 
 
-def residual_block(x: Tensor, units: Sequence[ConvBN], shortcut: ConvBN | str | None) -> Tensor:
+def residual_block(
+    x: Tensor, units: Sequence[ConvBN], shortcut: ConvBN | str | None, shortcut_input: Tensor | None = None
+) -> Tensor:
     """relu(F(x) + shortcut(x)): F is conv-BN-ReLU for every unit but the last, then conv-BN;
-    the shortcut is "identity", a projection (a ConvBN applied to x), option A's ZeroPadIdentity, or None (a plain
-    block)."""
+    the shortcut is "identity", a projection (a ConvBN applied to `shortcut_input`, by default x), option A's
+    ZeroPadIdentity, or None (a plain block)."""
     out = x
     for unit in units[:-1]:
         out = conv_bn_relu(out, unit)
@@ -56,5 +58,5 @@ def residual_block(x: Tensor, units: Sequence[ConvBN], shortcut: ConvBN | str | 
         subsampled = x[:, :, :: shortcut.stride, :: shortcut.stride]
         out = out + F.pad(subsampled, (0, 0, 0, 0, shortcut.channels_before, after))
     elif isinstance(shortcut, ConvBN):
-        out = out + conv_bn(x, shortcut)
+        out = out + conv_bn(x if shortcut_input is None else shortcut_input, shortcut)
     return F.relu(out)

@@ -287,3 +287,32 @@ def test_backend_context_applies_when_no_argument_is_given(backend):
     with use_backend("torch"):
         out = ops.residual_block(x, units, "identity")
     assert "BatchNormActFunction" not in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_projection_may_convolve_its_own_input(backend):
+    """timm's avg_down: the projection takes `shortcut_input` (here the average-pooled x, pooled by autograd) instead
+    of x; outputs, gradients through the pool and running statistics as the reference's. It must be a projection's."""
+    pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+    convs = [nn.Conv2d(6, 8, 3, 2, 1, bias=False), nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.Conv2d(6, 8, 1, bias=False)]
+    bns = [randomize_batchnorms(nn.BatchNorm2d(8)) for _ in convs]
+    ref_modules = copy.deepcopy((convs, bns))
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    outs = []
+    for (cs, bs), name in (((convs, bns), backend), (ref_modules, "torch")):
+        cs, bs = [c.double() for c in cs], [b.double() for b in bs]
+        xi = x.clone().requires_grad_()
+        units = [conv_bn(c, b, f"u{i}") for i, (c, b) in enumerate(zip(cs, bs))]
+        out = ops.residual_block(xi, units[:2], units[2], shortcut_input=pool(xi), backend=name)
+        out.backward(torch.ones_like(out))
+        outs.append((out, xi.grad, [p.grad for c in cs for p in c.parameters()], [b.running_var for b in bs]))
+    (out, gx, grads, running), (ref, rgx, rgrads, rrunning) = outs
+    assert_rel(out, ref, 1e-12, "output")
+    assert_rel(gx, rgx, 1e-12, "grad x")
+    for g, rg in zip(grads, rgrads):
+        assert_rel(g, rg, 1e-12, "conv grad")
+    for r, rr in zip(running, rrunning):
+        assert_rel(r, rr, 1e-12, "running_var")
+    unit = conv_bn(convs[0], bns[0], "u")
+    with pytest.raises(ValueError, match="shortcut_input is the input of a projection shortcut"):
+        ops.residual_block(x, [unit], "identity", shortcut_input=x, backend=backend)

@@ -22,8 +22,6 @@ MODELS = ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnext5
 # Narrow stages keep the float64 runs short; the architecture (blocks, stem, downsamples) is the named model's.
 NARROW = {"channels": (8, 16, 24, 32), "stem_width": 8}
 NARROW_RESNEXT = {"channels": (32, 32, 64, 64), "stem_width": 8}  # 32 groups need widths of 32 and more
-# The blocks whose downsample average-pools before its projection (avg_down, stride 2): left to timm.
-AVG_DOWN_BLOCKS = {"resnet50d": ["layer2.0", "layer3.0", "layer4.0"]}
 
 
 def converted(model: nn.Module) -> nn.Module:
@@ -44,18 +42,13 @@ def fused_block_count(model: nn.Module) -> int:
 @pytest.mark.parametrize("name", MODELS)
 def test_converted_timm_model_keeps_its_keys_and_reports_what_it_leaves(name):
     original = timm.create_model(name, num_classes=10)
-    leaves = AVG_DOWN_BLOCKS.get(name, [])
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         fused = fused_resnet.convert(copy.deepcopy(original))
     assert type(fused).__name__ == "FusedTimmResNet" and isinstance(fused, timm_resnet.ResNet)
-    assert fused_block_count(fused) == len(timm_blocks(original)) - len(leaves)
-    messages = [str(w.message) for w in record if issubclass(w.category, fused_resnet.FusionWarning)]
-    if leaves:
-        assert len(messages) == 1 and all(f"{block}: downsample average-pools" in messages[0] for block in leaves)
-    else:
-        assert messages == []
-    assert sorted(fused_resnet.unfused_modules(fused)) == leaves
+    assert fused_block_count(fused) == len(timm_blocks(original))
+    assert [w.message for w in record if issubclass(w.category, fused_resnet.FusionWarning)] == []
+    assert fused_resnet.unfused_modules(fused) == {}
     assert list(fused.state_dict()) == list(original.state_dict())
     fused.load_state_dict(original.state_dict(), strict=True)
     fresh = timm.create_model(name, num_classes=10)
@@ -93,7 +86,7 @@ def test_converted_timm_model_matches_timm_in_float64(backend, name):
     narrow = NARROW_RESNEXT if name.startswith("resnext") else NARROW
     original = randomize_batchnorms(timm.create_model(name, num_classes=5, **narrow)).double()
     fused = converted(original)
-    assert sorted(fused_resnet.unfused_modules(fused)) == AVG_DOWN_BLOCKS.get(name, [])
+    assert fused_resnet.unfused_modules(fused) == {}
     # An odd input size: the deep stem, the strided blocks and the avg-pool downsample's ceil mode all see it.
     x = to_layout(torch.randn(2, 3, 35, 29, dtype=torch.float64), channels_last=name == "resnet50d")
     for train in (True, False):
@@ -178,6 +171,8 @@ BLOCKS = {
         inplanes=8, planes=4, stride=2, downsample=timm_resnet.downsample_conv(8, 16, 3, stride=2))),
     "bottleneck-avg-identity-pool": (TimmBottleneck, timm_resnet.Bottleneck, lambda: dict(
         inplanes=8, planes=4, downsample=timm_resnet.downsample_avg(8, 16, 1, stride=1))),
+    "bottleneck-avg-pool": (TimmBottleneck, timm_resnet.Bottleneck, lambda: dict(
+        inplanes=8, planes=4, stride=2, downsample=timm_resnet.downsample_avg(8, 16, 1, stride=2))),
     "resnext-dilated": (TimmBottleneck, timm_resnet.Bottleneck, lambda: dict(
         inplanes=32, planes=8, cardinality=4, base_width=16, dilation=2, reduce_first=2)),
 }
@@ -199,13 +194,3 @@ def test_fused_timm_blocks_take_timms_constructor(backend, name):
     x = torch.randn(3, theirs.conv1.in_channels, 9, 7, dtype=torch.float64)
     for train in (True, False):
         assert_same_step(ours, theirs, x, train, backend)
-
-
-def test_fused_timm_block_with_an_average_pooling_downsample_runs_timms_forward():
-    downsample = timm_resnet.downsample_avg(8, 16, 1, stride=2)
-    block = TimmBottleneck(8, 4, stride=2, downsample=downsample).double()
-    assert "average-pools" in fused_resnet.unfused_modules(block)["(the model)"]
-    reference = timm_resnet.Bottleneck(8, 4, stride=2, downsample=copy.deepcopy(downsample)).double()
-    reference.load_state_dict(block.state_dict())
-    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
-    assert_rel(block(x), reference(x), 1e-12)
