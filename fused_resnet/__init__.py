@@ -25,6 +25,7 @@ from .models import (
     wide_resnet101_2,
 )
 from .modules import BasicBlock, Bottleneck, ConvBNReLU, TimmBasicBlock, TimmBottleneck
+from .ops import clear_folded_weights
 from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity
 
 __version__ = "0.1.0"
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BasicBlock", "BatchNormParams", "Bottleneck", "CifarResNet", "ConvBN", "ConvBNReLU", "ConvParams",
     "FusionWarning", "ResNet", "TimmBasicBlock", "TimmBottleneck", "ZeroPadIdentity", "available_backends",
-    "backend_status", "cifar_resnet", "convert", "convert_sync_batchnorm", "ops", "reference", "resnet18",
+    "backend_status", "cifar_resnet", "clear_folded_weights", "convert", "convert_sync_batchnorm", "ops", "reference", "resnet18",
     "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
     "unfused_modules", "use_backend", "wide_resnet50_2", "wide_resnet101_2",
 ]
