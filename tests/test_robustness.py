@@ -87,7 +87,7 @@ def test_large_mean_keeps_statistics_and_output_accurate(backend, channels_last)
 def test_large_mean_from_a_convolution_bias_inside_a_block(backend):
     """A conv bias of ~1e4 makes the BN after it see a large mean. The conv output itself is rounded to fp32
     (an ulp of 1e-3 against a spread of ~3), which no BN can undo: outputs and gradients are judged against
-    PyTorch's own fp32 conv + BatchNorm (within 2x of its error from the float64 computation), the statistics
+    PyTorch's own fp32 conv + BatchNorm (within 2x of its error from the float64 computation, plus 1e-4), the statistics
     (running stats after a step with momentum 1) against the float64 ones."""
     conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6, momentum=1.0)
     with torch.no_grad():
@@ -115,7 +115,9 @@ def test_large_mean_from_a_convolution_bias_inside_a_block(backend):
         floor = g.norm().item()
         ours_err, theirs_err = rel_err(a, e, floor if what == "grad conv bias" else 0.0), \
             rel_err(t, e, floor if what == "grad conv bias" else 0.0)
-        assert ours_err <= 2 * theirs_err + 1e-5, f"{what}: error {ours_err:.2e}, PyTorch's {theirs_err:.2e}"
+        # Slack: the conv output's own fp32 rounding, an ulp of 1e-3 at 1e4 against a spread of ~3, leaves errors
+        # of order 1e-4 whose size depends on summation order (PyTorch's is sometimes a lucky 3e-6).
+        assert ours_err <= 2 * theirs_err + 1e-4, f"{what}: error {ours_err:.2e}, PyTorch's {theirs_err:.2e}"
 
 
 def pytorch_batch_norm(x, weight, bias, residual, relu):
@@ -138,20 +140,13 @@ def run_with_grad(fn, x, weight, bias, residual, grad):
 # infinite variance). The fused ops must give no inf/NaN where PyTorch gives a number.
 HUGE = [(torch.float16, 3e4, 1e4), (torch.float16, 6e4, 2e3), (torch.bfloat16, 1e18, 5e17),
         (torch.bfloat16, 3e19, 1e19)]
-# ops._backward_coefs forms w * invstd^3 before multiplying by sum(dy * (y - mean)) / count: with a spread of 5e17,
-# invstd^3 = 8e-54 underflows fp32 to 0 and the input gradient loses its variance term (error 4-8e-2 against
-# PyTorch's 3e-3). Multiplying invstd by the sum first keeps every factor in range. Shared by every kernel backend.
-COEFFICIENT_UNDERFLOW = pytest.mark.xfail(
-    strict=True, reason="ops._backward_coefs underflows invstd**3 in fp32 for spreads above ~4e12")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", HUGE, ids=[f"{d}-{c:g}" for d, c, _ in HUGE])
 @pytest.mark.parametrize("residual", [False, True])
-def test_huge_values_give_no_inf_where_pytorch_gives_none(request, backend, case, residual):
+def test_huge_values_give_no_inf_where_pytorch_gives_none(backend, case, residual):
+    """The bf16 spread of 5e17 once made ops._backward_coefs form invstd^3 = 8e-54, which underflowed fp32 to 0
+    and dropped the variance term of the input gradient (errors 4-8e-2 against PyTorch's 3e-3)."""
     dtype, centre, spread = case
-    if backend != "torch" and spread > 4e12 and spread < 1e19:
-        request.applymarker(COEFFICIENT_UNDERFLOW)
     limit = torch.finfo(dtype).max
     x = (torch.randn(4, 6, 7, 5, dtype=torch.float64) * spread + centre).clamp(-limit, limit).to(dtype)
     weight, bias = (torch.rand(6) + 0.5).to(dtype), torch.randn(6).to(dtype)
