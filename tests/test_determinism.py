@@ -74,7 +74,8 @@ def dtypes_for(backend: str) -> list[torch.dtype]:
 @pytest.mark.parametrize("mode", ["train", "eval-grad", "inference"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_blocks_are_bitwise_reproducible(backend, kind, mode, channels_last):
-    for dtype in dtypes_for(backend):
+    # Triton's interpreter is slow here: its blocks in fp32 only (batch_norm_act covers its bf16 kernels).
+    for dtype in dtypes_for(backend) if backend != "triton" else [torch.float32]:
         block = make_block(kind, dtype)
         x, grad = inputs(kind, dtype, channels_last)
         first = run(block, x, grad, mode, backend)

@@ -19,8 +19,14 @@ from conftest import CPU_BACKENDS, assert_rel, randomize_batchnorms
 from fused_resnet import ops, use_backend
 
 LONG = os.environ.get("FUSED_RESNET_LONG_TESTS") == "1"
-ITERATIONS = 3000 if LONG else 40
 WARMUP = 10
+
+
+def iterations_for(backend: str) -> int:
+    # Triton's kernels run in its interpreter here, ~100x slower: fewer steps still show one leaked tensor per step.
+    if backend == "triton":
+        return 300 if LONG else 6
+    return 3000 if LONG else 40
 
 
 def live_tensor_count() -> int:
@@ -56,15 +62,16 @@ def test_repeated_steps_do_not_grow_memory(backend):
         with torch.no_grad():
             block(x)
 
+    iterations = iterations_for(backend)
     with use_backend(backend):
-        for _ in range(WARMUP):
+        for _ in range(WARMUP if backend != "triton" else 2):
             iteration()
         tensors, rss = live_tensor_count(), resident_bytes()
-        for _ in range(ITERATIONS):
+        for _ in range(iterations):
             iteration()
         assert live_tensor_count() == tensors, "live tensors grew across iterations"
     growth = resident_bytes() - rss
-    assert growth < 16 * 2**20, f"resident set grew by {growth / 2**20:.1f} MiB over {ITERATIONS} iterations"
+    assert growth < 16 * 2**20, f"resident set grew by {growth / 2**20:.1f} MiB over {iterations} iterations"
 
 
 def test_the_tensor_count_sees_a_leak():
