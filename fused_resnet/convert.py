@@ -128,13 +128,23 @@ def _fused_counterpart(module: nn.Module, candidates: dict[type, type]) -> tuple
     return None, None
 
 
+def _check_model(op: str, model: object) -> None:
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise TypeError(f"{op}: expected a torch.nn.Module instance, got the class {model.__name__}: instantiate it "
+                        "first, e.g. torchvision.models.resnet50()")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{op}: expected an eager torch.nn.Module, got a TorchScript {type(model).__name__}, whose "
+                        "forward is compiled: convert the model before scripting it")
+
+
 def convert(model: nn.Module, sync_bn: bool = False, process_group: object | None = None) -> nn.Module:
     """Fuses `model` in place and returns it (a new module only when `model` itself is a block).
 
     With `sync_bn`, every BatchNorm becomes an nn.SyncBatchNorm (see :func:`convert_sync_batchnorm`) whose
     statistics the fused ops merge over `process_group` (the default group when None) in training."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model("convert", model)
     if not isinstance(sync_bn, bool):
         raise TypeError(f"convert: expected sync_bn to be a bool, got {type(sync_bn).__name__}")
     if process_group is not None and not sync_bn:
@@ -186,8 +196,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: object | None = None
     per-channel statistics over `process_group` (the default group when None) inside the fused ops in training
     under torch.distributed; elsewhere (eval, one rank) they are ordinary BatchNorms. Returns the model (a new
     module only when `model` itself is a BatchNorm)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert_sync_batchnorm: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model("convert_sync_batchnorm", model)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
 
 
@@ -202,8 +211,7 @@ def unfused_modules(model: nn.Module) -> dict[str, str]:
     """The modules of `model` that would not run fused ops on their next forward, and why: fused_resnet modules
     that fall back to PyTorch (hooks, an unusual norm layer...) and torchvision or timm blocks convert() would
     swap."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"unfused_modules: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model("unfused_modules", model)
     candidates = _candidates(_torchvision())
     found = {}
     for name, module in model.named_modules():

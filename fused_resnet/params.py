@@ -104,8 +104,17 @@ def update_running_stats(bn: BatchNormParams, batch_mean: Tensor, batch_var: Ten
         return
     assert bn.running_mean is not None and bn.running_var is not None
     unbiased = batch_var * (count / (count - 1))
-    bn.running_mean.lerp_(as_dtype(batch_mean, bn.running_mean.dtype), factor)
-    bn.running_var.lerp_(as_dtype(unbiased, bn.running_var.dtype), factor)
+    _lerp_into(bn.running_mean, batch_mean, factor)
+    _lerp_into(bn.running_var, unbiased, factor)
+
+
+def _lerp_into(running: Tensor, batch: Tensor, factor: float) -> None:
+    """running += factor * (batch - running), computed in `batch`'s (accumulation) dtype and rounded once into
+    `running`'s, as nn.BatchNorm2d does for low-precision running statistics."""
+    if running.dtype == batch.dtype:
+        running.lerp_(batch, factor)
+    else:
+        running.copy_(torch.lerp(running.to(batch.dtype), batch, factor))
 
 
 def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:

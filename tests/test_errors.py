@@ -337,8 +337,12 @@ def test_modules_reject_bad_inputs_and_change_nothing(backend, case):
 def test_convert_names_what_it_got():
     with pytest.raises(TypeError, match="convert: expected a torch.nn.Module, got NoneType"):
         fused_resnet.convert(None)
-    with pytest.raises(TypeError, match="convert: expected a torch.nn.Module, got type"):
-        fused_resnet.convert(nn.Module)
+    with pytest.raises(TypeError, match="convert: expected a torch.nn.Module instance, got the class Linear: "
+                                        "instantiate it first"):
+        fused_resnet.convert(nn.Linear)
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    with pytest.raises(TypeError, match="convert: expected an eager torch.nn.Module, got a TorchScript"):
+        fused_resnet.convert(scripted)
 
 
 # ---------------------------------------------------------------------------------------------------------------
