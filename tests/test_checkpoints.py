@@ -118,7 +118,7 @@ def test_a_fresh_process_loads_a_converted_timm_model(tmp_path):
         "model = saved['model']\n"
         "assert type(model).__qualname__ == 'FusedTimmResNet', type(model)\n"
         "import fused_resnet\n"
-        "assert fused_resnet.unfused_modules(model).keys() == {'layer2.0', 'layer3.0', 'layer4.0'}\n"
+        "assert fused_resnet.unfused_modules(model) == {}\n"
         "with torch.no_grad():\n"
         "    torch.save(model(saved['x']), sys.argv[2])\n"
     )

@@ -48,7 +48,7 @@ def projection_block() -> nn.Module:
 @pytest.mark.parametrize("backend", fused_resnet.available_backends())
 def test_repeated_steps_do_not_grow_memory(backend):
     """Training steps (forward, backward, optimizer step) alternating with inference calls: after a warm-up the
-    number of live tensors is constant, and the resident set grows by less than 16 MiB (allocator noise; a leak of
+    number of live tensors does not grow, and the resident set grows by less than 16 MiB (allocator noise; a leak of
     one activation per step would be 40 x 50 KiB here, and 3000 x in the long run)."""
     block = projection_block()
     optimizer = torch.optim.SGD(block.parameters(), lr=1e-3, momentum=0.9)
@@ -70,7 +70,8 @@ def test_repeated_steps_do_not_grow_memory(backend):
         tensors, rss = live_tensor_count(), resident_bytes()
         for _ in range(iterations):
             iteration()
-        assert live_tensor_count() == tensors, "live tensors grew across iterations"
+        # At most as many: tensors of earlier tests (torch.compile's caches) may be freed meanwhile.
+        assert live_tensor_count() <= tensors, "live tensors grew across iterations"
     growth = resident_bytes() - rss
     assert growth < 16 * 2**20, f"resident set grew by {growth / 2**20:.1f} MiB over {iterations} iterations"
 
