@@ -568,17 +568,20 @@ def test_launchers_reject_an_option_a_residual_that_does_not_fit(device):
 
 COMPILE_FOR_SM90 = textwrap.dedent("""
     import triton
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fused_resnet.triton import bn, stats
 
     ACTIVATIONS = {"x_ptr", "residual_ptr", "out_ptr", "g_ptr", "output_ptr", "x2_ptr", "grad_x_ptr", "grad_other_ptr"}
 
-    def compile_for_sm90(kernel, num_warps, **constants):
+    def compile_for_sm90(kernel, num_warps, pointers=None, **constants):
         signature, constexprs = {}, {}
         for name in kernel.arg_names:
             if name in constants:
                 signature[name], constexprs[name] = "constexpr", constants[name]
+            elif name in (pointers or {}):
+                signature[name] = pointers[name]
             elif name.endswith("_ptr"):
                 signature[name] = ("*bf16" if name in ACTIVATIONS else "*i32" if name.startswith("count")
                                    else "*fp32")
@@ -588,9 +591,13 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
                        options=dict(num_warps=num_warps))
 
     SECOND_BN = ("x2_ptr", "mean2_ptr", "coef2_dy_ptr", "coef2_xmu_ptr", "coef2_const_ptr")
+    # batch_stats hands float64 partials to the merge; the convolution's epilogue float32 ones.
+    FP64_PARTIALS = {"mean_partial_ptr": "*fp64", "m2_partial_ptr": "*fp64"}
     compile_for_sm90(stats._merge_partial_stats_kernel, 4, BLOCK_T=64, BLOCK_C=32)
-    compile_for_sm90(bn._batch_stats_planes_kernel, 8, BLOCK_N=1, BLOCK_HW=4096)
-    compile_for_sm90(bn._batch_stats_rows_kernel, 8, BLOCKS_PER_TILE=16, BLOCK_R=64, BLOCK_C=64)
+    compile_for_sm90(stats._merge_partial_stats_kernel, 4, FP64_PARTIALS, BLOCK_T=64, BLOCK_C=32)
+    compile_for_sm90(bn._batch_stats_planes_kernel, 8, FP64_PARTIALS, ACC_DTYPE=tl.float32, BLOCK_N=1, BLOCK_HW=4096)
+    compile_for_sm90(bn._batch_stats_rows_kernel, 8, FP64_PARTIALS, ACC_DTYPE=tl.float32, BLOCKS_PER_TILE=16,
+                     BLOCK_R=64, BLOCK_C=64)
     compile_for_sm90(bn._sum_partials_kernel, 4, BLOCK_T=64, BLOCK_COLS=32)
     for kernel, blocks in ((bn._bn_act_planes_kernel, dict(BLOCK_P=1, BLOCK_HW=2048)),
                            (bn._bn_act_rows_kernel, dict(BLOCK_R=16, BLOCK_C=128))):

@@ -104,50 +104,58 @@ def _block_moments(values, mask, count):
     return mean + deviation_sum / safe_count, m2
 
 
+# _SHIFT_WHY: a channel's mean can be large against its spread (a conv bias of 1e4, spread 0.1). In fp32, moments of
+# the raw values then lose the spread: a mean of 1e4 is held to 1e-3, 1% of the spread, and a tile mean rounded so
+# corrupts the between-tile term of the merged variance (1.2e-4 relative error measured at mean/spread 1e5). So
+# each tile computes on x - shift (its first value: of the channel's scale, so the differences are exact and small)
+# and hands shift + mean to the merge in float64.
 @triton.jit
 def _batch_stats_planes_kernel(x_ptr, mean_partial_ptr, m2_partial_ptr, count_ptr, N, C, HW, hw_blocks,
-                               BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
+                               ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
     # Tile `tile` of channel `c`: images [n0, n0 + BLOCK_N) x pixels [hw0, hw0 + BLOCK_HW) of the NCHW input.
     tile = tl.program_id(0)
     c = tl.program_id(1)
-    acc_dtype = mean_partial_ptr.dtype.element_ty
     n0 = (tile // hw_blocks) * BLOCK_N
     hw0 = (tile % hw_blocks) * BLOCK_HW
     images = n0 + tl.arange(0, BLOCK_N)
     pixels = hw0 + tl.arange(0, BLOCK_HW)
     mask = (images < N)[:, None] & (pixels < HW)[None, :]
     offsets = (images.to(tl.int64)[:, None] * C + c) * HW + pixels[None, :]
-    x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
-    count = (tl.minimum(N - n0, BLOCK_N) * tl.minimum(HW - hw0, BLOCK_HW)).to(acc_dtype)
+    # Moments of x - shift, the tile's first value: small numbers whatever the channel's mean (see _SHIFT_WHY).
+    shift = tl.load(x_ptr + (n0.to(tl.int64) * C + c) * HW + hw0).to(ACC_DTYPE)
+    x = tl.where(mask, tl.load(x_ptr + offsets, mask=mask, other=0).to(ACC_DTYPE) - shift, 0.0)
+    count = (tl.minimum(N - n0, BLOCK_N) * tl.minimum(HW - hw0, BLOCK_HW)).to(ACC_DTYPE)
     # The corrected two-pass moments, as in _block_moments, over the whole [images, pixels] block.
     first_mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
     deviation = tl.where(mask, x - first_mean, 0.0)
     deviation_sum = tl.sum(tl.sum(deviation, axis=1), axis=0)
     m2 = tl.sum(tl.sum(deviation * deviation, axis=1), axis=0) - deviation_sum * deviation_sum / count
     out = tile.to(tl.int64) * C + c
-    tl.store(mean_partial_ptr + out, first_mean + deviation_sum / count)
-    tl.store(m2_partial_ptr + out, m2)
+    tl.store(mean_partial_ptr + out, shift.to(tl.float64) + (first_mean + deviation_sum / count).to(tl.float64))
+    tl.store(m2_partial_ptr + out, m2.to(tl.float64))
     tl.store(count_ptr + tile, count.to(count_ptr.dtype.element_ty), mask=c == 0)
 
 
 @triton.jit
-def _batch_stats_rows_kernel(x_ptr, mean_partial_ptr, m2_partial_ptr, count_ptr, rows, C,
+def _batch_stats_rows_kernel(x_ptr, mean_partial_ptr, m2_partial_ptr, count_ptr, rows, C, ACC_DTYPE: tl.constexpr,
                              BLOCKS_PER_TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Tile `tile`: BLOCKS_PER_TILE consecutive blocks of BLOCK_R rows, channels [c0, c0 + BLOCK_C) of the NHWC input.
     tile = tl.program_id(0)
-    acc_dtype = mean_partial_ptr.dtype.element_ty
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     tile_row0 = tile * (BLOCKS_PER_TILE * BLOCK_R)
-    count = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    mean = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    m2 = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    # Moments of x - shift, the tile's first row: small numbers whatever the channel's mean (see _SHIFT_WHY).
+    shift = tl.load(x_ptr + tile_row0.to(tl.int64) * C + channels, mask=channel_mask, other=0).to(ACC_DTYPE)
+    count = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+    mean = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     for block in range(BLOCKS_PER_TILE):
         row0 = tile_row0 + block * BLOCK_R
         row_ids = row0 + tl.arange(0, BLOCK_R)
         mask = (row_ids < rows)[:, None] & channel_mask[None, :]
-        x = tl.load(x_ptr + row_ids.to(tl.int64)[:, None] * C + channels[None, :], mask=mask, other=0).to(acc_dtype)
-        block_count = tl.minimum(tl.maximum(rows - row0, 0), BLOCK_R).to(acc_dtype)
+        x = tl.load(x_ptr + row_ids.to(tl.int64)[:, None] * C + channels[None, :], mask=mask, other=0).to(ACC_DTYPE)
+        x = tl.where(mask, x - shift[None, :], 0.0)
+        block_count = tl.minimum(tl.maximum(rows - row0, 0), BLOCK_R).to(ACC_DTYPE)
         block_mean, block_m2 = _block_moments(x, mask, block_count)
         total = count + block_count
         weight = tl.where(total > 0, block_count / tl.maximum(total, 1.0), 0.0)
@@ -156,8 +164,8 @@ def _batch_stats_rows_kernel(x_ptr, mean_partial_ptr, m2_partial_ptr, count_ptr,
         m2 += block_m2 + delta * delta * (count * weight)
         count = total
     out = tile.to(tl.int64) * C + channels
-    tl.store(mean_partial_ptr + out, mean, mask=channel_mask)
-    tl.store(m2_partial_ptr + out, m2, mask=channel_mask)
+    tl.store(mean_partial_ptr + out, shift.to(tl.float64) + mean.to(tl.float64), mask=channel_mask)
+    tl.store(m2_partial_ptr + out, m2.to(tl.float64), mask=channel_mask)
     tile_count = tl.minimum(rows - tile_row0, BLOCKS_PER_TILE * BLOCK_R)
     tl.store(count_ptr + tile, tile_count.to(count_ptr.dtype.element_ty), mask=tl.program_id(1) == 0)
 
@@ -621,19 +629,23 @@ def batch_stats(y: Tensor) -> tuple[Tensor, Tensor]:
     else:
         plane_tiles = PlaneTiles.of(a)
         num_tiles = plane_tiles.count
-    mean_partial = torch.empty((num_tiles, a.C), dtype=acc, device=x.device)
+    # float64 partials, whatever the dtype (see _SHIFT_WHY): T x C values, against N*H*W x C read.
+    mean_partial = torch.empty((num_tiles, a.C), dtype=torch.float64, device=x.device)
     m2_partial = torch.empty_like(mean_partial)
     count_partial = torch.empty(num_tiles, dtype=torch.int32, device=x.device)
+    acc_dtype = tl.float64 if acc == torch.float64 else tl.float32
     if a.channels_last:
         _batch_stats_rows_kernel[(num_tiles, tiles.channel_blocks)](
-            x, mean_partial, m2_partial, count_partial, a.rows, a.C, BLOCKS_PER_TILE=tiles.blocks_per_tile,
-            BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c, num_warps=_num_warps(tiles.block_r * tiles.block_c))
+            x, mean_partial, m2_partial, count_partial, a.rows, a.C, ACC_DTYPE=acc_dtype,
+            BLOCKS_PER_TILE=tiles.blocks_per_tile, BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c,
+            num_warps=_num_warps(tiles.block_r * tiles.block_c))
     else:
         _batch_stats_planes_kernel[(num_tiles, a.C)](
-            x, mean_partial, m2_partial, count_partial, a.N, a.C, a.HW, plane_tiles.hw_blocks,
+            x, mean_partial, m2_partial, count_partial, a.N, a.C, a.HW, plane_tiles.hw_blocks, ACC_DTYPE=acc_dtype,
             BLOCK_N=plane_tiles.block_n, BLOCK_HW=plane_tiles.block_hw,
             num_warps=_num_warps(plane_tiles.block_n * plane_tiles.block_hw))
-    return merge_partial_stats(mean_partial, m2_partial, count_partial)
+    mean, var = merge_partial_stats(mean_partial, m2_partial, count_partial)
+    return mean.to(acc), var.to(acc)
 
 
 def bn_act(

@@ -196,14 +196,19 @@ def _conv_kernel(
     tl.store(y_ptr + y_row[:, None] + (co * y_stride_c)[None, :], out, mask=out_mask)
 
     if STATS:
-        stored = tl.where(out_mask, out.to(tl.float32), 0.0)
+        # Moments of the stored values minus the tile's first row: small numbers whatever the channel's mean (a
+        # mean of 1e4 in fp32 is held to 1e-3, which a spread of 0.1 cannot afford), the mean handed on in float64
+        # (as in bn.py's batch statistics).
+        stored = out.to(tl.float32)
+        shift = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], stored, 0.0), axis=0)
+        shifted = tl.where(out_mask, stored - shift[None, :], 0.0)
         count = tl.minimum(rows - pid_m * BLOCK_M, BLOCK_M)
-        tile_mean = tl.sum(stored, axis=0) / count
-        deviation = tl.where(out_mask, stored - tile_mean[None, :], 0.0)
+        tile_mean = tl.sum(shifted, axis=0) / count
+        deviation = tl.where(out_mask, shifted - tile_mean[None, :], 0.0)
         tile_m2 = tl.sum(deviation * deviation, axis=0)
         partial = pid_m.to(tl.int64) * out_channels + co
-        tl.store(mean_partial_ptr + partial, tile_mean, mask=n_mask)
-        tl.store(m2_partial_ptr + partial, tile_m2, mask=n_mask)
+        tl.store(mean_partial_ptr + partial, shift.to(tl.float64) + tile_mean.to(tl.float64), mask=n_mask)
+        tl.store(m2_partial_ptr + partial, tile_m2.to(tl.float64), mask=n_mask)
         # Every column tile of this row tile knows the count; one of them writes it.
         tl.store(count_partial_ptr + pid_m, count, mask=pid_n == 0)
 
@@ -312,7 +317,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int,
     max_tiles = triton.cdiv(rows, min_block_m)
     mean_partial = m2_partial = count_partial = None
     if stats:
-        mean_partial = torch.empty((max_tiles, out_channels), dtype=torch.float32, device=x.device)
+        mean_partial = torch.empty((max_tiles, out_channels), dtype=torch.float64, device=x.device)
         m2_partial = torch.empty_like(mean_partial)
         count_partial = torch.empty(max_tiles, dtype=torch.int32, device=x.device)
 
@@ -438,4 +443,4 @@ def conv2d(
     if not stats:
         return y
     mean, var = merge_partial_stats(mean_partial, m2_partial, count_partial)
-    return y, mean, var
+    return y, mean.float(), var.float()
