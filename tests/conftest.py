@@ -24,6 +24,9 @@ import fused_resnet  # noqa: E402
 CPU_BACKENDS = [b for b in fused_resnet.available_backends() if b == "cpu"]
 ALL_BACKENDS = ["torch", *CPU_BACKENDS]
 TRITON_ON_CPU = fused_resnet.backend_status()["triton"] == "available" and fused_resnet.backends.triton_interpreted()
+# Every backend that runs on CPU tensors here, the interpreted Triton one included (for tests sized for it). On a
+# GPU machine `cuda` and `triton` are available too, but for CUDA tensors: tests/test_gpu_backends.py covers them.
+CPU_TENSOR_BACKENDS = [*ALL_BACKENDS, *(["triton"] if TRITON_ON_CPU else [])]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import fused_resnet
-from conftest import randomize_batchnorms, to_layout
+from conftest import CPU_TENSOR_BACKENDS, randomize_batchnorms, to_layout
 from fused_resnet import ops, use_backend
 
-BACKENDS = fused_resnet.available_backends()
+BACKENDS = CPU_TENSOR_BACKENDS
 # The backends whose kernels run on the CPU with ATen's thread pool.
 THREADED = [b for b in BACKENDS if b == "cpu"]
 
