@@ -400,9 +400,20 @@ def _plan_gpu_backend_tests(check: Check) -> list[str]:
     return [*command, "--collect-only"] if check.rehearsal else command
 
 
+# The other tests that use a GPU when there is one: opcheck of the compiled ops on CUDA, backend selection.
+GPU_AWARE_TESTS = ["tests/test_compile.py", "tests/test_backends.py"]
+
+
+def _plan_gpu_aware_tests(check: Check) -> list[str]:
+    command = _pytest(*GPU_AWARE_TESTS, "-q", "-rs")
+    return [*command, "--collect-only"] if check.rehearsal else command
+
+
 def _plan_other_tests(check: Check) -> list[str]:
-    command = _pytest("tests", "--ignore=tests/test_cuda_kernels.py", *(f"--ignore={t}" for t in GPU_BACKEND_TESTS), "-q")
-    # `make test` has just run them all on this CPU: the rehearsal only checks that they collect.
+    # CPU-only tests, which CI runs on every change: here they check this machine's torch/triton/Python, last, in
+    # whatever time the steps before them left (minutes on a 2-core CPU, so only collected in the rehearsal).
+    ignored = ["tests/test_cuda_kernels.py", *GPU_BACKEND_TESTS, *GPU_AWARE_TESTS]
+    command = _pytest("tests", *(f"--ignore={t}" for t in ignored), "-q")
     return [*command, "--collect-only"] if check.rehearsal else command
 
 
@@ -469,13 +480,14 @@ STEPS = [
     Step("environment", 15, _plan_environment, conclude=_conclude_environment),
     Step("CUDA kernel tests", 40, _plan_cuda_tests, conclude=_note_pytest_outcome),
     Step("Triton and GPU-backend tests", 50, _plan_gpu_backend_tests, conclude=_conclude_other_tests),
-    Step("other tests", 35, _plan_other_tests, conclude=_conclude_other_tests),
+    Step("opcheck and backend tests", 25, _plan_gpu_aware_tests, conclude=_conclude_other_tests),
     # The caching allocator hands out pieces of larger blocks, where memcheck cannot see an overrun: allocate each
     # tensor on its own.
     Step("compute-sanitizer memcheck", 40, _plan_sanitizer, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
          conclude=_conclude_sanitizer),
     Step("compute-sanitizer racecheck", 25, _plan_racecheck, conclude=_conclude_sanitizer),
     Step("benchmarks", 120, _plan_benchmarks, conclude=_conclude_benchmarks),
+    Step("other tests", 10, _plan_other_tests, conclude=_conclude_other_tests),
 ]
 
 
