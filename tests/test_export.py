@@ -40,7 +40,9 @@ def test_exported_eval_model_with_a_dynamic_batch_matches_eager():
             expected, truth = model(xn), reference(xn)
         for exported in (program.module(), loaded.module()):
             out = exported(xn)
-            assert_rel(out, expected, 1e-6, f"batch {n}")
+            # Traced with gradients enabled, the program runs the unfolded eval chain; eager under no_grad folds
+            # BN into the weights: the same math in fp32 with different rounding (1.06e-6 seen).
+            assert_rel(out, expected, 1e-5, f"batch {n}")
             assert_rel(out, truth, 1e-5, f"batch {n} against torchvision")
 
 
