@@ -97,6 +97,12 @@ def test_large_mean_from_a_convolution_bias_inside_a_block(backend):
         bn.bias.copy_(torch.randn(6))
     x = torch.randn(4, 4, 9, 9)
     g = torch.randn(4, 6, 9, 9)
+    # The output's fp32 rounding is ~3e-4 here (y*scale and shift are ~5e3 each), so a ReLU input within that of 0
+    # may flip on either fp32 path, and its gradient with it (a flip on the triton backend: grad input 1.5e-2 off).
+    # No gradient flows back from those few positions: the rest is judged.
+    with torch.no_grad():
+        pre_relu = copy.deepcopy(bn).double()(copy.deepcopy(conv).double()(x.double()))
+    g = torch.where(pre_relu.abs() < 1e-3, 0.0, g)
 
     def step(conv, bn, x, g, fused):
         x = x.clone().requires_grad_()
