@@ -67,6 +67,19 @@ def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def run_model(model: nn.Module, x: torch.Tensor, train: bool, seed: int = 0):
+    """One forward and backward (against a gradient drawn from `seed`) in train or eval mode: the output, the input
+    gradient, every parameter gradient and a copy of every buffer, by name."""
+    model.train(train)
+    model.zero_grad()
+    xi = x.clone().requires_grad_()
+    out = model(xi)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return out, xi.grad, grads, buffers
+
+
 def grads_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
 

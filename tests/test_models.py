@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 import fused_resnet
-from conftest import CPU_BACKENDS, assert_rel, fused_copy, randomize_batchnorms, rel_err, to_layout
+from conftest import CPU_BACKENDS, assert_rel, fused_copy, randomize_batchnorms, rel_err, run_model, to_layout
 from fused_resnet import use_backend
 
 FACTORIES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
@@ -49,18 +49,6 @@ def test_factory_options_follow_torchvision():
         fused_resnet.resnet18(weights="IMAGENET1K_V1")
 
 
-def run(model, x, train, seed=0):
-    """Forward and backward (against a gradient drawn from `seed`) of a copy-free model; returns what to compare."""
-    model.train(train)
-    model.zero_grad()
-    xi = x.clone().requires_grad_()
-    out = model(xi)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    return out, xi.grad, grads, buffers
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("train", [True, False])
@@ -72,8 +60,8 @@ def test_converted_model_matches_torchvision_in_float64(backend, name, train, ch
     assert fused_resnet.unfused_modules(fused) == {}
     x = to_layout(torch.randn(2, 3, 48, 40, dtype=torch.float64), channels_last)
     with use_backend(backend):
-        out, gx, grads, buffers = run(fused, x, train)
-    ref, rgx, rgrads, rbuffers = run(tv, x, train)
+        out, gx, grads, buffers = run_model(fused, x, train)
+    ref, rgx, rgrads, rbuffers = run_model(tv, x, train)
     assert_rel(out, ref, 1e-10, "output")
     assert_rel(gx, rgx, 1e-9, "grad x")
     for n in rgrads:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fused_resnet
-from conftest import CPU_BACKENDS, assert_rel, randomize_batchnorms, to_layout
+from conftest import CPU_BACKENDS, assert_rel, randomize_batchnorms, run_model, to_layout
 from fused_resnet import TimmBasicBlock, TimmBottleneck, use_backend
 
 timm = pytest.importorskip("timm")
@@ -55,22 +55,10 @@ def test_converted_timm_model_keeps_its_keys_and_reports_what_it_leaves(name):
     fresh.load_state_dict(fused.state_dict(), strict=True)
 
 
-def run(model, x, train, seed=0):
-    """Forward and backward (against a gradient drawn from `seed`); returns everything to compare."""
-    model.train(train)
-    model.zero_grad()
-    xi = x.clone().requires_grad_()
-    out = model(xi)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    return out, xi.grad, grads, buffers
-
-
 def assert_same_step(fused, original, x, train, backend):
     with use_backend(backend):
-        out, gx, grads, buffers = run(fused, x, train)
-    ref, rgx, rgrads, rbuffers = run(original, x, train)
+        out, gx, grads, buffers = run_model(fused, x, train)
+    ref, rgx, rgrads, rbuffers = run_model(original, x, train)
     assert_rel(out, ref, 1e-10, "output")
     assert_rel(gx, rgx, 1e-9, "grad x")
     assert list(grads) == list(rgrads)
@@ -153,9 +141,9 @@ def test_stochastic_depth_fuses_in_eval_and_runs_timm_in_training(backend):
     for seed in (1, 2):
         torch.manual_seed(seed)
         with use_backend(backend):
-            out, gx, grads, buffers = run(fused, x, True)
+            out, gx, grads, buffers = run_model(fused, x, True)
         torch.manual_seed(seed)
-        ref, rgx, rgrads, rbuffers = run(original, x, True)
+        ref, rgx, rgrads, rbuffers = run_model(original, x, True)
         assert_rel(out, ref, 1e-10, "output")
         assert_rel(gx, rgx, 1e-9, "grad x")
         for n in rgrads:
