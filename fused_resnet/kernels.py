@@ -16,14 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _native
-from .params import ConvParams, ZeroPadIdentity, as_dtype
+from .params import ConvParams, ZeroPadIdentity
+from .tensors import accumulation_dtype, as_dtype
 
 BackwardCoefs = tuple[Tensor, Tensor, Tensor]  # (coef_dy, coef_xmu, coef_const) of bn_act_backward_elemt
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of per-channel statistics and coefficients for activations of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class NativeKernels:

@@ -30,8 +30,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import reference
 from .backends import select_backend
-from .kernels import BackwardCoefs, NativeKernels, accumulation_dtype, kernels_for
-from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity, as_dtype, update_running_stats
+from .kernels import BackwardCoefs, NativeKernels, kernels_for
+from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity, update_running_stats
+from .tensors import accumulation_dtype, as_dtype
 
 # A projection, "identity", option A's zero-padded identity, or None (a plain block).
 Shortcut = ConvBN | ZeroPadIdentity | str | None

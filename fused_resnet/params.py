@@ -7,10 +7,14 @@ like frozen dataclasses but built 5x faster, which counts at three per conv-BN u
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from .tensors import conv_output_size, memory_format_of
 
 
 class ConvParams(NamedTuple):
@@ -24,10 +28,8 @@ class ConvParams(NamedTuple):
     groups: int = 1
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        kh, kw = self.weight.shape[-2:]
-        out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        return out_h, out_w
+        return conv_output_size((height, width), tuple(self.weight.shape[-2:]), self.stride, self.padding,
+                                self.dilation)
 
 
 class BatchNormParams(NamedTuple):
@@ -79,6 +81,24 @@ class ZeroPadIdentity(NamedTuple):
         as the CIFAR ResNets people reproduce the paper with do: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p))."""
         return ZeroPadIdentity(stride, (out_channels - in_channels) // 2)
 
+    def apply(self, x: Tensor, out_channels: int) -> Tensor:
+        """The shortcut's value for input `x` in a block of `out_channels`: F.pad(x[:, :, ::s, ::s]) in PyTorch, the
+        form the reference and an unfused block compute (the fused kernels read x in place instead)."""
+        after = out_channels - x.shape[1] - self.channels_before
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.channels_before, after))
+
+    def output_shape(self, x_shape: Sequence[int]) -> list[int]:
+        """The (N, C, H, W) of x subsampled by the stride (the channels before zero padding)."""
+        return [x_shape[0], x_shape[1], *((size - 1) // self.stride + 1 for size in x_shape[2:])]
+
+    def input_gradient(self, grad: Tensor, x_shape: Sequence[int]) -> Tensor:
+        """The gradient of the shortcut with respect to x, from the block output's gradient `grad`: x's channels of
+        it at the positions the subsampling kept, zero where x was skipped; laid out as `grad`."""
+        grad_x = grad.new_zeros(x_shape).contiguous(memory_format=memory_format_of(grad))
+        begin = self.channels_before
+        grad_x[:, :, :: self.stride, :: self.stride] = grad[:, begin:begin + x_shape[1]]
+        return grad_x
+
 
 def advance_batch_count(bn: BatchNormParams) -> float:
     """nn.BatchNorm2d's bookkeeping for one forward in training: bumps num_batches_tracked and returns the
@@ -115,8 +135,3 @@ def _lerp_into(running: Tensor, batch: Tensor, factor: float) -> None:
         running.lerp_(batch, factor)
     else:
         running.copy_(torch.lerp(running.to(batch.dtype), batch, factor))
-
-
-def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """`t` in `dtype`, skipping the call when it already is (.to() costs a Python-to-C++ call even then)."""
-    return t if t.dtype == dtype else t.to(dtype)

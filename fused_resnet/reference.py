@@ -54,9 +54,7 @@ def residual_block(
     if shortcut == "identity":
         out = out + x
     elif isinstance(shortcut, ZeroPadIdentity):
-        after = out.shape[1] - x.shape[1] - shortcut.channels_before
-        subsampled = x[:, :, :: shortcut.stride, :: shortcut.stride]
-        out = out + F.pad(subsampled, (0, 0, 0, 0, shortcut.channels_before, after))
+        out = out + shortcut.apply(x, out.shape[1])
     elif isinstance(shortcut, ConvBN):
         out = out + conv_bn(x if shortcut_input is None else shortcut_input, shortcut)
     return F.relu(out)
