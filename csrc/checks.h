@@ -164,16 +164,14 @@ struct BackwardReduceInputs {
   at::Tensor grad_output, output, input, mean, input2, mean2;
 };
 
-inline BackwardReduceInputs bn_act_backward_reduce_inputs(const at::Tensor& grad_output,
-                                                          const std::optional<at::Tensor>& output,
-                                                          const at::Tensor& input, const at::Tensor& mean,
-                                                          const std::optional<at::Tensor>& input2,
-                                                          const std::optional<at::Tensor>& mean2) {
-  constexpr const char* op = "bn_act_backward_reduce";
+// What follows `input` in both backward ops' checks, once the op has checked which optional arguments go together.
+inline BackwardReduceInputs backward_activations_and_means(const char* op, const at::Tensor& grad_output,
+                                                           const std::optional<at::Tensor>& output,
+                                                           const at::Tensor& dense_input, const at::Tensor& mean,
+                                                           const std::optional<at::Tensor>& input2,
+                                                           const std::optional<at::Tensor>& mean2) {
   BackwardReduceInputs in;
-  in.input = dense_input(op, input);
-  TORCH_CHECK(input2.has_value() == mean2.has_value(), "fused_resnet::", op,
-              ": input2 and mean2 must be given together");
+  in.input = dense_input;
   in.input2 = optional_activation(op, "input2", input2, in.input);
   in.grad_output = activation_of(op, "grad_output", grad_output, in.input);
   in.output = optional_activation(op, "output", output, in.input);
@@ -182,12 +180,23 @@ inline BackwardReduceInputs bn_act_backward_reduce_inputs(const at::Tensor& grad
   return in;
 }
 
-// bn_act_backward_elemt's arguments, checked; input2, mean2 and the coef2_* vectors are all defined or all
-// undefined, and not defined with residual_grad. has_grad_other: the call has a second output (input2's gradient,
-// or with residual_grad the residual's).
-struct BackwardElemtInputs {
-  at::Tensor grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,
-      coef2_const;
+inline BackwardReduceInputs bn_act_backward_reduce_inputs(const at::Tensor& grad_output,
+                                                          const std::optional<at::Tensor>& output,
+                                                          const at::Tensor& input, const at::Tensor& mean,
+                                                          const std::optional<at::Tensor>& input2,
+                                                          const std::optional<at::Tensor>& mean2) {
+  constexpr const char* op = "bn_act_backward_reduce";
+  const at::Tensor dense = dense_input(op, input);
+  TORCH_CHECK(input2.has_value() == mean2.has_value(), "fused_resnet::", op,
+              ": input2 and mean2 must be given together");
+  return backward_activations_and_means(op, grad_output, output, dense, mean, input2, mean2);
+}
+
+// bn_act_backward_elemt's arguments, checked: bn_act_backward_reduce's and the coefficients. input2, mean2 and the
+// coef2_* vectors are all defined or all undefined, and not defined with residual_grad. has_grad_other: the call
+// has a second output (input2's gradient, or with residual_grad the residual's).
+struct BackwardElemtInputs : BackwardReduceInputs {
+  at::Tensor coef_dy, coef_xmu, coef_const, coef2_dy, coef2_xmu, coef2_const;
   bool residual_grad = false, has_grad_other = false;
 };
 
@@ -198,22 +207,17 @@ inline BackwardElemtInputs bn_act_backward_elemt_inputs(
     const std::optional<at::Tensor>& coef2_dy, const std::optional<at::Tensor>& coef2_xmu,
     const std::optional<at::Tensor>& coef2_const, bool residual_grad) {
   constexpr const char* op = "bn_act_backward_elemt";
-  BackwardElemtInputs in;
-  in.input = dense_input(op, input);
+  const at::Tensor dense = dense_input(op, input);
   const bool second = input2.has_value();
   TORCH_CHECK(second == mean2.has_value() && second == coef2_dy.has_value() && second == coef2_xmu.has_value() &&
                   second == coef2_const.has_value(),
               "fused_resnet::", op, ": input2, mean2 and the coef2_* tensors must be given together");
   TORCH_CHECK(!(second && residual_grad), "fused_resnet::", op,
               ": residual_grad and input2 are exclusive (the second output is one or the other)");
-  in.input2 = optional_activation(op, "input2", input2, in.input);
-  in.grad_output = activation_of(op, "grad_output", grad_output, in.input);
-  in.output = optional_activation(op, "output", output, in.input);
-  in.mean = channel_param_of(op, "mean", mean, in.input);
+  BackwardElemtInputs in{backward_activations_and_means(op, grad_output, output, dense, mean, input2, mean2)};
   in.coef_dy = channel_param_of(op, "coef_dy", coef_dy, in.input);
   in.coef_xmu = channel_param_of(op, "coef_xmu", coef_xmu, in.input);
   in.coef_const = channel_param_of(op, "coef_const", coef_const, in.input);
-  in.mean2 = optional_channel_param(op, "mean2", mean2, in.input);
   in.coef2_dy = optional_channel_param(op, "coef2_dy", coef2_dy, in.input);
   in.coef2_xmu = optional_channel_param(op, "coef2_xmu", coef2_xmu, in.input);
   in.coef2_const = optional_channel_param(op, "coef2_const", coef2_const, in.input);
