@@ -45,11 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .stats import check_launch_device, describe, merge_partial_stats
-
-# Activation dtypes and their accumulation dtypes.
-ACCUMULATION_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
-                       torch.float64: torch.float64}
+from ..tensors import accumulation_dtype, memory_format_of
+from .stats import check_launch_device, merge_partial_stats
 
 REDUCE_BLOCK = 4096
 ELEMENTWISE_BLOCK = 2048
@@ -435,14 +432,18 @@ def _num_warps(block_elements: int) -> int:
 
 
 class Activation(NamedTuple):
-    """A checked, dense activation and its geometry."""
+    """A dense activation, its layout and its geometry."""
 
     tensor: Tensor
-    channels_last: bool
+    memory_format: torch.memory_format
     N: int
     C: int
     H: int
     W: int
+
+    @property
+    def channels_last(self) -> bool:
+        return self.memory_format == torch.channels_last
 
     @property
     def HW(self) -> int:
@@ -453,12 +454,8 @@ class Activation(NamedTuple):
         return self.N * self.H * self.W
 
     @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-    @property
     def accumulation_dtype(self) -> torch.dtype:
-        return ACCUMULATION_DTYPES[self.tensor.dtype]
+        return accumulation_dtype(self.tensor.dtype)
 
 
 class PlaneTiles(NamedTuple):
@@ -521,98 +518,33 @@ class ElementwiseBlocks(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Argument checks, named like the compiled ops' (csrc/checks.h).
+# Arguments as the kernels read them. The launchers trust their arguments: they are the bodies of the registered ops
+# (library.py), which the Triton kernel set calls with what fused_resnet.ops has checked. Only the input's device is
+# checked (stats.check_launch_device), as on a device the kernels do not run on Triton fails with a message about
+# pointers.
 
 
-def _check_tensor(op: str, name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: expected {name} to be a Tensor, got {type(t).__name__}")
-    return t
-
-
-def _input(op: str, t: object) -> Activation:
-    """The checked input of an op, dense in its layout (NCHW unless it is dense channels_last)."""
-    t = _check_tensor(op, "input", t)
-    if t.dim() != 4:
-        raise ValueError(f"{op}: expected input to be 4-D (N, C, H, W), got a {describe(t)}")
-    if t.dtype not in ACCUMULATION_DTYPES:
-        raise TypeError(f"{op}: expected input of dtype float16, bfloat16, float32 or float64, got a {describe(t)}")
-    if t.numel() == 0:
-        raise ValueError(f"{op}: expected a non-empty input, got a {describe(t)}")
+def _input(op: str, t: Tensor) -> Activation:
+    """The input of an op, on a device the kernels run on, dense in its layout (NCHW unless dense channels_last)."""
     check_launch_device(op, t)
-    channels_last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    dense = t if channels_last else t.contiguous()
-    return Activation(dense, channels_last, *t.shape)
+    memory_format = memory_format_of(t)
+    return Activation(t.contiguous(memory_format=memory_format), memory_format, *t.shape)
 
 
-def _activation_like(op: str, name: str, t: object, a: Activation) -> Tensor:
-    """An activation matching the input in shape, dtype and device, made dense in its layout."""
-    t = _check_tensor(op, name, t)
-    ref = a.tensor
-    if t.shape != ref.shape:
-        raise ValueError(f"{op}: expected {name} of shape {list(ref.shape)} like the input, got a {describe(t)}")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{op}: expected {name} of dtype {ref.dtype} like the input, got a {describe(t)}")
-    if t.device != ref.device:
-        raise RuntimeError(f"{op}: expected {name} on {ref.device} like the input, got a {describe(t)}")
-    return t.contiguous(memory_format=a.memory_format)
+def _activation_like(t: Tensor | None, a: Activation) -> Tensor | None:
+    """Another activation of the call (or None), dense in the input's layout."""
+    return None if t is None else t.contiguous(memory_format=a.memory_format)
 
 
-def _optional_activation_like(op: str, name: str, t: Tensor | None, a: Activation) -> Tensor | None:
-    return None if t is None else _activation_like(op, name, t, a)
+def _channel_param(t: Tensor | None, a: Activation) -> Tensor | None:
+    """A vector of per-channel values (or None), contiguous in the accumulation dtype."""
+    return None if t is None else t.to(a.accumulation_dtype).contiguous()
 
 
-def _channel_param(op: str, name: str, t: object, a: Activation) -> Tensor:
-    """A vector of C per-channel values on the input's device, contiguous in the accumulation dtype."""
-    t = _check_tensor(op, name, t)
-    if t.dim() != 1 or t.shape[0] != a.C:
-        raise ValueError(f"{op}: expected {name} to be a vector of {a.C} per-channel values, got a {describe(t)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{op}: expected {name} to be floating-point, got a {describe(t)}")
-    if t.device != a.tensor.device:
-        raise RuntimeError(f"{op}: expected {name} on {a.tensor.device} like the input, got a {describe(t)}")
-    return t.to(a.accumulation_dtype).contiguous()
-
-
-def _optional_channel_param(op: str, name: str, t: Tensor | None, a: Activation) -> Tensor | None:
-    return None if t is None else _channel_param(op, name, t, a)
-
-
-def _check_together(op: str, names: str, *given: object) -> bool:
-    present = [t is not None for t in given]
-    if any(present) and not all(present):
-        raise ValueError(f"{op}: {names} must be given together")
-    return all(present)
-
-
-def _padded_residual(op: str, a: Activation, residual: Tensor | None, affine: bool, stride: int,
-                     offset: int) -> Tensor | None:
-    """Option A's residual, checked and dense in the input's layout, or None when the residual is an identity
-    (or absent): the test and the messages of checks.h's check_padded_residual."""
-    padded = stride != 1 or offset != 0 or (isinstance(residual, Tensor) and residual.dim() == 4
-                                            and residual.shape[1] != a.C)
-    if not padded:
-        return None
-    if residual is None:
-        raise ValueError(f"{op}: residual_stride and residual_channel_offset need a residual")
-    if affine:
-        raise ValueError(f"{op}: a subsampled or channel-padded residual takes no residual_scale")
-    r = _check_tensor(op, "residual", residual)
-    if r.dim() != 4:
-        raise ValueError(f"{op}: expected residual to be 4-D (N, C, H, W), got a {describe(r)}")
-    if stride < 1:
-        raise ValueError(f"{op}: expected residual_stride >= 1, got {stride}")
-    if offset < 0 or offset + r.shape[1] > a.C:
-        raise ValueError(f"{op}: a residual of {r.shape[1]} channels at residual_channel_offset {offset} does not "
-                         f"fit the input's {a.C} channels")
-    if (r.shape[0] != a.N or (r.shape[2] - 1) // stride + 1 != a.H or (r.shape[3] - 1) // stride + 1 != a.W):
-        raise ValueError(f"{op}: a residual of shape {list(r.shape)} subsampled by {stride} does not match the "
-                         f"input of shape {list(a.tensor.shape)}")
-    if r.dtype != a.tensor.dtype:
-        raise TypeError(f"{op}: expected residual of dtype {a.tensor.dtype}, got a {describe(r)}")
-    if r.device != a.tensor.device:
-        raise RuntimeError(f"{op}: expected residual on {a.tensor.device}, got a {describe(r)}")
-    return r.contiguous(memory_format=a.memory_format)
+def _is_padded_residual(a: Activation, residual: Tensor | None, stride: int, offset: int) -> bool:
+    """Whether bn_act's residual is option A's (subsampled, or fewer channels placed at `offset`) rather than an
+    identity: the test of checks.h's check_padded_residual."""
+    return stride != 1 or offset != 0 or (residual is not None and residual.shape[1] != a.C)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -663,25 +595,20 @@ def bn_act(
     residual, or nothing. With residual_stride > 1, residual_channel_offset > 0 or a residual with fewer channels
     than y, R is option A's shortcut, read in place: R[n, c, h, w] = residual[n, c - residual_channel_offset,
     h * residual_stride, w * residual_stride] where residual has that channel, 0 elsewhere."""
-    op = "fused_resnet.triton.bn_act"
-    a = _input(op, y)
-    affine = _check_together(op, "residual_scale and residual_shift", residual_scale, residual_shift)
-    if affine and residual is None:
-        raise ValueError(f"{op}: residual_scale given without a residual")
-    scale = _channel_param(op, "scale", scale, a)
-    shift = _channel_param(op, "shift", shift, a)
-    padded = _padded_residual(op, a, residual, affine, residual_stride, residual_channel_offset)
+    a = _input("fused_resnet.triton.bn_act", y)
+    scale = _channel_param(scale, a)
+    shift = _channel_param(shift, a)
     residual_geometry = (a.C, a.H, a.W)
-    if padded is not None:
-        kind, residual = RESIDUAL_PADDED, padded
-        residual_geometry = tuple(padded.shape[1:])
+    if _is_padded_residual(a, residual, residual_stride, residual_channel_offset):
+        kind = RESIDUAL_PADDED
+        residual_geometry = tuple(residual.shape[1:])
     elif residual is None:
         kind = RESIDUAL_NONE
     else:
-        residual = _activation_like(op, "residual", residual, a)
-        kind = RESIDUAL_AFFINE if affine else RESIDUAL_IDENTITY
-    residual_scale = _optional_channel_param(op, "residual_scale", residual_scale, a)
-    residual_shift = _optional_channel_param(op, "residual_shift", residual_shift, a)
+        kind = RESIDUAL_IDENTITY if residual_scale is None else RESIDUAL_AFFINE
+    residual = _activation_like(residual, a)
+    residual_scale = _channel_param(residual_scale, a)
+    residual_shift = _channel_param(residual_shift, a)
     x = a.tensor
     out = torch.empty_like(x)
     blocks = ElementwiseBlocks.of(a)
@@ -712,15 +639,14 @@ def bn_act_backward_reduce(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """With gm = grad_output where output > 0 (everywhere when output is None), per channel: (sum gm,
     sum gm * (input - mean), sum gm * (input2 - mean2) or an empty tensor), in the accumulation dtype."""
-    op = "fused_resnet.triton.bn_act_backward_reduce"
-    a = _input(op, input)
-    second = _check_together(op, "input2 and mean2", input2, mean2)
+    a = _input("fused_resnet.triton.bn_act_backward_reduce", input)
+    second = input2 is not None
     x = a.tensor
-    g = _activation_like(op, "grad_output", grad_output, a)
-    out = _optional_activation_like(op, "output", output, a)
-    x2 = _optional_activation_like(op, "input2", input2, a)
-    mean = _channel_param(op, "mean", mean, a)
-    mean2 = _optional_channel_param(op, "mean2", mean2, a)
+    g = _activation_like(grad_output, a)
+    out = _activation_like(output, a)
+    x2 = _activation_like(input2, a)
+    mean = _channel_param(mean, a)
+    mean2 = _channel_param(mean2, a)
     acc = a.accumulation_dtype
     sums = 3 if second else 2
     flags = dict(MASK=out is not None, SECOND=second)
@@ -751,20 +677,14 @@ def bn_act_backward_elemt(
     """grad_input = coef_dy * gm + coef_xmu * (input - mean) + coef_const, gm = grad_output where output > 0
     (everywhere when output is None); grad_other is the same for input2 with mean2 and the coef2_* vectors, or gm
     itself when residual_grad (an identity residual's gradient), or an empty tensor."""
-    op = "fused_resnet.triton.bn_act_backward_elemt"
-    a = _input(op, input)
-    second = _check_together(op, "input2, mean2 and the coef2_* tensors", input2, mean2, coef2_dy, coef2_xmu,
-                             coef2_const)
-    if second and residual_grad:
-        raise ValueError(f"{op}: residual_grad and input2 are exclusive (the second output is one or the other)")
+    a = _input("fused_resnet.triton.bn_act_backward_elemt", input)
+    second = input2 is not None
     x = a.tensor
-    g = _activation_like(op, "grad_output", grad_output, a)
-    out = _optional_activation_like(op, "output", output, a)
-    x2 = _optional_activation_like(op, "input2", input2, a)
-    params = [_channel_param(op, name, t, a) for name, t in
-              (("mean", mean), ("coef_dy", coef_dy), ("coef_xmu", coef_xmu), ("coef_const", coef_const))]
-    params2 = [_optional_channel_param(op, name, t, a) for name, t in
-               (("mean2", mean2), ("coef2_dy", coef2_dy), ("coef2_xmu", coef2_xmu), ("coef2_const", coef2_const))]
+    g = _activation_like(grad_output, a)
+    out = _activation_like(output, a)
+    x2 = _activation_like(input2, a)
+    params = [_channel_param(t, a) for t in (mean, coef_dy, coef_xmu, coef_const)]
+    params2 = [_channel_param(t, a) for t in (mean2, coef2_dy, coef2_xmu, coef2_const)]
     grad_input = torch.empty_like(x)
     other = OTHER_SECOND_BN if second else OTHER_MASKED_GRAD if residual_grad else OTHER_NONE
     grad_other = torch.empty_like(x) if other != OTHER_NONE else None

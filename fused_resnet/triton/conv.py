@@ -36,7 +36,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .stats import merge_partial_stats
+from ..tensors import conv_output_size, describe, empty_dense_like
+from . import interpreted
+from .stats import check_launch_device, merge_partial_stats
 
 _OP = "fused_resnet.triton.conv2d"
 AUTOTUNE_ENV_VAR = "FUSED_RESNET_TRITON_AUTOTUNE"
@@ -76,11 +78,6 @@ CONFIGS: dict[tuple[int, int], ConvConfig] = {
 INTERPRETER_CONFIG = ConvConfig(32, 16, 16, 4, 2)
 
 
-def interpreting() -> bool:
-    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return bool(triton.knobs.runtime.interpret)
-
-
 def choose_config(out_channels_per_group: int, in_channels_per_group: int, dtype: torch.dtype) -> ConvConfig:
     """The shipped configuration for a problem, without a search.
 
@@ -91,7 +88,7 @@ def choose_config(out_channels_per_group: int, in_channels_per_group: int, dtype
     3 input channels takes 16. BLOCK_M is 128 (64 for the narrowest tiles, where many groups already make many
     programs). Under the Triton interpreter: INTERPRETER_CONFIG.
     """
-    if interpreting():
+    if interpreted():
         return INTERPRETER_CONFIG
     block_n = min(128, max(16, triton.next_power_of_2(out_channels_per_group)))
     max_k = 64 if dtype in (torch.float16, torch.bfloat16) else 32
@@ -233,61 +230,8 @@ _conv_kernel_autotuned = triton.autotune(
     key=["in_h", "in_w", "out_h", "out_w", "rows", "in_per_group", "out_channels", "out_per_group",
          "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "KH", "KW", "HAS_BIAS", "HAS_PROLOGUE",
          "HAS_RESIDUAL", "RELU", "STATS", "INPUT_PRECISION"],
-    do_bench=_interpreter_bench if interpreting() else None,
+    do_bench=_interpreter_bench if interpreted() else None,
 )(_conv_kernel)
-
-
-def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[arg-type]
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair):
-        raise ValueError(f"{_OP}: expected {name} to be an int or a pair of ints >= {minimum}, got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-def _describe(t: Tensor) -> str:
-    return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}"
-
-
-def _check_tensor(t: object, name: str, dim: int) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{_OP}: expected {name} to be a Tensor, got {type(t).__name__}")
-    if t.dim() != dim:
-        raise ValueError(f"{_OP}: expected {name} to be a {dim}-D tensor, got a {_describe(t)}")
-    return t
-
-
-def _check_device(t: Tensor, name: str, x: Tensor) -> None:
-    if t.device != x.device:
-        raise RuntimeError(f"{_OP}: expected {name} on {x.device} like x, got a {_describe(t)}")
-
-
-def _check_channel_vector(t: object, name: str, channels: int, x: Tensor, dtypes: tuple[torch.dtype, ...]) -> Tensor:
-    t = _check_tensor(t, name, 1)
-    if t.shape[0] != channels:
-        raise ValueError(f"{_OP}: expected {name} of shape [{channels}], got a {_describe(t)}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{_OP}: expected {name} of dtype {' or '.join(map(str, dtypes))}, got a {_describe(t)}")
-    _check_device(t, name, x)
-    return t.contiguous()
-
-
-def _check_residual(residual: object, out_shape: tuple[int, int, int, int], stride: int, offset: int,
-                    x: Tensor) -> Tensor:
-    """The residual of the epilogue: the output's shape, or option A's input (fewer channels, `stride` times the
-    resolution) that the kernel subsamples and places at channel `offset` in place."""
-    residual = _check_tensor(residual, "residual", 4)
-    if residual.dtype != x.dtype:
-        raise TypeError(f"{_OP}: expected residual of dtype {x.dtype} like x, got a {_describe(residual)}")
-    _check_device(residual, "residual", x)
-    n, c, h, w = out_shape
-    r_n, r_c, r_h, r_w = residual.shape
-    if offset < 0 or offset + r_c > c:
-        raise ValueError(f"{_OP}: a residual of {r_c} channels at residual_channel_offset {offset} does not fit the "
-                         f"output's {c} channels")
-    if r_n != n or (r_h - 1) // stride + 1 != h or (r_w - 1) // stride + 1 != w:
-        raise ValueError(f"{_OP}: expected residual of shape [{n}, <= {c}, H, W] with H, W subsampled by "
-                         f"residual_stride {stride} giving the output's {h}x{w}, got a {_describe(residual)}")
-    return residual
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int, int], stride: tuple[int, int],
@@ -303,9 +247,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int,
     out_per_group = out_channels // groups
     rows = batch * out_h * out_w
 
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    y = torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    y = empty_dense_like(x, (batch, out_channels, out_h, out_w))
     precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
     search = config is None and autotune_enabled()
@@ -334,7 +276,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int,
     # accumulates in fp32 as the tensor cores do.
     flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_PROLOGUE=input_scale is not None,
                  HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, INPUT_PRECISION=precision,
-                 DOT_IN_FP32=interpreting() and x.dtype == torch.bfloat16)
+                 DOT_IN_FP32=interpreted() and x.dtype == torch.bfloat16)
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]), groups * triton.cdiv(out_per_group, meta["BLOCK_N"]))
@@ -357,9 +299,9 @@ def conv2d(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
-    stride: int | tuple[int, int] = (1, 1),
-    padding: int | tuple[int, int] = (0, 0),
-    dilation: int | tuple[int, int] = (1, 1),
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
     groups: int = 1,
     *,
     input_scale: Tensor | None = None,
@@ -382,64 +324,21 @@ def conv2d(
     float32. With `stats`, returns (y, mean, var): the per-channel mean and biased variance (float32) of y as
     stored. `config` forces a launch configuration (one of CONFIGS' values, or INTERPRETER_CONFIG) instead of the
     heuristic's or the search's. Forward only: no autograd graph is recorded.
+
+    The arguments are trusted: this is the body of the registered op fused_resnet_triton::conv2d, which the Triton
+    kernel set calls with what fused_resnet.ops has checked. Only what the kernel has no version for is refused: a
+    device it cannot run on, and float64, which it would silently accumulate in fp32.
     """
-    x = _check_tensor(x, "x", 4)
-    weight = _check_tensor(weight, "weight", 4)
-    if x.dtype == torch.float64:
-        raise TypeError(f"{_OP}: float64 is not supported by the Triton backend (its tensor-core GEMM has no fp64); "
-                        f"got x as a {_describe(x)}. Use the cpu or torch backend for float64")
+    check_launch_device(_OP, x)
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{_OP}: expected x of dtype float32, float16 or bfloat16, got a {_describe(x)}")
-    if x.device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"{_OP}: the Triton kernels run on CUDA tensors (or on the CPU when TRITON_INTERPRET=1 is "
-                           f"set before fused_resnet.triton is imported); got x as a {_describe(x)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{_OP}: expected weight of dtype {x.dtype} like x, got a {_describe(weight)}")
-    _check_device(weight, "weight", x)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"{_OP}: expected groups to be a positive int, got {groups!r}")
-    stride = _pair(stride, "stride", 1)
-    padding = _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
-    out_channels, in_per_group = weight.shape[:2]
-    in_channels = x.shape[1]
-    if in_per_group * groups != in_channels:
-        raise ValueError(f"{_OP}: weight of shape {list(weight.shape)} with groups={groups} expects "
-                         f"{in_per_group * groups} input channels, but x has {in_channels} (shape {list(x.shape)})")
-    if out_channels % groups != 0:
-        raise ValueError(f"{_OP}: expected the weight's {out_channels} output channels to be divisible by "
-                         f"groups={groups}")
-    if bias is not None:
-        bias = _check_channel_vector(bias, "bias", out_channels, x, tuple(dict.fromkeys((torch.float32, x.dtype))))
-    if (input_scale is None) != (input_shift is None):
-        raise ValueError(f"{_OP}: input_scale and input_shift go together (the prologue relu(x*scale + shift)); "
-                         f"got only {'input_scale' if input_shift is None else 'input_shift'}")
-    if input_scale is not None:
-        input_scale = _check_channel_vector(input_scale, "input_scale", in_channels, x, (torch.float32,))
-        input_shift = _check_channel_vector(input_shift, "input_shift", in_channels, x, (torch.float32,))
-    for name, value, minimum in (("residual_stride", residual_stride, 1),
-                                 ("residual_channel_offset", residual_channel_offset, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{_OP}: expected {name} to be an int >= {minimum}, got {value!r}")
-    if residual is None and (residual_stride != 1 or residual_channel_offset != 0):
-        raise ValueError(f"{_OP}: residual_stride and residual_channel_offset need a residual")
-    if config is not None and not isinstance(config, ConvConfig):
-        raise TypeError(f"{_OP}: expected config to be a ConvConfig, got {type(config).__name__}")
-
-    kh, kw = weight.shape[2:]
-    out_h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if x.shape[0] == 0 or out_channels == 0 or out_h <= 0 or out_w <= 0:
-        raise ValueError(f"{_OP}: the output would be empty: shape [{x.shape[0]}, {out_channels}, {out_h}, {out_w}] "
-                         f"from x of shape {list(x.shape)}, a {kh}x{kw} kernel, stride {stride}, padding {padding}, "
-                         f"dilation {dilation}")
-    if residual is not None:
-        residual = _check_residual(residual, (x.shape[0], out_channels, out_h, out_w), residual_stride,
-                                   residual_channel_offset, x)
-
+        raise TypeError(f"{_OP}: the Triton convolution runs float32, float16 and bfloat16 (its tensor-core GEMM has "
+                        f"no fp64); got x as a {describe(x)}. Use the cpu or torch backend for float64")
+    out_size = conv_output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    # The kernel indexes per-channel vectors by channel; activations and the weight it reads through their strides.
+    bias, input_scale, input_shift = (None if t is None else t.contiguous() for t in (bias, input_scale, input_shift))
     y, mean_partial, m2_partial, count_partial = _launch(
-        x, weight, bias, (out_h, out_w), stride, padding, dilation, groups, input_scale, input_shift, residual,
-        residual_stride, residual_channel_offset, bool(relu), bool(stats), config)
+        x, weight, bias, out_size, stride, padding, dilation, groups, input_scale, input_shift, residual,
+        residual_stride, residual_channel_offset, relu, stats, config)
     if not stats:
         return y
     mean, var = merge_partial_stats(mean_partial, m2_partial, count_partial)

@@ -1,13 +1,15 @@
 """The Triton launchers as torch.library custom ops, torch.ops.fused_resnet_triton.*, with fake implementations.
 
 torch.compile and torch.export then see each launch as one opaque op of known output shapes, instead of tracing
-the launchers' Python (argument checks, the launch configuration chosen from the shape, grids, the statistics'
-merge launch), which dynamo cannot follow. Opaque rather than torch.library.triton_op: triton_op would let
-Inductor see the kernels inside, but there is nothing for it to fuse into them (each already is the fusion of
-DESIGN.md §4), and it needs launchers made only of traceable calls, which a shape-dependent configuration choice
-and a two-kernel statistics reduction are not. This choice is by design, not yet by GPU measurement.
+the launchers' Python (the launch configuration chosen from the shape, grids, the statistics' merge launch), which
+dynamo cannot follow. Opaque rather than torch.library.triton_op: triton_op would let Inductor see the kernels
+inside, but there is nothing for it to fuse into them (each already is the fusion of DESIGN.md §4), and it needs
+launchers made only of traceable calls, which a shape-dependent configuration choice and a two-kernel statistics
+reduction are not. This choice is by design, not yet by GPU measurement.
 
 The four BatchNorm ops have the schemas of the compiled ones (csrc/ops.cpp), so one kernel-set class drives both.
+Unlike the compiled ops, these do not check their arguments: their one caller, the Triton kernel set, passes what
+fused_resnet.ops has checked, and the launchers refuse only a device or dtype they have no kernel for.
 """
 
 from __future__ import annotations
@@ -15,25 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..tensors import accumulation_dtype, conv_output_size, empty_dense_like
 from . import bn, conv
 
 NAMESPACE = "fused_resnet_triton"
 
 
-def _accumulation(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _channels(t: Tensor) -> Tensor:
-    return t.new_empty((t.shape[1],), dtype=_accumulation(t))
-
-
-def _dense_like(t: Tensor) -> Tensor:
-    """An empty tensor laid out as the launchers lay out their outputs: channels_last if t is dense channels_last,
-    else NCHW."""
-    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device,
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return t.new_empty((t.shape[1],), dtype=accumulation_dtype(t.dtype))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::batch_stats", mutates_args=())
@@ -57,7 +48,7 @@ def bn_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
 @bn_act.register_fake
 def _(input, scale, shift, residual, residual_scale, residual_shift, relu, residual_stride=1,
       residual_channel_offset=0):
-    return _dense_like(input)
+    return empty_dense_like(input)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::bn_act_backward_reduce", mutates_args=())
@@ -70,7 +61,7 @@ def bn_act_backward_reduce(grad_output: Tensor, output: Tensor | None, input: Te
 
 @bn_act_backward_reduce.register_fake
 def _(grad_output, output, input, mean, input2, mean2):
-    third = _channels(input) if input2 is not None else input.new_empty((0,), dtype=_accumulation(input))
+    third = _channels(input) if input2 is not None else input.new_empty((0,), dtype=accumulation_dtype(input.dtype))
     return _channels(input), _channels(input), third
 
 
@@ -86,8 +77,8 @@ def bn_act_backward_elemt(grad_output: Tensor, output: Tensor | None, input: Ten
 @bn_act_backward_elemt.register_fake
 def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,
       coef2_const, residual_grad):
-    other = _dense_like(input) if (input2 is not None or residual_grad) else input.new_empty((0,))
-    return _dense_like(input), other
+    other = empty_dense_like(input) if (input2 is not None or residual_grad) else input.new_empty((0,))
+    return empty_dense_like(input), other
 
 
 @torch.library.custom_op(f"{NAMESPACE}::conv2d", mutates_args=())
@@ -109,11 +100,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], pa
 @conv2d.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, input_scale, input_shift, residual, residual_stride,
       residual_channel_offset, relu, stats):
-    kh, kw = weight.shape[-2:]
-    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1
-            for i, k in enumerate((kh, kw))]
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    y = torch.empty((x.shape[0], weight.shape[0], *size), dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    size = conv_output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    y = empty_dense_like(x, (x.shape[0], weight.shape[0], *size))
     vector = (weight.shape[0],) if stats else (0,)
     return y, x.new_empty(vector, dtype=torch.float32), x.new_empty(vector, dtype=torch.float32)

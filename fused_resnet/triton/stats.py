@@ -23,11 +23,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_OP = "fused_resnet.triton.merge_partial_stats"
+from ..tensors import describe
+from . import INTERPRET_ENV_VAR, interpreted
 
-# Tile counts are stored as integers or as floats holding whole numbers (float32 is exact up to 2**24).
+# Tile counts are stored as integers or as floats holding whole numbers (float32 is exact up to 2**24); the kernel
+# reads any of these into float64.
 COUNT_DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64)
-PARTIAL_DTYPES = (torch.float32, torch.float64)
 
 # Channels per program: 32 float32 means are one 128-byte line of a partial's row, so a chunk's loads stay
 # coalesced, and a C of 256 (the smallest ResNet-50 stage) still spreads over 8 programs.
@@ -94,24 +95,14 @@ def _merge_partial_stats_kernel(
     tl.store(var_ptr + channels, out_var.to(var_ptr.dtype.element_ty), mask=channel_mask)
 
 
-def describe(t: Tensor) -> str:
-    return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}"
-
-
-def kernels_are_interpreted() -> bool:
-    """Whether this package's kernels run under Triton's interpreter: decided once, when they were defined."""
-    return not isinstance(_merge_partial_stats_kernel, triton.runtime.jit.JITFunction)
-
-
 def check_launch_device(op: str, t: Tensor) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; anything else is refused here rather
-    than failing inside Triton with a message about pointers."""
-    if t.device.type == "cuda" or (t.device.type == "cpu" and kernels_are_interpreted()):
+    """Refuses, naming `op`, a tensor on a device the kernels do not run on: they run on CUDA tensors, or on CPU
+    tensors under Triton's interpreter. Every launcher calls it on its input, since elsewhere the launch would fail
+    inside Triton with a message about pointers, not devices."""
+    if t.device.type == "cuda" or (t.device.type == "cpu" and interpreted()):
         return
-    if t.device.type == "cpu":
-        raise RuntimeError(f"{op}: CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before "
-                           "fused_resnet.triton is imported, or pass CUDA tensors")
-    raise RuntimeError(f"{op}: expected CUDA tensors, got a {describe(t)}")
+    raise RuntimeError(f"{op}: the Triton kernels run on CUDA tensors, or on CPU tensors when {INTERPRET_ENV_VAR}=1 "
+                       f"is set before fused_resnet is imported; got a {describe(t)}")
 
 
 def merge_partial_stats(mean_partial: Tensor, m2_partial: Tensor, count_partial: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,39 +110,15 @@ def merge_partial_stats(mean_partial: Tensor, m2_partial: Tensor, count_partial:
 
     mean_partial, m2_partial: [T, C], float32 (or float64, for float64 activations), both the same dtype: for
     tile t and channel c, the mean of the tile's elements of channel c and the sum of their squared deviations
-    from that mean. count_partial: [T], the number of elements of each tile (the same for every channel), as
-    int32, int64, float32 or float64 holding whole numbers; 0 is allowed (the tile is skipped, whatever its
-    mean and M2 hold). Returns (mean[C], var[C]) in the partials' dtype; a channel of zero total count comes out
-    NaN. Deterministic: tiles merge in index order, in chunks of a size fixed by T and C.
-    """
-    for name, t in (("mean_partial", mean_partial), ("m2_partial", m2_partial)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{_OP}: expected {name} to be a Tensor, got {type(t).__name__}")
-        if t.dim() != 2 or t.numel() == 0:
-            raise ValueError(f"{_OP}: expected {name} to be a non-empty [tiles, channels] matrix, got a {describe(t)}")
-        if t.dtype not in PARTIAL_DTYPES:
-            raise TypeError(f"{_OP}: expected {name} of dtype torch.float32 or torch.float64, got a {describe(t)}")
-    if not isinstance(count_partial, Tensor):
-        raise TypeError(f"{_OP}: expected count_partial to be a Tensor, got {type(count_partial).__name__}")
-    num_tiles, num_channels = mean_partial.shape
-    if m2_partial.shape != mean_partial.shape:
-        raise ValueError(f"{_OP}: expected m2_partial of shape {list(mean_partial.shape)} like mean_partial, "
-                         f"got a {describe(m2_partial)}")
-    if m2_partial.dtype != mean_partial.dtype:
-        raise TypeError(f"{_OP}: expected m2_partial of dtype {mean_partial.dtype} like mean_partial, "
-                        f"got a {describe(m2_partial)}")
-    if count_partial.shape != (num_tiles,):
-        raise ValueError(f"{_OP}: expected count_partial to hold {num_tiles} per-tile counts, got a "
-                         f"{describe(count_partial)}")
-    if count_partial.dtype not in COUNT_DTYPES:
-        raise TypeError(f"{_OP}: expected count_partial of dtype int32, int64, float32 or float64, got a "
-                        f"{describe(count_partial)}")
-    for name, t in (("m2_partial", m2_partial), ("count_partial", count_partial)):
-        if t.device != mean_partial.device:
-            raise RuntimeError(f"{_OP}: expected {name} on {mean_partial.device} like mean_partial, "
-                               f"got a {describe(t)}")
-    check_launch_device(_OP, mean_partial)
+    from that mean. count_partial: [T], the number of elements of each tile (the same for every channel), of one
+    of COUNT_DTYPES, holding whole numbers; 0 is allowed (the tile is skipped, whatever its mean and M2 hold). All
+    on one device the kernels run on. Returns (mean[C], var[C]) in the partials' dtype; a channel of zero total
+    count comes out NaN. Deterministic: tiles merge in index order, in chunks of a size fixed by T and C.
 
+    A step of the launchers that produce the partials (bn.batch_stats, conv.conv2d), which have checked the device:
+    the arguments are trusted.
+    """
+    num_tiles, num_channels = mean_partial.shape
     mean_partial, m2_partial, count_partial = (t.contiguous() for t in (mean_partial, m2_partial, count_partial))
     mean = torch.empty(num_channels, dtype=mean_partial.dtype, device=mean_partial.device)
     var = torch.empty_like(mean)
