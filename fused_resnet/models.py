@@ -45,8 +45,8 @@ class FusedStem(Fusable):
                     or relu_blocker(act, getattr(self, act)))
         if type(conv1).forward is not nn.Sequential.forward or len(conv1) != 7:
             return "conv1 is not a deep stem of conv, norm, act, conv, norm, act, conv"
-        for (conv_name, conv), (bn_name, bn), (act_name, act) in self._deep_stem_layers():
-            reason = conv_blocker(conv_name, conv) or norm_blocker(bn_name, bn) or relu_blocker(act_name, act)
+        for (conv_name, conv), (bn_name, bn), (act_name, activation) in self._deep_stem_layers():
+            reason = conv_blocker(conv_name, conv) or norm_blocker(bn_name, bn) or relu_blocker(act_name, activation)
             if reason:
                 return reason
         return None
