@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .models import stem_blocker, stem_forward
+from .models import FusedStem
 from .modules import BasicBlock, conv3x3
 from .ops import FoldedWeights
 
 __all__ = ["CifarResNet", "cifar_resnet"]
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(nn.Module, FusedStem):
     """A 6n+2-layer CIFAR network (see the module docstring). Its stem conv1-bn1-relu runs fused, like the
     ImageNet ResNets'."""
 
@@ -55,11 +55,8 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _fusion_blocker(self) -> str | None:
-        return stem_blocker(self)
-
     def forward(self, x: Tensor) -> Tensor:
-        x = stem_forward(self, x)
+        x = self.forward_stem(x)
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.avgpool(x).flatten(1))
 

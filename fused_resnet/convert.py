@@ -21,7 +21,8 @@ import warnings
 import torch
 from torch import nn
 
-from .models import ResNet, stem_blocker, timm_stem_blocker, timm_stem_forward, timm_stem_structure_blocker
+from .fusion import Fusable
+from .models import FusedStem, ResNet
 from .modules import BasicBlock, Bottleneck, ConvBNReLU, TimmBasicBlock, TimmBottleneck, timm_resnet_module
 
 __all__ = ["FusionWarning", "convert", "convert_sync_batchnorm", "unfused_modules"]
@@ -43,16 +44,10 @@ def _torchvision():
 def _fused_stem_resnet_class() -> type:
     torchvision = _torchvision()
 
-    class FusedStemResNet(torchvision.models.ResNet):
+    class FusedStemResNet(torchvision.models.ResNet, FusedStem):
         """A torchvision ResNet whose stem (conv1, bn1, relu) runs as one fused op; convert() makes it."""
 
         _forward_impl = ResNet._forward_impl
-
-        def _fusion_blocker(self) -> str | None:
-            return stem_blocker(self)
-
-        def _structure_blocker(self) -> str | None:
-            return ResNet._structure_blocker(self)
 
     FusedStemResNet.__module__ = __name__
     FusedStemResNet.__qualname__ = "FusedStemResNet"  # pickled by reference: fused_resnet.convert.FusedStemResNet
@@ -63,25 +58,22 @@ def _fused_stem_resnet_class() -> type:
 def _fused_timm_resnet_class() -> type:
     timm_resnet = timm_resnet_module()
 
-    class FusedTimmResNet(timm_resnet.ResNet):
+    class FusedTimmResNet(timm_resnet.ResNet, FusedStem):
         """A timm ResNet whose stem (conv1, or a deep stem's three convolutions, with bn1 and act1) runs as one
         fused op; convert() makes it."""
 
+        _stem_activation = "act1"
+        _deep_stem = True
+
         def forward_features(self, x: torch.Tensor) -> torch.Tensor:
             # timm's forward_features with the stem fused.
-            x = self.maxpool(timm_stem_forward(self, x))
+            x = self.maxpool(self.forward_stem(x))
             stages = [self.layer1, self.layer2, self.layer3, self.layer4]
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 return timm_resnet.checkpoint_seq(stages, x, flatten=True)
             for stage in stages:
                 x = stage(x)
             return x
-
-        def _fusion_blocker(self) -> str | None:
-            return timm_stem_blocker(self)
-
-        def _structure_blocker(self) -> str | None:
-            return timm_stem_structure_blocker(self)
 
     FusedTimmResNet.__module__ = __name__
     FusedTimmResNet.__qualname__ = "FusedTimmResNet"  # pickled by reference: fused_resnet.convert.FusedTimmResNet
@@ -119,7 +111,7 @@ def _fused_counterpart(module: nn.Module, candidates: dict[type, type]) -> tuple
             if fused_class is ConvBNReLU and len(module) == 1:
                 return None, None  # a lone convolution (an FPN's Conv2dNormActivation): nothing to fuse
             fused = fused_class.adopt(module)
-            reason = fused._structure_blocker()
+            reason = fused.structure_blocker()
             return (None, reason) if reason else (fused, None)
         if isinstance(module, original_class) and not isinstance(module, fused_class):
             library = original_class.__module__.split(".")[0]
@@ -171,18 +163,20 @@ def convert(model: nn.Module, sync_bn: bool = False, process_group: object | Non
         reason = _training_note(fused_root)
     if reason is not None:
         skipped["(the model)"] = reason
-    stems = {}  # {a library's ResNet: (why its stem cannot be fused, the subclass that fuses it)}
+    stems = {}  # {a library's ResNet: the subclass that fuses its stem}
     if torchvision is not None:
-        stems[torchvision.models.ResNet] = (ResNet._structure_blocker, _fused_stem_resnet_class)
+        stems[torchvision.models.ResNet] = _fused_stem_resnet_class
     timm_resnet = sys.modules.get("timm.models.resnet")
     if timm_resnet is not None:
-        stems[timm_resnet.ResNet] = (timm_stem_structure_blocker, _fused_timm_resnet_class)
-    if type(model) in stems:
-        blocker, fused_class = stems[type(model)]
-        reason = blocker(model)
-        if reason is None:
-            model.__class__ = fused_class()
-        else:
+        stems[timm_resnet.ResNet] = _fused_timm_resnet_class
+    original_class = type(model)
+    if original_class in stems:
+        # The model becomes the subclass in place (its own parameters, buffers, hooks), and stays one if its stem
+        # can fuse.
+        model.__class__ = stems[original_class]()
+        reason = model.structure_blocker()
+        if reason is not None:
+            model.__class__ = original_class
             skipped["(stem)"] = reason
     if skipped:
         details = "; ".join(f"{name}: {why}" for name, why in skipped.items())
@@ -200,10 +194,9 @@ def convert_sync_batchnorm(model: nn.Module, process_group: object | None = None
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
 
 
-def _training_note(fused: nn.Module) -> str | None:
+def _training_note(fused: Fusable) -> str | None:
     """For the FusionWarning: why a swapped module will still run unfused while it trains, or None."""
-    training_blocker = getattr(fused, "_training_blocker", None)
-    reason = training_blocker() if training_blocker is not None else None
+    reason = fused.training_blocker()
     return f"runs unfused while training ({reason})" if reason else None
 
 
@@ -216,9 +209,8 @@ def unfused_modules(model: nn.Module) -> dict[str, str]:
     found = {}
     for name, module in model.named_modules():
         label = name or "(the model)"
-        blocker = getattr(module, "_fusion_blocker", None)
-        if blocker is not None:
-            reason = blocker()
+        if isinstance(module, Fusable):
+            reason = module.fusion_blocker()
             if reason is not None:
                 found[label] = reason
             continue

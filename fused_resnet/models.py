@@ -12,10 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .modules import (
-    BasicBlock, Bottleneck, conv1x1, conv_bn, conv_blocker, bn_blocker, hooks_blocker, relu_blocker,
-    stem_structure_blocker,
-)
+from .fusion import Fusable, conv_blocker, hooks_blocker, norm_blocker, relu_blocker
+from .modules import BasicBlock, Bottleneck, conv1x1, conv_bn
 from .ops import FoldedWeights
 
 __all__ = [
@@ -24,67 +22,58 @@ __all__ = [
 ]
 
 
-def stem_blocker(model: nn.Module) -> str | None:
-    """Why a ResNet's stem (conv1, bn1, relu) runs unfused, or None."""
-    return stem_structure_blocker(model) or hooks_blocker(
-        [("conv1", model.conv1), ("bn1", model.bn1), ("relu", model.relu)]
-    )
+class FusedStem(Fusable):
+    """A ResNet whose stem, conv1 -> bn1 -> activation, runs as one fused op: torchvision's (the activation
+    `relu`), the library's ResNet and CifarResNet, or timm's (`act1`, and conv1 may be a deep stem: resnet50d's
+    nn.Sequential of conv, norm, act, conv, norm, act, conv). The model's forward calls forward_stem()."""
+
+    _stem_activation = "relu"  # the attribute name of the stem's activation
+    _deep_stem = False  # whether conv1 may be a deep stem (timm's)
+
+    def _deep_stem_layers(self) -> list[tuple[tuple[str, nn.Module], ...]]:
+        """The ((name, conv), (name, norm), (name, act)) triples of a deep stem: three, the last finished by bn1
+        and the activation."""
+        conv1, act = self.conv1, self._stem_activation
+        return [(("conv1.0", conv1[0]), ("conv1.1", conv1[1]), ("conv1.2", conv1[2])),
+                (("conv1.3", conv1[3]), ("conv1.4", conv1[4]), ("conv1.5", conv1[5])),
+                (("conv1.6", conv1[6]), ("bn1", self.bn1), (act, getattr(self, act)))]
+
+    def structure_blocker(self) -> str | None:
+        conv1, act = self.conv1, self._stem_activation
+        if not (self._deep_stem and isinstance(conv1, nn.Sequential)):
+            return (conv_blocker("conv1", conv1) or norm_blocker("bn1", self.bn1)
+                    or relu_blocker(act, getattr(self, act)))
+        if type(conv1).forward is not nn.Sequential.forward or len(conv1) != 7:
+            return "conv1 is not a deep stem of conv, norm, act, conv, norm, act, conv"
+        for (conv_name, conv), (bn_name, bn), (act_name, activation) in self._deep_stem_layers():
+            reason = conv_blocker(conv_name, conv) or norm_blocker(bn_name, bn) or relu_blocker(act_name, activation)
+            if reason:
+                return reason
+        return None
+
+    def fusion_blocker(self) -> str | None:
+        act = self._stem_activation
+        return self.structure_blocker() or hooks_blocker(
+            [("conv1", self.conv1), ("bn1", self.bn1), (act, getattr(self, act))]
+        )
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """activation(bn1(conv1(x))), as one fused op unless fusion_blocker() says otherwise."""
+        if self.fusion_blocker() is not None:
+            return getattr(self, self._stem_activation)(self.bn1(self.conv1(x)))
+        if "_folded" not in self.__dict__:  # a torchvision or timm ResNet converted in place
+            self._folded = FoldedWeights()
+        conv1 = self.conv1
+        if not isinstance(conv1, nn.Sequential):
+            return ops.conv_bn_relu(x, conv_bn(conv1, self.bn1, "conv1/bn1"), folded=self._folded)
+        units = [conv_bn(conv, bn, f"{conv_name}/{bn_name}")
+                 for (conv_name, conv), (bn_name, bn), _ in self._deep_stem_layers()]
+        # A chain of conv-BN-ReLU units is a residual block without a shortcut: the deep stem runs as one op whose
+        # normalized activations between the convolutions are recomputed in backward, never saved.
+        return ops.residual_block(x, units, None, folded=self._folded)
 
 
-def stem_forward(model: nn.Module, x: Tensor) -> Tensor:
-    """relu(bn1(conv1(x))) of a ResNet, as one fused op unless :func:`stem_blocker` says otherwise."""
-    if stem_blocker(model) is not None:
-        return model.relu(model.bn1(model.conv1(x)))
-    if "_folded" not in model.__dict__:  # a torchvision ResNet converted in place
-        model._folded = FoldedWeights()
-    return ops.conv_bn_relu(x, conv_bn(model.conv1, model.bn1, "conv1/bn1"), folded=model._folded)
-
-
-def _timm_stem_layers(model: nn.Module) -> list[tuple[tuple[str, nn.Module], ...]]:
-    """The ((name, conv), (name, norm), (name, act)) triples of a timm ResNet's stem: conv1, bn1, act1, or with a
-    deep stem (resnet50d's: conv1 an nn.Sequential of conv, norm, act, conv, norm, act, conv) three, the last
-    finished by bn1 and act1."""
-    conv1 = model.conv1
-    if not isinstance(conv1, nn.Sequential):
-        return [(("conv1", conv1), ("bn1", model.bn1), ("act1", model.act1))]
-    return [(("conv1.0", conv1[0]), ("conv1.1", conv1[1]), ("conv1.2", conv1[2])),
-            (("conv1.3", conv1[3]), ("conv1.4", conv1[4]), ("conv1.5", conv1[5])),
-            (("conv1.6", conv1[6]), ("bn1", model.bn1), ("act1", model.act1))]
-
-
-def timm_stem_structure_blocker(model: nn.Module) -> str | None:
-    """Why a timm ResNet's stem cannot run fused, hooks aside; None if it can."""
-    conv1 = model.conv1
-    if isinstance(conv1, nn.Sequential) and (type(conv1).forward is not nn.Sequential.forward or len(conv1) != 7):
-        return "conv1 is not a deep stem of conv, norm, act, conv, norm, act, conv"
-    for (conv_name, conv), (bn_name, bn), (act_name, act) in _timm_stem_layers(model):
-        reason = conv_blocker(conv_name, conv) or bn_blocker(bn_name, bn) or relu_blocker(act_name, act)
-        if reason:
-            return reason
-    return None
-
-
-def timm_stem_blocker(model: nn.Module) -> str | None:
-    """Why a timm ResNet's stem runs unfused, or None."""
-    return timm_stem_structure_blocker(model) or hooks_blocker(
-        [("conv1", model.conv1), ("bn1", model.bn1), ("act1", model.act1)]
-    )
-
-
-def timm_stem_forward(model: nn.Module, x: Tensor) -> Tensor:
-    """act1(bn1(conv1(x))) of a timm ResNet, fused unless :func:`timm_stem_blocker` says otherwise."""
-    if timm_stem_blocker(model) is not None:
-        return model.act1(model.bn1(model.conv1(x)))
-    if "_folded" not in model.__dict__:  # a timm ResNet converted in place
-        model._folded = FoldedWeights()
-    units = [conv_bn(conv, bn, f"{conv_name}/{bn_name}")
-             for (conv_name, conv), (bn_name, bn), _ in _timm_stem_layers(model)]
-    # A chain of conv-BN-ReLU units is a residual block without a shortcut: the deep stem runs as one op whose
-    # normalized activations between the convolutions are recomputed in backward, never saved.
-    return ops.residual_block(x, units, None, folded=model._folded)
-
-
-class ResNet(nn.Module):
+class ResNet(nn.Module, FusedStem):
     """torchvision.models.ResNet with a fused stem; `block` is BasicBlock or Bottleneck (fused ones by default
     through the factories, but any block with torchvision's constructor works)."""
 
@@ -162,14 +151,8 @@ class ResNet(nn.Module):
                                 dilation=self.dilation, norm_layer=norm_layer))
         return nn.Sequential(*layers)
 
-    def _fusion_blocker(self) -> str | None:
-        return stem_blocker(self)
-
-    def _structure_blocker(self) -> str | None:
-        return stem_structure_blocker(self)
-
     def _forward_impl(self, x: Tensor) -> Tensor:
-        x = stem_forward(self, x)
+        x = self.forward_stem(x)
         x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)

@@ -8,22 +8,22 @@ torchvision's FrozenBatchNorm2d (an eval-mode BatchNorm in every mode, as detect
 runs the plain PyTorch sequence of its submodules instead whenever the fused op would not be the same
 computation: another norm layer (a subclass that overrides forward, GroupNorm...), a changed activation, a
 downsample other than conv+BatchNorm2d, timm's anti-aliasing, attention or active stochastic-depth layers, or
-forward/backward hooks on a submodule (which would not fire inside a fused op).
-:func:`fused_resnet.unfused_modules` lists which modules of a model do, and why.
+forward/backward hooks on a submodule (which would not fire inside a fused op). Each module says so through the
+:class:`fused_resnet.fusion.Fusable` interface; :func:`fused_resnet.unfused_modules` lists which modules of a model
+fall back, and why.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import ModuleType
 
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_globals
 
 from . import ops
+from .fusion import Fusable, conv_blocker, downsample_blocker, hooks_blocker, is_frozen_batch_norm, norm_blocker, \
+    relu_blocker
 from .ops import FoldedWeights
 from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity
 
@@ -39,13 +39,6 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, d
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
-
-
-def is_frozen_batch_norm(module: nn.Module) -> bool:
-    """Whether `module` is torchvision's FrozenBatchNorm2d (timm's models use the same class). Looked up without
-    importing torchvision: an instance exists only once its module has been imported."""
-    misc = sys.modules.get("torchvision.ops.misc")
-    return misc is not None and type(module) is misc.FrozenBatchNorm2d
 
 
 def sync_process_group(bn: nn.SyncBatchNorm) -> object | None:
@@ -77,66 +70,13 @@ def conv_bn(conv: nn.Conv2d, bn: nn.Module, name: str) -> ConvBN:
     )
 
 
-def conv_blocker(name: str, conv: nn.Module) -> str | None:
-    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
-        return f"{name} is a {type(conv).__name__}, not a plain nn.Conv2d"
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return f"{name} pads with padding={conv.padding!r}, padding_mode={conv.padding_mode!r} (fused: zeros, numeric)"
-    return None
-
-
-def bn_blocker(name: str, bn: nn.Module) -> str | None:
-    if type(bn) is nn.SyncBatchNorm or is_frozen_batch_norm(bn):
-        return None
-    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
-        return f"{name} is a {type(bn).__name__}, not nn.BatchNorm2d, nn.SyncBatchNorm or FrozenBatchNorm2d"
-    return None
-
-
-def hooks_blocker(modules: Sequence[tuple[str, nn.Module]]) -> str | None:
-    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks or \
-            _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
-        return "global module hooks are registered (they would not fire inside a fused op)"
-    # Checked on every forward: walk the modules cheaply, and name the hooked one only when there is one.
-    for name, parent in modules:
-        for sub in parent.modules():
-            if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
-                hooked = next(n for n, m in parent.named_modules(prefix=name) if m is sub)
-                return f"{hooked} has hooks (they would not fire inside a fused op)"
-    return None
-
-
-def relu_blocker(name: str, relu: nn.Module) -> str | None:
-    if type(relu) is not nn.ReLU:
-        return f"{name} is a {type(relu).__name__}, not nn.ReLU"
-    return None
-
-
-def stem_structure_blocker(model: nn.Module) -> str | None:
-    """Why a ResNet's stem (conv1, bn1, relu) cannot run as one fused op, hooks aside; None if it can."""
-    return conv_blocker("conv1", model.conv1) or bn_blocker("bn1", model.bn1) or relu_blocker("relu", model.relu)
-
-
-def _downsample_blocker(downsample: nn.Module) -> str | None:
-    """Why a projection shortcut cannot run fused, or None. Fused: nn.Sequential(conv, norm) (torchvision's and
-    timm's downsample_conv), and timm's downsample_avg, nn.Sequential(pool, conv, norm) with an nn.AvgPool2d (run
-    as it is, its output the projection's input) or an nn.Identity (stride 1) as the pool."""
-    expected = "downsample is not nn.Sequential(conv, BatchNorm2d)"
-    if not (isinstance(downsample, nn.Sequential) and type(downsample).forward is nn.Sequential.forward):
-        return expected
-    if len(downsample) == 3 and type(downsample[0]) in (nn.AvgPool2d, nn.Identity):
-        return conv_blocker("downsample.1", downsample[1]) or bn_blocker("downsample.2", downsample[2])
-    if len(downsample) != 2:
-        return expected
-    return conv_blocker("downsample.0", downsample[0]) or bn_blocker("downsample.1", downsample[1])
-
-
 SHORTCUTS = (None, "A", "B", "none")
 
 
-class _ResidualBlock(nn.Module):
-    """What BasicBlock and Bottleneck share: relu(F(x) + shortcut(x)) where F chains conv/bn pairs with ReLU
-    between them, fused through ops.residual_block.
+class _ResidualBlock(nn.Module, Fusable):
+    """What BasicBlock and Bottleneck share: torchvision's constructor (each builds its branch F in
+    _build_branch) and relu(F(x) + shortcut(x)) where F chains conv/bn pairs with ReLU between them, fused
+    through ops.residual_block.
 
     The shortcut follows the `shortcut` argument (keyword-only, beyond torchvision's signature), in the terms of
     He et al. 2015, §3.3:
@@ -153,9 +93,32 @@ class _ResidualBlock(nn.Module):
     # The attribute names of the ReLUs (torchvision's blocks apply one `relu` everywhere).
     _activations: tuple[str, ...] = ("relu",)
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        *,
+        shortcut: str | None = None,
+    ) -> None:
         super().__init__()
         self._folded = FoldedWeights()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self._build_branch(inplanes, planes, stride, groups, base_width, dilation, norm_layer)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_shortcut(shortcut, inplanes, stride, norm_layer)
+
+    def _build_branch(self, inplanes: int, planes: int, stride: int, groups: int, base_width: int, dilation: int,
+                      norm_layer: Callable[..., nn.Module]) -> None:
+        """Registers the branch's convolutions, norm layers and ReLU in torchvision's order (the state_dict's)."""
+        raise NotImplementedError(f"{type(self).__name__} must build its residual branch")
 
     def _init_shortcut(self, shortcut: str | None, inplanes: int, stride: int,
                        norm_layer: Callable[..., nn.Module]) -> None:
@@ -179,17 +142,19 @@ class _ResidualBlock(nn.Module):
         """A fused block built around the submodules, parameters, buffers, hooks and mode of a torchvision block
         of the same kind (shared, not copied)."""
         fused = cls.__new__(cls)
-        fused.__dict__.update(block.__dict__)
-        fused._folded = FoldedWeights()
-        fused.shortcut, fused._zero_pad = None, None
+        fused._take_over(block)
         return fused
 
-    def _fusion_blocker(self) -> str | None:
-        return self._structure_blocker() or hooks_blocker(list(self.named_children()))
+    def _take_over(self, block: nn.Module) -> None:
+        """Becomes `block` (its submodules, parameters, buffers, hooks and mode, shared) with its own shortcut
+        (the block's downsample or the identity) and folded-weight cache."""
+        self.__dict__.update(block.__dict__)
+        self._folded = FoldedWeights()
+        self.shortcut, self._zero_pad = None, None
 
-    def _structure_blocker(self) -> str | None:
+    def structure_blocker(self) -> str | None:
         for conv_name, bn_name in self._pairs:
-            reason = conv_blocker(conv_name, getattr(self, conv_name)) or bn_blocker(bn_name, getattr(self, bn_name))
+            reason = conv_blocker(conv_name, getattr(self, conv_name)) or norm_blocker(bn_name, getattr(self, bn_name))
             if reason:
                 return reason
         for name in self._activations:
@@ -197,11 +162,14 @@ class _ResidualBlock(nn.Module):
             if reason:
                 return reason
         if self.downsample is not None:
-            return _downsample_blocker(self.downsample)
+            return downsample_blocker(self.downsample)
         return None
 
+    def fusion_blocker(self) -> str | None:
+        return self.structure_blocker() or hooks_blocker(list(self.named_children()))
+
     def forward(self, x: Tensor) -> Tensor:
-        if self._fusion_blocker() is not None:
+        if self.fusion_blocker() is not None:
             return self._unfused_forward(x)
         units = [conv_bn(getattr(self, c), getattr(self, b), f"{c}/{b}") for c, b in self._pairs]
         shortcut: ops.Shortcut = "identity"
@@ -229,9 +197,7 @@ class _ResidualBlock(nn.Module):
         if self.downsample is not None:
             identity = self.downsample(x)
         elif self._zero_pad is not None:
-            stride, before = self._zero_pad
-            after = out.shape[1] - x.shape[1] - before
-            identity = F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, before, after))
+            identity = self._zero_pad.apply(x, out.shape[1])
         else:
             identity = x
         out += identity
@@ -244,22 +210,8 @@ class BasicBlock(_ResidualBlock):
     expansion: int = 1
     _pairs = (("conv1", "bn1"), ("conv2", "bn2"))
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: Callable[..., nn.Module] | None = None,
-        *,
-        shortcut: str | None = None,
-    ) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
+    def _build_branch(self, inplanes: int, planes: int, stride: int, groups: int, base_width: int, dilation: int,
+                      norm_layer: Callable[..., nn.Module]) -> None:
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock only supports groups=1 and base_width=64")
         if dilation > 1:
@@ -269,9 +221,6 @@ class BasicBlock(_ResidualBlock):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
-        self._init_shortcut(shortcut, inplanes, stride, norm_layer)
 
 
 class Bottleneck(_ResidualBlock):
@@ -281,22 +230,8 @@ class Bottleneck(_ResidualBlock):
     expansion: int = 4
     _pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: Callable[..., nn.Module] | None = None,
-        *,
-        shortcut: str | None = None,
-    ) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
+    def _build_branch(self, inplanes: int, planes: int, stride: int, groups: int, base_width: int, dilation: int,
+                      norm_layer: Callable[..., nn.Module]) -> None:
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
         self.bn1 = norm_layer(width)
@@ -305,12 +240,9 @@ class Bottleneck(_ResidualBlock):
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-        self._init_shortcut(shortcut, inplanes, stride, norm_layer)
 
 
-class ConvBNReLU(nn.Sequential):
+class ConvBNReLU(nn.Sequential, Fusable):
     """torchvision.ops.Conv2dNormActivation with its defaults (BatchNorm2d, ReLU), fused: children 0 (conv),
     1 (norm) and 2 (activation), as there. Other norm or activation layers, or none, run unfused."""
 
@@ -357,16 +289,16 @@ class ConvBNReLU(nn.Sequential):
         fused._folded = FoldedWeights()
         return fused
 
-    def _fusion_blocker(self) -> str | None:
-        return self._structure_blocker() or hooks_blocker(list(self.named_children()))
-
-    def _structure_blocker(self) -> str | None:
+    def structure_blocker(self) -> str | None:
         if len(self) != 3:
             return f"it has {len(self)} layers, not conv, norm and activation"
-        return conv_blocker("0", self[0]) or bn_blocker("1", self[1]) or relu_blocker("2", self[2])
+        return conv_blocker("0", self[0]) or norm_blocker("1", self[1]) or relu_blocker("2", self[2])
+
+    def fusion_blocker(self) -> str | None:
+        return self.structure_blocker() or hooks_blocker(list(self.named_children()))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._fusion_blocker() is not None:
+        if self.fusion_blocker() is not None:
             return super().forward(x)
         return ops.conv_bn_relu(x, conv_bn(self[0], self[1], "0/1"), folded=self._folded)
 
@@ -392,14 +324,12 @@ class _TimmResidualBlock(_ResidualBlock):
     _timm_class_name: str  # the class of timm.models.resnet this one fuses
 
     def __init__(self, *args, **kwargs) -> None:
-        # Built by timm's constructor, whose signature changes between timm releases, then taken over whole.
-        super().__init__()
-        timm_block = getattr(timm_resnet_module(), self._timm_class_name)(*args, **kwargs)
-        self.__dict__.update(timm_block.__dict__)
-        self.shortcut, self._zero_pad = None, None
+        # Built by timm's constructor, whose signature changes between timm releases, then taken over whole
+        # (nn.Module's state included, so nn.Module.__init__ has nothing to add).
+        self._take_over(getattr(timm_resnet_module(), self._timm_class_name)(*args, **kwargs))
 
-    def _structure_blocker(self) -> str | None:
-        reason = super()._structure_blocker()
+    def structure_blocker(self) -> str | None:
+        reason = super().structure_blocker()
         if reason:
             return reason
         if type(self.aa) is not nn.Identity:
@@ -418,13 +348,12 @@ class _TimmResidualBlock(_ResidualBlock):
         layers = ((name, getattr(self, name)) for name in ("drop_block", "drop_path"))
         return [(name, layer) for name, layer in layers if getattr(layer, "drop_prob", 0.0)]
 
-    def _training_blocker(self) -> str | None:
-        """Why the block runs unfused whenever it trains, or None."""
+    def training_blocker(self) -> str | None:
         return next((f"{name} drops with probability {layer.drop_prob} in training"
                      for name, layer in self._dropping_layers()), None)
 
-    def _fusion_blocker(self) -> str | None:
-        reason = self._structure_blocker() or next(
+    def fusion_blocker(self) -> str | None:
+        reason = self.structure_blocker() or next(
             (f"{name} drops with probability {layer.drop_prob} (it is training)"
              for name, layer in self._dropping_layers() if layer.training), None)
         return reason or hooks_blocker(list(self.named_children()))
