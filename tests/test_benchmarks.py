@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import gpu_check, report  # noqa: E402
-from benchmarks.conftest import saved_for_backward_bytes  # noqa: E402
+from benchmarks.measure import saved_for_backward_bytes  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # The GPU check's steps
