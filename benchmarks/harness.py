@@ -212,6 +212,10 @@ def known_providers() -> dict[str, Provider]:
     return providers
 
 
+# Why a backend whose kernels run in an interpreter (Triton's, with TRITON_INTERPRET=1) is not benchmarked.
+INTERPRETED = "its kernels run in an interpreter here: for testing, not timing"
+
+
 def why_not_runnable(provider: Provider, device: torch.device) -> str | None:
     """Why `provider` cannot run on `device`, or None: the registry's reason for a fused backend."""
     if not provider.is_fused:
@@ -219,7 +223,7 @@ def why_not_runnable(provider: Provider, device: torch.device) -> str | None:
     backend = REGISTRY[provider.backend]
     reason = backend.why_not(device.type)
     if reason is None and backend.interpreted:
-        return "its kernels run in an interpreter here: for testing, not timing"
+        return INTERPRETED
     return reason
 
 

@@ -3,8 +3,8 @@
 A kernel set supplies the memory-bound BatchNorm/residual/ReLU passes (batch statistics, the fused apply, and the
 backward's reduction and elementwise passes) and the convolutions around them. What every set shares lives here:
 the four BatchNorm ops have one schema (csrc/ops.cpp) in torch.ops.fused_resnet and torch.ops.fused_resnet_triton,
-so a set only names the namespace that holds them; and convolution backward is ATen's in every set (cuDNN's dgrad
-and wgrad are tuned per architecture; the fusions that remove memory passes are all in the forward).
+so a set only names the namespace that holds them; and convolution backward is ATen's in every set (cuDNN's and
+oneDNN's dgrad and wgrad are tuned per architecture; the fusions that remove memory passes are all in the forward).
 """
 
 from __future__ import annotations
