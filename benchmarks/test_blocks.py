@@ -9,7 +9,8 @@ import pytest
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from benchmarks.conftest import Layout, Provider, eval_step, random_activation, to_benchmark_layout, train_step
+from benchmarks.harness import Layout, Provider
+from benchmarks.measure import eval_step, random_activation, to_benchmark_layout, train_step
 
 
 @dataclasses.dataclass(frozen=True)

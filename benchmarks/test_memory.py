@@ -1,7 +1,7 @@
 """Activation memory of training: the bytes autograd keeps for backward per image, fused vs torchvision, for the
 blocks of the size and whole models (resnet50, which the target is set on, always), measured the same way on every
 device: saved-tensor hooks on one training forward, each storage counted once (see
-``conftest.saved_for_backward_bytes``). On a GPU each row also records the peak allocated memory of a training
+``measure.saved_for_backward_bytes``). On a GPU each row also records the peak allocated memory of a training
 step. torch.compile is left out: its saved tensors would be measured on another compiled graph than the timed one,
 and its peak memory is in the timed rows."""
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.conftest import Layout, Provider, session_of, to_benchmark_layout
+from benchmarks.harness import Layout, Provider, session_of
+from benchmarks.measure import to_benchmark_layout
 from benchmarks.report import TARGET_MODEL
 from benchmarks.test_blocks import BlockCase, block_inputs, cases_of_size
 from benchmarks.test_models import build_model, cross_entropy_backward, model_inputs

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from benchmarks.conftest import (
-    Layout, Provider, eval_step, random_activation, session_of, to_benchmark_layout, train_step,
-)
+from benchmarks.harness import Layout, Provider, session_of
+from benchmarks.measure import eval_step, random_activation, to_benchmark_layout, train_step
 
 NUM_CLASSES = 1000
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet
-from benchmarks.conftest import Layout, Provider, random_activation, synchronize
+from benchmarks.harness import Layout, Provider
+from benchmarks.measure import random_activation, synchronize
 
 TENSOR_PASSES = {"train fwd": 4, "train fwd+bwd": 12, "eval fwd": 3}
 

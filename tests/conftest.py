@@ -17,13 +17,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fused_resnet  # noqa: E402
+from fused_resnet.kernels import REGISTRY  # noqa: E402
 
 # The compiled fused backends that run on CPU tensors here (``torch`` is the reference composite itself), which the
 # full module/model matrices run on. The interpreted Triton backend is some thousand times slower and has no
 # float64: tests/test_triton_*.py cover it on small shapes.
-CPU_BACKENDS = [b for b in fused_resnet.available_backends() if b == "cpu"]
+CPU_BACKENDS = [name for name, backend in REGISTRY.items()
+                if name != "torch" and not backend.interpreted and backend.why_not("cpu") is None]
 ALL_BACKENDS = ["torch", *CPU_BACKENDS]
-TRITON_ON_CPU = fused_resnet.backend_status()["triton"] == "available" and fused_resnet.backends.triton_interpreted()
+TRITON_ON_CPU = REGISTRY["triton"].why_not("cpu") is None
 # Every backend that runs on CPU tensors here, the interpreted Triton one included (for tests sized for it). On a
 # GPU machine `cuda` and `triton` are available too, but for CUDA tensors: tests/test_gpu_backends.py covers them.
 CPU_TENSOR_BACKENDS = [*ALL_BACKENDS, *(["triton"] if TRITON_ON_CPU else [])]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import torch
 
 import fused_resnet
 from fused_resnet import backends
+from fused_resnet.kernels import REGISTRY, KernelSet, kernels_for
+from fused_resnet.triton import INTERPRET_ENV_VAR, interpreted
 
 
 def test_status_names_every_backend_and_says_why_one_is_missing():
@@ -20,6 +23,21 @@ def test_status_names_every_backend_and_says_why_one_is_missing():
     for name, reason in status.items():
         assert reason == "available" or len(reason) > 20, (name, reason)
     assert fused_resnet.available_backends() == [n for n, s in status.items() if s == "available"]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "meta"])
+def test_a_backend_runs_exactly_where_the_registry_says(device):
+    """select_backend takes a backend where the registry says it runs, and otherwise raises with the registry's
+    reason; every backend but torch that can run has its kernel set."""
+    for name, backend in REGISTRY.items():
+        why = backend.why_not(device)
+        if why is None:
+            assert backends.select_backend(torch.device(device), name) == name
+        else:
+            with pytest.raises(RuntimeError, match=rf"fused_resnet backend '{name}' .*{re.escape(why)}"):
+                backends.select_backend(torch.device(device), name)
+        if name != "torch" and backend.unavailable_reason() is None:
+            assert isinstance(kernels_for(name), KernelSet)
 
 
 def test_precedence_argument_context_environment(monkeypatch):
@@ -89,7 +107,7 @@ else:
 print("ok")
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    env.pop(backends.INTERPRET_ENV_VAR, None)  # the Triton backend would run here on the CPU too
+    env.pop(INTERPRET_ENV_VAR, None)  # the Triton backend would run here on the CPU too
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
@@ -113,10 +131,10 @@ else:
 print("ok")
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    env.pop(backends.INTERPRET_ENV_VAR, None)
+    env.pop(INTERPRET_ENV_VAR, None)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
-    if backends.triton_interpreted() and fused_resnet.backend_status()["triton"] == "available":
+    if interpreted() and fused_resnet.backend_status()["triton"] == "available":
         assert backends.select_backend(torch.device("cpu"), "triton") == "triton"
         with pytest.raises(RuntimeError, match="backend 'triton' runs on cuda tensors .* but the input is on meta"):
             backends.select_backend(torch.device("meta"), "triton")

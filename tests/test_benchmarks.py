@@ -13,8 +13,9 @@ import torch
 # benchmarks/ is a folder of the repository, not part of the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import gpu_check, report  # noqa: E402
-from benchmarks.conftest import saved_for_backward_bytes  # noqa: E402
+from benchmarks import gpu_check, harness, report  # noqa: E402
+from benchmarks.measure import saved_for_backward_bytes  # noqa: E402
+from fused_resnet.kernels import REGISTRY  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # The GPU check's steps
@@ -171,6 +172,28 @@ def test_report_writes_json_and_chart(tmp_path):
     json_path, chart_path, problem = _h100_report().write(tmp_path)
     assert problem is None and chart_path.read_bytes().startswith(b"\x89PNG")
     assert report.Report.load(json_path).rows == _h100_report().rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Providers
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fused_providers_run_where_the_registry_says_their_backend_runs(device):
+    """Each fused backend but the reference composite runs by default where the registry says it can (not when its
+    kernels are interpreted), and is left out with the registry's reason elsewhere."""
+    chosen, left_out = harness.select_providers(None, torch.device(device))
+    for name, backend in REGISTRY.items():
+        provider = f"fused-{name}"
+        if name == "torch":
+            assert provider in left_out
+        elif backend.why_not(device) is None and not backend.interpreted:
+            assert provider in [p.name for p in chosen]
+        else:
+            assert left_out[provider] == (backend.why_not(device) or harness.INTERPRETED)
+    assert chosen[0].is_reference
+    with pytest.raises(ValueError, match=r"--providers: unknown \['fused-gpu'\]"):
+        harness.select_providers(["torchvision", "fused-gpu"], torch.device(device))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,318 @@
+"""The fused_resnet benchmarks' set-up: sizes, layouts, providers, and the run's session and report.
+
+    pytest benchmarks/                      # CPU: a few minutes; on a GPU use --size full
+    pytest benchmarks/ --size smoke         # about a minute on a small CPU: does everything run?
+    pytest benchmarks/ --size full          # the GPU configuration: batch 256, 224x224, bf16, channels_last
+
+Every case runs once per *provider*, side by side in one run:
+
+* ``torchvision`` — the eager torchvision module (for op benchmarks: the unfused PyTorch sequence), the reference
+  every ratio is taken against;
+* ``torch-compile`` — the torchvision module under ``torch.compile`` (default mode): by default on a GPU, opt-in
+  through ``--providers`` on a CPU (see :func:`select_providers`);
+* ``fused-<backend>`` — ``fused_resnet.convert`` of the same module (same weights), run under
+  ``fused_resnet.use_backend(backend)``, for each backend of fused_resnet's registry that can run on the benchmark
+  device; ``fused-torch`` (the reference composite: the same math as torchvision, only the dispatch overhead
+  differs) is opt-in.
+
+Each case also runs in every *layout* (dtype and memory format) of the size. The memory suite measures the bytes
+autograd keeps for backward per image instead of time (benchmarks/measure.py). After the run, tables (images/s and
+the ratio to torchvision per provider, GB/s of the memory-bound ops, activation memory) are printed, and the report
+is written to ``benchmarks/out/report.json`` with a chart of the speedups next to it (``--report-dir`` moves both).
+
+benchmarks/conftest.py turns the command line into these objects and hands them to the tests as fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fused_resnet
+from benchmarks import report
+from fused_resnet.kernels import REGISTRY
+
+DEFAULT_REPORT_DIR = Path(__file__).parent / "out"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes and layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The precision and memory format a case runs in (BatchNorm parameters stay fp32 in a bf16 op benchmark,
+    as under autocast; blocks and models are converted to the dtype whole)."""
+
+    dtype: torch.dtype
+    channels_last: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def memory_format_name(self) -> str:
+        return "channels_last" if self.channels_last else "nchw"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype_name} {self.memory_format_name}"
+
+    @property
+    def test_id(self) -> str:
+        return f"{self.dtype_name}-{self.memory_format_name}"
+
+
+FP32_NCHW = Layout(torch.float32, channels_last=False)
+FP32_CHANNELS_LAST = Layout(torch.float32, channels_last=True)
+BF16_NCHW = Layout(torch.bfloat16, channels_last=False)
+BF16_CHANNELS_LAST = Layout(torch.bfloat16, channels_last=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeConfig:
+    """How big and how long: every shape, layout and repetition count of a run."""
+
+    name: str
+    block_batch: int  # images per call of the block benchmarks (at ResNet stage shapes)
+    model_batch: int
+    model_resolution: int  # input height = width of the whole-model benchmarks
+    op_shape: tuple[int, int, int, int]  # (N, C, H, W) of the op benchmarks
+    rounds: int  # timed calls per block/model benchmark (the median is reported)
+    warmup_rounds: int
+    op_rounds: int  # the op benchmarks are short, so they afford more calls
+    layouts: tuple[Layout, ...]  # of the block and op benchmarks
+    model_layouts: tuple[Layout, ...]  # of the whole-model benchmarks
+    models: tuple[str, ...]  # torchvision model names of the whole-model benchmarks
+
+
+SIZES = {
+    # Does everything run, in both precisions and both memory formats? About a minute on a 2-core CPU.
+    "smoke": SizeConfig("smoke", block_batch=2, model_batch=2, model_resolution=64, op_shape=(4, 64, 28, 28),
+                        rounds=3, warmup_rounds=1, op_rounds=5, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
+                        model_layouts=(FP32_NCHW, BF16_CHANNELS_LAST), models=("resnet18",)),
+    # A CPU-sized measurement: the models in all four layouts, the blocks and ops in two. About 2 minutes on an
+    # idle 2-core machine (OpenMP threads sharing their cores with another process make it many times longer).
+    "default": SizeConfig("default", block_batch=8, model_batch=4, model_resolution=128, op_shape=(16, 64, 56, 56),
+                          rounds=15, warmup_rounds=3, op_rounds=40, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
+                          model_layouts=(FP32_NCHW, FP32_CHANNELS_LAST, BF16_NCHW, BF16_CHANNELS_LAST),
+                          models=("resnet18", "resnet50")),
+    # The GPU configuration of DESIGN.md §7: bf16 channels_last, the models in all four layouts. The op shape is
+    # the largest BN+add+ReLU of ResNet-50 (stage 1).
+    "full": SizeConfig("full", block_batch=256, model_batch=256, model_resolution=224, op_shape=(256, 256, 56, 56),
+                       rounds=20, warmup_rounds=5, op_rounds=50, layouts=(BF16_CHANNELS_LAST,),
+                       model_layouts=(BF16_CHANNELS_LAST, BF16_NCHW, FP32_CHANNELS_LAST, FP32_NCHW),
+                       models=("resnet18", "resnet50")),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _overridden(layouts: tuple[Layout, ...], dtype: torch.dtype | None, channels_last: bool | None) -> tuple:
+    """`layouts` with the command line's dtype and memory format, each distinct layout once, in order."""
+    chosen = [Layout(dtype or layout.dtype, layout.channels_last if channels_last is None else channels_last)
+              for layout in layouts]
+    return tuple(dict.fromkeys(chosen))
+
+
+def size_config(size_name: str, dtype: torch.dtype | None = None, channels_last: bool | None = None,
+                models: tuple[str, ...] | None = None, rounds: int | None = None) -> SizeConfig:
+    """The size `size_name` with what the command line overrides (None: the size's own)."""
+    size = SIZES[size_name]
+    overrides: dict = {"layouts": _overridden(size.layouts, dtype, channels_last),
+                       "model_layouts": _overridden(size.model_layouts, dtype, channels_last)}
+    if models is not None:
+        overrides["models"] = models
+    if rounds:
+        overrides.update(rounds=rounds, op_rounds=4 * rounds, warmup_rounds=min(size.warmup_rounds, rounds))
+    return dataclasses.replace(size, **overrides)
+
+
+def benchmark_device(choice: str) -> torch.device:
+    """The device of `--device`: cpu, cuda, or auto (cuda if available, else cpu)."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{report.cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def _triton_version() -> str | None:
+    """The installed Triton's version (PyTorch's nightly builds name the distribution pytorch-triton)."""
+    for distribution in ("triton", "pytorch-triton"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(distribution)
+    return None
+
+
+def software_versions(device: torch.device) -> dict[str, str | None]:
+    return {"torch": torch.__version__, "triton": _triton_version(),
+            "cuda": torch.version.cuda if device.type == "cuda" else None, "fused_resnet": fused_resnet.__version__}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Providers
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """One way of running a benchmark case: the torchvision reference, a fused backend, or torch.compile."""
+
+    name: str
+    backend: str | None = None  # the fused_resnet backend, for fused-<backend>
+    compiled: bool = False
+
+    @property
+    def is_reference(self) -> bool:
+        return self.name == "torchvision"
+
+    @property
+    def is_fused(self) -> bool:
+        return self.backend is not None
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """Where the timed calls run: inside use_backend for a fused provider (backward reuses the kernels its
+        forward chose, so the context only has to cover the forward)."""
+        return fused_resnet.use_backend(self.backend) if self.is_fused else contextlib.nullcontext()
+
+    def prepare(self, reference: nn.Module) -> nn.Module:
+        """This provider's module computing what the torchvision module `reference` computes, with the same
+        parameter values (a fused copy, a compiled one, or `reference` itself)."""
+        if self.is_fused:
+            fused = fused_resnet.convert(copy.deepcopy(reference))
+            unfused = fused_resnet.unfused_modules(fused)
+            # A "fused" number measured on modules that fell back to PyTorch would be a lie.
+            assert not unfused, f"{self.name}: modules run unfused after convert(): {unfused}"
+            return fused
+        if self.compiled:
+            return torch.compile(reference)
+        return reference
+
+
+def known_providers() -> dict[str, Provider]:
+    providers = {"torchvision": Provider("torchvision"), "torch-compile": Provider("torch-compile", compiled=True)}
+    providers.update({f"fused-{name}": Provider(f"fused-{name}", backend=name) for name in REGISTRY})
+    return providers
+
+
+# Why a backend whose kernels run in an interpreter (Triton's, with TRITON_INTERPRET=1) is not benchmarked.
+INTERPRETED = "its kernels run in an interpreter here: for testing, not timing"
+
+
+def why_not_runnable(provider: Provider, device: torch.device) -> str | None:
+    """Why `provider` cannot run on `device`, or None: the registry's reason for a fused backend."""
+    if not provider.is_fused:
+        return None
+    backend = REGISTRY[provider.backend]
+    reason = backend.why_not(device.type)
+    if reason is None and backend.interpreted:
+        return INTERPRETED
+    return reason
+
+
+def select_providers(requested: list[str] | None, device: torch.device) -> tuple[list[Provider], dict[str, str]]:
+    """(the providers to run, {provider left out: why}): those `requested` (None: the default set) that can run on
+    `device`. Raises ValueError naming an unknown provider."""
+    known = known_providers()
+    if requested is not None:
+        unknown = [name for name in requested if name not in known]
+        if unknown:
+            raise ValueError(f"--providers: unknown {unknown}; known: {', '.join(known)}")
+        names = requested
+    else:
+        names = ["torchvision", *(name for name, p in known.items() if p.is_fused and p.backend != "torch")]
+        # On a GPU torch.compile is the baseline a user would otherwise reach for, so it runs by default. On a
+        # CPU it is opt-in: compiling resnet18 at the smoke size took 35 s (eval) and 42 s (training) on a 2-core
+        # machine, per layout: more than the whole smoke run's minute.
+        if device.type == "cuda":
+            names.append("torch-compile")
+    chosen, left_out = [], {}
+    for name in names:
+        reason = why_not_runnable(known[name], device)
+        if reason is None:
+            chosen.append(known[name])
+        else:
+            left_out[name] = reason
+    if requested is None:
+        left_out["fused-torch"] = "the reference composite, same math as torchvision (opt in with --providers)"
+        if device.type != "cuda":
+            left_out["torch-compile"] = "on a CPU only through --providers: compiling takes minutes"
+    return chosen, left_out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The session and its report
+
+
+@dataclasses.dataclass
+class BenchSession:
+    """One benchmark run: what it runs, where, and the rows it has measured."""
+
+    size: SizeConfig
+    device: torch.device
+    providers: list[Provider]
+    left_out: dict[str, str]
+    report_dir: Path
+    rows: list[dict] = dataclasses.field(default_factory=list)  # timed: one per case, layout and provider
+    memory_rows: list[dict] = dataclasses.field(default_factory=list)  # activation memory, likewise
+
+    @functools.cached_property
+    def row_info(self) -> dict:
+        """What every row records besides its own measurement: where and with what it was measured."""
+        return {"device": device_name(self.device), "size": self.size.name, **software_versions(self.device)}
+
+    def header_lines(self) -> list[str]:
+        """What the run is: printed before the tests run."""
+        blocks = ", ".join(layout.label for layout in self.size.layouts)
+        models = ", ".join(layout.label for layout in self.size.model_layouts)
+        lines = [
+            f"fused_resnet benchmarks: size={self.size.name} device={device_name(self.device)}; blocks/ops in "
+            f"{blocks}; models ({', '.join(self.size.models)}) in {models}",
+            f"providers: {', '.join(p.name for p in self.providers)}"
+            + "".join(f"; {name} left out: {why}" for name, why in self.left_out.items()),
+        ]
+        if self.size.name == "full" and self.device.type == "cpu":
+            lines.append("warning: --size full is the GPU configuration (batch 256 at 224x224); on a CPU it takes "
+                         "hours")
+        return lines
+
+    def report(self) -> report.Report | None:
+        """The report of what was measured, or None if nothing was."""
+        if not (self.rows or self.memory_rows):
+            return None
+        header = {
+            **self.row_info,
+            "providers": [p.name for p in self.providers],
+            "providers_left_out": self.left_out,
+            "layouts": [layout.label for layout in self.size.layouts],
+            "model_layouts": [layout.label for layout in self.size.model_layouts],
+            "models": list(self.size.models),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        return report.Report(header, self.rows, self.memory_rows)
+
+
+SESSION = pytest.StashKey[BenchSession]()
+
+
+def session_of(config: pytest.Config) -> BenchSession:
+    """The run's session (benchmarks/conftest.py makes it when pytest starts), for the test modules' own
+    pytest_generate_tests."""
+    return config.stash[SESSION]

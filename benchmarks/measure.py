@@ -1,0 +1,187 @@
+"""What the benchmarks time and measure: inputs in a layout, training and inference steps, the timed calls
+(pytest-benchmark) and the activation memory of training, each recorded as a row of the run's report."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from benchmarks.harness import BenchSession, Layout, Provider
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs and step functions
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work, so that a timed call measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_benchmark_layout(module: nn.Module, device: torch.device, layout: Layout) -> nn.Module:
+    """`module` on the benchmark device, in the layout's dtype, its 4-D weights in the layout's memory format."""
+    return module.to(device=device, dtype=layout.dtype, memory_format=layout.memory_format)
+
+
+def random_activation(shape: tuple[int, ...], device: torch.device, layout: Layout) -> torch.Tensor:
+    """A standard-normal 4-D tensor made on the device (the full size's tensors are too big to make on a CPU)."""
+    return torch.randn(shape, device=device, dtype=layout.dtype).contiguous(memory_format=layout.memory_format)
+
+
+def train_step(
+    module: nn.Module, x: torch.Tensor, backward: Callable[[torch.Tensor], None], provider: Provider,
+    device: torch.device,
+) -> Callable[[], None]:
+    """One training step: forward, `backward(output)` (which calls .backward()), a plain SGD step."""
+    module.train()
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with provider.context():
+            out = module(x)
+        backward(out)
+        optimizer.step()
+        synchronize(device)
+
+    return step
+
+
+def eval_step(module: nn.Module, x: torch.Tensor, provider: Provider, device: torch.device) -> Callable[[], None]:
+    """One inference forward: eval mode (running statistics), no autograd."""
+    module.eval()
+
+    def step() -> None:
+        with torch.no_grad(), provider.context():
+            module(x)
+        synchronize(device)
+
+    return step
+
+
+def _peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | None:
+    """Peak device memory one call of `fn` allocates beyond what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+class Measure:
+    """Times a step function through pytest-benchmark and records the row of the report."""
+
+    def __init__(self, benchmark, session: BenchSession):
+        self.benchmark = benchmark
+        self.session = session
+
+    def __call__(
+        self,
+        fn: Callable[[], None],
+        *,
+        suite: str,
+        case: str,
+        mode: str,
+        provider: str,
+        is_reference: bool,
+        images: int,
+        layout: Layout,
+        bytes_moved: int | None = None,
+        rounds: int | None = None,
+        details: dict | None = None,
+    ) -> None:
+        """`details`: what identifies the case beyond its label (e.g. model and resolution), kept in the row."""
+        size, device = self.session.size, self.session.device
+        info = {
+            "suite": suite, "case": case, "mode": mode, "provider": provider, "images_per_call": images,
+            "dtype": layout.dtype_name, "memory_format": layout.memory_format_name, **(details or {}),
+            **self.session.row_info,
+        }
+        if bytes_moved is not None:
+            info["bytes_moved"] = bytes_moved
+        self.benchmark.extra_info.update(info)
+        # pytest-benchmark's own table then shows the providers of a case next to each other.
+        self.benchmark.group = f"{suite}: {case} {mode} {layout.label}"
+        self.benchmark.pedantic(fn, rounds=rounds or size.rounds, warmup_rounds=size.warmup_rounds)
+        if self.benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
+            return
+        median = self.benchmark.stats.stats.median
+        row = {**info, "is_reference": is_reference, "median_s": median, "images_per_s": images / median,
+               "gb_per_s": bytes_moved / median / 1e9 if bytes_moved is not None else None,
+               "peak_memory_mib": _peak_memory_mib(fn, device)}
+        if row["peak_memory_mib"] is not None:
+            self.benchmark.extra_info["peak_memory_mib"] = row["peak_memory_mib"]
+        self.session.rows.append(row)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation memory
+
+
+def saved_for_backward_bytes(module: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for backward while `forward()` runs `module` (whose output is dropped
+    afterwards): every storage counted once, however many saved tensors view it, and the module's own parameters
+    and buffers left out (they are held whether or not anything trains)."""
+    held = {t.untyped_storage().data_ptr() for t in itertools.chain(module.parameters(), module.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t  # the saved tensors stay alive until the graph goes, so no address is reused meanwhile
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(saved.values())
+
+
+class MeasureMemory:
+    """Measures the activation memory of one training forward (and, on a GPU, the peak of a training step) and
+    records the row of the report."""
+
+    def __init__(self, session: BenchSession):
+        self.session = session
+
+    def __call__(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        backward: Callable[[torch.Tensor], None],
+        provider: Provider,
+        *,
+        case: str,
+        layout: Layout,
+        details: dict | None = None,
+    ) -> None:
+        """`module` in training mode on input `x`; `backward(output)` calls .backward(), as in `train_step`."""
+        device = self.session.device
+        module.train()
+
+        def forward() -> torch.Tensor:
+            with provider.context():
+                return module(x)
+
+        saved = saved_for_backward_bytes(module, forward)
+        # Peak allocated memory of a whole training step on a GPU, taken on the second one: the first also holds
+        # cuDNN's algorithm search.
+        step = train_step(module, x, backward, provider, device)
+        if device.type == "cuda":
+            step()
+        self.session.memory_rows.append({
+            "suite": "memory", "case": case, "mode": "train", "provider": provider.name,
+            "is_reference": provider.is_reference, "images_per_call": x.shape[0],
+            "dtype": layout.dtype_name, "memory_format": layout.memory_format_name, **(details or {}),
+            **self.session.row_info,
+            "saved_bytes": saved, "saved_bytes_per_image": saved / x.shape[0],
+            "peak_memory_mib": _peak_memory_mib(step, device),
+        })

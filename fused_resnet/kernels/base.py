@@ -1,0 +1,123 @@
+"""The kernel-set interface: what the fused autograd functions (fused_resnet.ops) call, whichever backend runs them.
+
+A kernel set supplies the memory-bound BatchNorm/residual/ReLU passes (batch statistics, the fused apply, and the
+backward's reduction and elementwise passes) and the convolutions around them. What every set shares lives here:
+the four BatchNorm ops have one schema (csrc/ops.cpp) in torch.ops.fused_resnet and torch.ops.fused_resnet_triton,
+so a set only names the namespace that holds them; and convolution backward is ATen's in every set (cuDNN's and
+oneDNN's dgrad and wgrad are tuned per architecture; the fusions that remove memory passes are all in the forward).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import Tensor
+
+from ..params import ConvParams, ZeroPadIdentity
+from ..tensors import as_dtype
+
+BackwardCoefs = tuple[Tensor, Tensor, Tensor]  # (coef_dy, coef_xmu, coef_const) of bn_act_backward_elemt
+
+
+class KernelSet(abc.ABC):
+    """The kernels of one backend. `ops` is the op namespace holding batch_stats, bn_act, bn_act_backward_reduce and
+    bn_act_backward_elemt with the schemas of csrc/ops.cpp."""
+
+    def __init__(self, ops: torch._ops._OpNamespace):
+        self.ops = ops
+
+    # -----------------------------------------------------------------------------------------------------------
+    # BatchNorm, residual and ReLU: the same four ops in every set
+
+    def batch_stats(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-channel (mean, biased variance) of y, in the accumulation dtype."""
+        return self.ops.batch_stats(y)
+
+    def bn_act(
+        self,
+        y: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        residual: Tensor | None = None,
+        residual_scale: Tensor | None = None,
+        residual_shift: Tensor | None = None,
+        relu: bool = True,
+        zero_pad: ZeroPadIdentity | None = None,
+    ) -> Tensor:
+        """[relu](y * scale + shift + R); with `zero_pad`, R is option A's subsampled, zero-padded `residual`.
+        A residual in another dtype than y (the block input, under autocast) is added in y's, as torchvision's
+        in-place `out += identity` does."""
+        if residual is not None:
+            residual = as_dtype(residual, y.dtype)
+        if zero_pad is not None:
+            return self.ops.bn_act(y, scale, shift, residual, None, None, relu, zero_pad.stride,
+                                   zero_pad.channels_before)
+        return self.ops.bn_act(y, scale, shift, residual, residual_scale, residual_shift, relu)
+
+    def backward_reduce(
+        self, grad: Tensor, output: Tensor | None, y: Tensor, mean: Tensor, y2: Tensor | None = None,
+        mean2: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return self.ops.bn_act_backward_reduce(grad, output, y, mean, y2, mean2)
+
+    def backward_elemt(
+        self, grad: Tensor, output: Tensor | None, y: Tensor, mean: Tensor, coefs: BackwardCoefs,
+        y2: Tensor | None = None, mean2: Tensor | None = None, coefs2: BackwardCoefs | None = None,
+        residual_grad: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        k2 = coefs2 if coefs2 is not None else (None, None, None)
+        grad_y, grad_other = self.ops.bn_act_backward_elemt(
+            grad, output, y, mean, *coefs, y2, mean2, *k2, residual_grad
+        )
+        return grad_y, (grad_other if (y2 is not None or residual_grad) else None)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Convolutions: each set's own forward, ATen's backward
+
+    @abc.abstractmethod
+    def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
+        """conv(x) with the convolution's own weight and bias."""
+
+    @abc.abstractmethod
+    def conv_stats(self, x: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
+        """conv(x), followed by the per-channel (mean, biased variance) of the result when `stats` (for the
+        BatchNorm after it, in training)."""
+
+    @abc.abstractmethod
+    def bn_relu_conv(
+        self, y: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool
+    ) -> tuple[Tensor, ...]:
+        """conv(relu(y * scale + shift)) as :meth:`conv_stats` returns it."""
+
+    @abc.abstractmethod
+    def conv_bias_act(
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
+        zero_pad: ZeroPadIdentity | None = None,
+    ) -> Tensor:
+        """Inference with BN folded into (weight, bias): [relu](conv(x, weight) + bias [+ residual]), the residual
+        option A's when `zero_pad` is given."""
+
+    def conv_backward(
+        self, grad_y: Tensor, x: Tensor, conv: ConvParams, need_input: bool, need_weight: bool, need_bias: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if not (need_input or need_weight or need_bias):
+            return None, None, None
+        # Under autocast the forward convolved in x's lower precision with the weight cast to it; the backward
+        # does the same, and hands the parameter gradients back in the parameters' dtype.
+        weight = as_dtype(conv.weight, x.dtype)
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_y,
+            x,
+            weight,
+            [conv.weight.shape[0]] if conv.bias is not None else None,
+            list(conv.stride),
+            list(conv.padding),
+            list(conv.dilation),
+            False,
+            [0, 0],
+            conv.groups,
+            [need_input, need_weight, need_bias and conv.bias is not None],
+        )
+        return (grad_x, grad_w if grad_w is None else as_dtype(grad_w, conv.weight.dtype),
+                grad_b if grad_b is None else as_dtype(grad_b, conv.bias.dtype))

@@ -1,0 +1,166 @@
+"""The kernel sets of the compiled extension (fused_resnet._C): the `cpu` and `cuda` backends.
+
+Both run the four memory-bound ops of torch.ops.fused_resnet (the dispatcher picks the CPU or CUDA implementation
+by the tensors' device) and convolutions through ATen: oneDNN on the CPU, cuDNN on the GPU. They differ in
+inference, where each hands conv+bias+ReLU (and conv+bias+add+ReLU) to its library's fused convolution.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _native
+from ..params import ConvParams, ZeroPadIdentity
+from ..tensors import accumulation_dtype, as_dtype, is_channels_last, memory_format_of
+from .base import KernelSet
+
+
+class NativeKernels(KernelSet):
+    """The compiled ops of fused_resnet._C (CPU or CUDA, by the tensors' device) and ATen convolutions, each
+    activation one pass and one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.ops.fused_resnet)
+
+    def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def conv_stats(self, x: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
+        y = self.conv(x, conv)
+        return (y, *self.batch_stats(y)) if stats else (y,)
+
+    def bn_relu_conv(
+        self, y: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool
+    ) -> tuple[Tensor, ...]:
+        # The activation is a pass of its own here; the Triton set applies it while loading the convolution's input.
+        return self.conv_stats(self.bn_act(y, scale, shift, relu=True), conv, stats)
+
+    def conv_bias_act(
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
+        zero_pad: ZeroPadIdentity | None = None,
+    ) -> Tensor:
+        """Convolution, then one fused pass adding the bias (and the residual) and applying the ReLU."""
+        y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        ones = torch.ones(bias.shape, dtype=accumulation_dtype(y.dtype), device=y.device)
+        return self.bn_act(y, ones, bias, residual, relu=relu, zero_pad=zero_pad)
+
+
+class OneDnnKernels(NativeKernels):
+    """The `cpu` backend. On the CPU, channels_last inference runs conv+bias+ReLU (and conv+bias+add+ReLU) as single
+    oneDNN primitives, the ones torch.compile's CPU backend uses, where oneDNN supports the dtype; else conv then one
+    fused pass."""
+
+    def conv_bias_act(
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
+        zero_pad: ZeroPadIdentity | None = None,
+    ) -> Tensor:
+        # Under torch.compile the tracer needs fake implementations, which oneDNN's fused ops lack; the compiler
+        # makes its own fusions from conv + one pass. Under autocast the convolution must run in the autocast dtype,
+        # as torchvision's does, which only F.conv2d knows to do.
+        if (zero_pad is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or not self._onednn_supports(x, residual)):
+            return super().conv_bias_act(x, conv, weight, bias, residual, relu, zero_pad)
+        geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
+        bias = as_dtype(bias, weight.dtype)
+        unary = "relu" if relu else "none"
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise.default(x, weight, bias, *geometry, unary, [None], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, weight, bias, *geometry, "add", None, unary, [None], "")
+
+    @functools.cached_property
+    def _onednn_dtypes(self) -> frozenset[torch.dtype]:
+        """The dtypes oneDNN's fused convolutions take on this CPU, asked once, on the first eager inference call
+        (each query costs a call): bf16 needs AVX512-BF16 or AMX; fp16 would need AVX512-FP16 or AVX-NE-CONVERT and
+        goes through conv + one pass. Asked then rather than when the set is made, so that importing fused_resnet
+        queries nothing; never inside torch.compile's trace (where a query would break the graph), as
+        conv_bias_act returns before asking when compiling."""
+        if not torch.backends.mkldnn.is_available():
+            return frozenset()
+        bf16 = [torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []
+        return frozenset([torch.float32, *bf16])
+
+    def _onednn_supports(self, x: Tensor, residual: Tensor | None) -> bool:
+        # Channels_last only: there the fused primitive beats conv + one pass (64@56, batch 8: 8.6 ms against
+        # 11.1); on NCHW it was slower (14.8 ms against 13.9), its add falling back to a separate ATen add_relu.
+        # Strictly channels_last: a tensor that is NCHW too (one channel, or 1x1 pixels) sends oneDNN down its NCHW
+        # path, whose add has no bf16 kernel.
+        return (x.dtype in self._onednn_dtypes and is_channels_last(x)
+                and (residual is None or is_channels_last(residual)))
+
+
+class CudnnKernels(NativeKernels):
+    """The `cuda` backend. On CUDA, inference runs conv+bias+ReLU and conv+bias+add+ReLU as single cuDNN calls
+    (cuDNN's fused convolution-bias-activation, what DESIGN.md §4 names the bar to beat), and a projection's
+    conv+bias as one F.conv2d. Where cuDNN turns a configuration down (it supports fewer dtype/layout/algorithm
+    combinations than plain convolution), that configuration goes through conv + one fused pass from then on, with
+    a warning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cudnn_refused: set[tuple] = set()
+
+    def conv_bias_act(
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
+        zero_pad: ZeroPadIdentity | None = None,
+    ) -> Tensor:
+        # Under torch.compile the compiler makes its own fusions; under autocast only F.conv2d knows to cast.
+        if zero_pad is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cuda"):
+            return super().conv_bias_act(x, conv, weight, bias, residual, relu, zero_pad)
+        geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        cudnn_bias = as_dtype(bias, weight.dtype)  # cuDNN adds a bias in the convolution's dtype
+        if not relu and residual is None:
+            return F.conv2d(x, weight, cudnn_bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        key = (x.dtype, memory_format_of(x), residual is not None, relu)
+        if not relu or key in self._cudnn_refused or not torch.backends.cudnn.is_available():
+            return super().conv_bias_act(x, conv, weight, bias, residual, relu, zero_pad)
+        try:
+            if residual is None:
+                return torch.ops.aten.cudnn_convolution_relu(x, weight, cudnn_bias, *geometry)
+            return torch.ops.aten.cudnn_convolution_add_relu(x, weight, as_dtype(residual, x.dtype), 1.0, cudnn_bias,
+                                                             *geometry)
+        except RuntimeError as error:
+            self._cudnn_refused.add(key)
+            warnings.warn(f"fused_resnet: cuDNN's fused convolution refused {key} ({error}); that configuration "
+                          "runs as convolution + one fused pass from now on", RuntimeWarning, stacklevel=2)
+            return super().conv_bias_act(x, conv, weight, bias, residual, relu, zero_pad)
+
+
+def _register_fake_implementations() -> None:
+    """Shapes and dtypes of the compiled ops for meta/fake tensors (torch.compile, torch.export)."""
+
+    def channels(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        return t.new_empty((t.shape[1],), dtype=dtype or accumulation_dtype(t.dtype))
+
+    def like(t: Tensor) -> Tensor:
+        # The kernels write dense outputs in the input's layout (NCHW or channels_last), as empty_like makes them.
+        return torch.empty_like(t)
+
+    @torch.library.register_fake("fused_resnet::batch_stats")
+    def _(input):
+        return channels(input), channels(input)
+
+    @torch.library.register_fake("fused_resnet::bn_act")
+    def _(input, scale, shift, residual, residual_scale, residual_shift, relu, residual_stride=1,
+          residual_channel_offset=0):
+        return like(input)
+
+    @torch.library.register_fake("fused_resnet::bn_act_backward_reduce")
+    def _(grad_output, output, input, mean, input2, mean2):
+        third = channels(input) if input2 is not None else input.new_empty((0,), dtype=accumulation_dtype(input.dtype))
+        return channels(input), channels(input), third
+
+    @torch.library.register_fake("fused_resnet::bn_act_backward_elemt")
+    def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,
+          coef2_const, residual_grad):
+        other = like(input) if (input2 is not None or residual_grad) else input.new_empty((0,))
+        return like(input), other
+
+
+if _native.has_extension():
+    _register_fake_implementations()
