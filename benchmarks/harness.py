@@ -110,7 +110,7 @@ SIZES = {
                           rounds=15, warmup_rounds=3, op_rounds=40, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
                           model_layouts=(FP32_NCHW, FP32_CHANNELS_LAST, BF16_NCHW, BF16_CHANNELS_LAST),
                           models=("resnet18", "resnet50")),
-    # The GPU configuration of DESIGN.md §7: bf16 channels_last, the models in all four layouts. The op shape is
+    # The GPU configuration of docs/design.md §7: bf16 channels_last, the models in all four layouts. The op shape is
     # the largest BN+add+ReLU of ResNet-50 (stage 1).
     "full": SizeConfig("full", block_batch=256, model_batch=256, model_resolution=224, op_shape=(256, 256, 56, 56),
                        rounds=20, warmup_rounds=5, op_rounds=50, layouts=(BF16_CHANNELS_LAST,),

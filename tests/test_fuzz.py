@@ -9,9 +9,9 @@ By default the examples are the same every run (see FRESH); FUSED_RESNET_FUZZ_EX
 and backend (the default keeps a CI run short); the
 Triton backend runs a quarter as many, smaller ones, without float64, as its kernels run in an interpreter here.
 
-Tolerances (tests/conftest.py, DESIGN.md §6): ||out - ref|| / ||ref||, float64 1e-10, float32 2e-5 (or, where PyTorch's
-own path misses that too, 2x its error: see `compare`); bfloat16 against PyTorch's own bfloat16 path on the same
-draw (see `check_low_precision`). A gradient that is small next to
+Tolerances (tests/conftest.py, docs/design.md §6): ||out - ref|| / ||ref||, float64 1e-10, float32 2e-5 (or, where
+PyTorch's own path misses that too, 2x its error: see `compare`); bfloat16 against PyTorch's own bfloat16 path on the
+same draw (see `check_low_precision`). A gradient that is small next to
 the output gradient it comes from (BatchNorm's input gradient cancels to ~0 when a channel has few values) is judged
 against that output gradient's norm instead of its own, and an output against the square root of its size (the norm
 of O(1) normalized values): a channel whose values are all equal (a 1x1 image under a wide padding) normalizes to
@@ -108,7 +108,7 @@ class Leaf:
 
 def check_low_precision(results, torch_results, ref_results, what_floors):
     """bfloat16: each error against the float64 reference within twice that of PyTorch's own bfloat16 path
-    (DESIGN.md §6), plus one bfloat16 ulp (2^-7) for tensors of a few values, where both errors are a couple of
+    (docs/design.md §6), plus one bfloat16 ulp (2^-7) for tensors of a few values, where both errors are a couple of
     roundings (a bf16 running statistic is rounded once by PyTorch, twice here: the batch statistic, then the update).
 
     A single draw's bf16 gradient is judged only for gross failure, at max(8x PyTorch's error + 0.03, 1): it depends

@@ -118,7 +118,7 @@ def test_conv_bn_relu_and_a_cifar_net_train_like_the_reference(backend):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_block_is_as_accurate_as_torchvision_in_it(backend, dtype):
-    """DESIGN.md §6: within 2x of PyTorch's own error in that dtype against the float64 reference."""
+    """docs/design.md §6: within 2x of PyTorch's own error in that dtype against the float64 reference."""
     tv = torchvision_block("bottleneck-down")
     x64 = to_layout(torch.randn(2, 8, 9, 9, dtype=torch.float64), True)
     ref, _ = step(tv, x64, "train")

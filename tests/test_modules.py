@@ -86,7 +86,7 @@ def test_block_matches_torchvision(backend, name, dtype, mode, channels_last):
 @pytest.mark.parametrize("name", ["basic-down", "bottleneck-down"])
 @pytest.mark.parametrize("mode", ["train", "inference"])
 def test_block_bfloat16_is_as_accurate_as_torchvision(backend, name, mode):
-    """bf16 error against a float64 reference within 2x of torchvision's own bf16 error (DESIGN.md §6).
+    """bf16 error against a float64 reference within 2x of torchvision's own bf16 error (docs/design.md §6).
     Outputs meet it on every draw. A bf16 input gradient depends on which ReLUs flip with the rounding of the
     forward, for torchvision as for fused: over 100 draws the ratio of the two errors had median 0.99 and tails
     from 0.03 to 9 (mean errors 0.048 fused, 0.052 torchvision), so gradients are judged on their errors summed

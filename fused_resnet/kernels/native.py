@@ -96,7 +96,7 @@ class OneDnnKernels(NativeKernels):
 
 class CudnnKernels(NativeKernels):
     """The `cuda` backend. On CUDA, inference runs conv+bias+ReLU and conv+bias+add+ReLU as single cuDNN calls
-    (cuDNN's fused convolution-bias-activation, what DESIGN.md §4 names the bar to beat), and a projection's
+    (cuDNN's fused convolution-bias-activation, what docs/design.md §4 names the bar to beat), and a projection's
     conv+bias as one F.conv2d. Where cuDNN turns a configuration down (it supports fewer dtype/layout/algorithm
     combinations than plain convolution), that configuration goes through conv + one fused pass from then on, with
     a warning."""

@@ -15,7 +15,7 @@ class TritonKernels(KernelSet):
     applies the previous BatchNorm and ReLU to its input as it loads it (prologue), computes the batch statistics
     of its output as it stores it, and in inference adds the folded BN's bias, the residual and the ReLU
     (epilogue). Convolution backward (dgrad, wgrad) stays on ATen: cuDNN's are tuned per architecture, and the
-    forward fusions are where Triton removes memory passes (DESIGN.md §4).
+    forward fusions are where Triton removes memory passes (docs/design.md §4).
 
     Triton has no autocast: under torch.autocast the convolution's input and weight are cast to the autocast dtype
     first, as F.conv2d's autocast wrapper does."""

@@ -9,7 +9,7 @@ without copies; the output follows x's memory format. A weight tile is BLOCK_K i
 channels: a weight whose output channels are innermost in memory (w.permute(2, 3, 1, 0).contiguous().permute(3, 2,
 0, 1), same shape) loads it in coalesced rows, which a caller that keeps weights across calls can cache.
 
-Fusions (DESIGN.md section 4):
+Fusions (docs/design.md §4):
 - prologue (training: conv_{i+1} of a BN-ReLU-conv chain): each input value is replaced by relu(x*scale + shift)
   as it is loaded, and only then are the positions that fall in the zero padding set to 0, because the padding
   of conv(relu(bn(y))) pads the normalized activation, not y;

@@ -3,7 +3,7 @@
 torch.compile and torch.export then see each launch as one opaque op of known output shapes, instead of tracing
 the launchers' Python (the launch configuration chosen from the shape, grids, the statistics' merge launch), which
 dynamo cannot follow. Opaque rather than torch.library.triton_op: triton_op would let Inductor see the kernels
-inside, but there is nothing for it to fuse into them (each already is the fusion of DESIGN.md §4), and it needs
+inside, but there is nothing for it to fuse into them (each already is the fusion of docs/design.md §4), and it needs
 launchers made only of traceable calls, which a shape-dependent configuration choice and a two-kernel statistics
 reduction are not. This choice is by design, not yet by GPU measurement.
 
