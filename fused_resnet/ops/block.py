@@ -45,7 +45,7 @@ def run_block(
     # (bn, batch statistics, their count) of each unit, for the running statistics
     batch_stats = [(first.bn, *synchronized(first.bn, stats, shapes[0]))]
     for previous, unit, shape in zip(units[:-1], units[1:], shapes[1:]):
-        y, *stats = run_bn_relu_conv(kernels, y, batch_stats[-1][1], previous.bn, unit.conv, unit.bn.use_batch_stats)
+        y, *stats = run_bn_relu_conv(kernels, previous.bn, y, batch_stats[-1][1], unit.conv, unit.bn.use_batch_stats)
         batch_stats.append((unit.bn, *synchronized(unit.bn, stats, shape)))
     projection = None
     if isinstance(shortcut, ConvBN):

@@ -35,9 +35,7 @@ def check_like(op: str, name: str, t: Tensor, ref: Tensor, ref_name: str, *, dty
         raise TypeError(f"{op}: expected {name} of dtype {ref.dtype} like {ref_name}, got a {describe(t)}")
 
 
-def _check_channel_vector(op: str, name: str, t: Tensor | None, channels: int, ref: Tensor) -> None:
-    if t is None:
-        return
+def _check_channel_vector(op: str, name: str, t: object, channels: int, ref: Tensor) -> None:
     if not isinstance(t, Tensor) or t.shape != (channels,):
         got = f"a {describe(t)}" if isinstance(t, Tensor) else describe(t)
         raise ValueError(f"{op}: expected {name} to hold {channels} per-channel values, got {got}")
@@ -48,30 +46,31 @@ def _check_channel_vector(op: str, name: str, t: Tensor | None, channels: int, r
 
 def check_batch_norm(op: str, label: str, bn: BatchNormParams, y_shape: Sequence[int], ref: Tensor) -> None:
     """Checks a BatchNorm on a conv output of `y_shape`; `label` prefixes its field names ("" for none)."""
-    name = (lambda field: f"{label}.{field}") if label else (lambda field: field)
+    prefix = f"{label}." if label else ""
     channels = y_shape[1]
     for field in ("weight", "bias", "running_mean", "running_var"):
         vector = getattr(bn, field)
-        _check_channel_vector(op, name(field), vector, channels, ref)
         if vector is not None:
-            _check_batch_norm_dtype(op, name(field), vector, ref)
+            field_name = prefix + field
+            _check_channel_vector(op, field_name, vector, channels, ref)
+            _check_batch_norm_dtype(op, field_name, vector, ref)
     if (bn.running_mean is None) != (bn.running_var is None):
-        raise ValueError(f"{op}: expected both {name('running_mean')} and {name('running_var')}, or neither")
+        raise ValueError(f"{op}: expected both {prefix}running_mean and {prefix}running_var, or neither")
     for field in ("running_mean", "running_var"):
         if getattr(bn, field) is not None and getattr(bn, field).requires_grad:
             # F.batch_norm refuses them too; caught here, before an earlier unit's statistics have moved.
-            raise ValueError(f"{op}: expected {name(field)} not to require grad (running statistics are updated "
+            raise ValueError(f"{op}: expected {prefix}{field} not to require grad (running statistics are updated "
                              f"in place, outside autograd), got one that does")
     if not _is_number(bn.eps) or not bn.eps > 0:  # `not >` also rejects NaN
-        raise ValueError(f"{op}: expected {name('eps')} > 0, got {bn.eps!r}")
+        raise ValueError(f"{op}: expected {prefix}eps > 0, got {bn.eps!r}")
     if not isinstance(bn.training, bool):
-        raise TypeError(f"{op}: expected {name('training')} to be a bool, got {type(bn.training).__name__}")
+        raise TypeError(f"{op}: expected {prefix}training to be a bool, got {type(bn.training).__name__}")
     if bn.momentum is not None and not _is_number(bn.momentum):
-        raise TypeError(f"{op}: expected {name('momentum')} to be a number or None, got {type(bn.momentum).__name__}")
+        raise TypeError(f"{op}: expected {prefix}momentum to be a number or None, got {type(bn.momentum).__name__}")
     if bn.momentum is None and bn.updates_running_stats and bn.num_batches_tracked is None:
         raise ValueError(
-            f"{op}: expected a number for {name('momentum')}: momentum=None (a cumulative average) needs "
-            f"{name('num_batches_tracked')} to count the batches, and there is none"
+            f"{op}: expected a number for {prefix}momentum: momentum=None (a cumulative average) needs "
+            f"{prefix}num_batches_tracked to count the batches, and there is none"
         )
     if bn.use_batch_stats:
         count = y_shape[0] * y_shape[2] * y_shape[3]
