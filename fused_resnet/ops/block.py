@@ -90,5 +90,5 @@ def _inference_block(
         weight, bias = folded.get(i, unit)
         last = i == n - 1
         a = kernels.conv_bias_act(a, unit.conv, weight, bias, residual if last else None, relu=True,
-                                  padding=zero_pad if last else None)
+                                  zero_pad=zero_pad if last else None)
     return a

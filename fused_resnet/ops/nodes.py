@@ -222,7 +222,7 @@ class _BatchNormActFunction(torch.autograd.Function):
             out = kernels.bn_act(y, affine[2], affine[3], y2, affine2[2], affine2[3], config.relu)
             second = (y2, affine2[0], affine2[1], inputs.weight2, inputs.bias2)
         else:
-            out = kernels.bn_act(y, affine[2], affine[3], residual, relu=config.relu, padding=config.zero_pad)
+            out = kernels.bn_act(y, affine[2], affine[3], residual, relu=config.relu, zero_pad=config.zero_pad)
             second = (None,) * 5
         ctx.config = config
         ctx.residual_shape = residual.shape if residual is not None else None
