@@ -150,8 +150,8 @@ HUGE = [(torch.float16, 3e4, 1e4), (torch.float16, 6e4, 2e3), (torch.bfloat16, 1
 @pytest.mark.parametrize("case", HUGE, ids=[f"{d}-{c:g}" for d, c, _ in HUGE])
 @pytest.mark.parametrize("residual", [False, True])
 def test_huge_values_give_no_inf_where_pytorch_gives_none(backend, case, residual):
-    """The bf16 spread of 5e17 once made ops._backward_coefs form invstd^3 = 8e-54, which underflowed fp32 to 0
-    and dropped the variance term of the input gradient (errors 4-8e-2 against PyTorch's 3e-3)."""
+    """The bf16 spread of 5e17 once made ops.batch_norm.backward_coefs form invstd^3 = 8e-54, which underflowed
+    fp32 to 0 and dropped the variance term of the input gradient (errors 4-8e-2 against PyTorch's 3e-3)."""
     dtype, centre, spread = case
     limit = torch.finfo(dtype).max
     x = (torch.randn(4, 6, 7, 5, dtype=torch.float64) * spread + centre).clamp(-limit, limit).to(dtype)

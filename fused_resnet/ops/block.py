@@ -1,0 +1,94 @@
+"""A block's backend dispatch: the reference composite on the ``torch`` backend; else, when no gradient is needed
+and every BatchNorm uses its running statistics, inference with the BatchNorms folded into the convolutions; else
+the chain of autograd nodes (:mod:`.nodes`), after which the running statistics move."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import select_backend
+from ..kernels import NativeKernels, kernels_for
+from ..params import ConvBN, ZeroPadIdentity, update_running_stats
+from .checks import check_block
+from .folding import FoldedWeights
+from .nodes import run_bn_act, run_bn_relu_conv, run_conv
+from .sync import synchronized
+
+# A projection, "identity", option A's zero-padded identity, or None (a plain block).
+Shortcut = ConvBN | ZeroPadIdentity | str | None
+
+
+def run_block(
+    op: str, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, folded: FoldedWeights | None, backend: str | None,
+    shortcut_input: Tensor | None = None,
+) -> Tensor:
+    """residual_block (and conv_bn_relu, a block of one unit without a shortcut) as public op `op`."""
+    shapes = check_block(op, x, units, shortcut, shortcut_input)
+    name = select_backend(x.device, backend)
+    every_unit = [*units, shortcut] if isinstance(shortcut, ConvBN) else list(units)
+    if name == "torch":
+        if any(u.bn.process_group is not None for u in every_unit):
+            raise ValueError(f"{op}: the torch backend (the reference composite) does not synchronize BatchNorm "
+                             "statistics over a process group; use the cpu or cuda backend")
+        return reference.residual_block(x, units, shortcut, shortcut_input)
+    kernels = kernels_for(name)
+    projected = x if shortcut_input is None else shortcut_input
+    if not _needs_autograd([x, projected], every_unit) and not any(u.bn.use_batch_stats for u in every_unit):
+        return _inference_block(kernels, x, units, shortcut, projected,
+                                folded if folded is not None else FoldedWeights())
+    first = units[0]
+    y, *stats = run_conv(kernels, x, first.conv, first.bn.use_batch_stats)
+    # (bn, batch statistics, their count) of each unit, for the running statistics
+    batch_stats = [(first.bn, *synchronized(first.bn, stats, shapes[0]))]
+    for previous, unit, shape in zip(units[:-1], units[1:], shapes[1:]):
+        y, *stats = run_bn_relu_conv(kernels, previous.bn, y, batch_stats[-1][1], unit.conv, unit.bn.use_batch_stats)
+        batch_stats.append((unit.bn, *synchronized(unit.bn, stats, shape)))
+    projection = None
+    if isinstance(shortcut, ConvBN):
+        y2, *stats = run_conv(kernels, projected, shortcut.conv, shortcut.bn.use_batch_stats)
+        batch_stats.append((shortcut.bn, *synchronized(shortcut.bn, stats, shapes[-1])))
+        projection = (shortcut.bn, y2, batch_stats[-1][1])
+    identity = shortcut == "identity" or isinstance(shortcut, ZeroPadIdentity)
+    zero_pad = shortcut if isinstance(shortcut, ZeroPadIdentity) else None
+    out = run_bn_act(kernels, units[-1].bn, y, batch_stats[len(units) - 1][1], True, x if identity else None,
+                     zero_pad, projection)
+    # The running statistics move only once every node has run.
+    for bn, stats, count in batch_stats:
+        if stats:
+            update_running_stats(bn, *stats, count)
+    return out
+
+
+def _needs_autograd(inputs: Sequence[Tensor], units: Sequence[ConvBN]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = (t for u in units for t in (u.conv.weight, u.conv.bias, u.bn.weight, u.bn.bias))
+    return any(t.requires_grad for t in inputs) or any(t is not None and t.requires_grad for t in tensors)
+
+
+def _inference_block(
+    kernels: NativeKernels, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, shortcut_input: Tensor,
+    folded: FoldedWeights,
+) -> Tensor:
+    """The block with every BatchNorm folded into its convolution (cached in `folded`, indexed by unit, the
+    projection last) and bias, residual and ReLU in the convolution's epilogue."""
+    n = len(units)
+    residual, zero_pad = None, None
+    if shortcut == "identity":
+        residual = x
+    elif isinstance(shortcut, ZeroPadIdentity):
+        residual, zero_pad = x, shortcut
+    elif isinstance(shortcut, ConvBN):
+        weight, bias = folded.get(n, shortcut)
+        residual = kernels.conv_bias_act(shortcut_input, shortcut.conv, weight, bias, None, relu=False)
+    a = x
+    for i, unit in enumerate(units):
+        weight, bias = folded.get(i, unit)
+        last = i == n - 1
+        a = kernels.conv_bias_act(a, unit.conv, weight, bias, residual if last else None, relu=True,
+                                  zero_pad=zero_pad if last else None)
+    return a

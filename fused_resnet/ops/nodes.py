@@ -1,0 +1,256 @@
+"""The autograd nodes a block runs as in training (and whenever a gradient is needed):
+
+    conv -> [BN-ReLU -> conv] -> ... -> [BN (+ residual, itself possibly BN'd) -> ReLU]
+
+with one node per bracket, so that each releases its saved tensors as soon as its backward is done (one node
+for the whole block kept every saved activation to the end of its backward: on the CPU that higher peak cost
+page faults, and 10-30% of a Bottleneck's step). A node that makes a convolution output also returns its batch
+statistics when the BatchNorm after it needs them (a kernel set may compute them in the convolution's epilogue);
+the node consuming it takes them as non-differentiable inputs (BN's backward accounts for them itself).
+
+A node runs as ``Function.apply(config, *inputs)``: `config`, a NamedTuple of everything that is not a tensor (the
+kernel set, BatchNormSpecs, a convolution's geometry, flags), is its one static argument, and `inputs` the
+node's NamedTuple of tensors, which describes them once: forward reads them by name, backward reads
+``ctx.needs_input_grad[1:]`` (``[0]`` is the config's) into the same NamedTuple and returns ``None`` for the config
+and then its gradients as that NamedTuple, built by field name. A BatchNorm's (mean, var) inputs are what it
+normalizes with: its batch statistics when it has some (the non-differentiable outputs of the node before), else
+its running ones (in training, those are updated after the block, from the batch statistics). The run_* functions
+build a node's config and inputs from the op layer's BatchNormParams and ConvParams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..kernels import NativeKernels
+from ..params import BatchNormParams, ConvParams, ZeroPadIdentity
+from ..tensors import as_dtype, dense_like
+from .batch_norm import BatchNormSpec
+
+
+def _with_stats(ctx, out: Tensor, stats: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    ctx.mark_non_differentiable(*stats)
+    return (out, *stats)
+
+
+def _param_grad(grad: Tensor | None, param: Tensor | None, needed: bool) -> Tensor | None:
+    """`grad` in the dtype of `param` when autograd needs it (BN vectors accumulate in fp32 for low precision)."""
+    if not needed or grad is None or param is None:
+        return None
+    return as_dtype(grad, param.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conv
+
+
+class ConvConfig(NamedTuple):
+    kernels: NativeKernels
+    geometry: tuple  # ConvParams' fields after weight and bias (conv[2:]): ConvParams(weight, bias, *geometry)
+    stats: bool  # whether the output's batch statistics are returned too
+
+
+class ConvInputs(NamedTuple):
+    x: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+
+def run_conv(kernels: NativeKernels, x: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
+    """(conv(x),), or (conv(x), mean, biased variance) when `stats`."""
+    return _ConvFunction.apply(ConvConfig(kernels, conv[2:], stats), *ConvInputs(x, conv.weight, conv.bias))
+
+
+class _ConvFunction(torch.autograd.Function):
+    """conv(x). Saves x as the convolution consumed it (under autocast, the low-precision copy, as ATen's
+    convolution saves it)."""
+
+    @staticmethod
+    def forward(ctx, config: ConvConfig, *tensors: Tensor | None) -> tuple[Tensor, ...]:
+        inputs = ConvInputs._make(tensors)
+        x, weight, bias = inputs.x, inputs.weight, inputs.bias
+        y, *batch_stats = config.kernels.conv_stats(x, ConvParams(weight, bias, *config.geometry), config.stats)
+        ctx.config, ctx.x_dtype = config, x.dtype
+        ctx.save_for_backward(as_dtype(x, y.dtype), weight, bias)
+        return _with_stats(ctx, y, batch_stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor, *_) -> tuple[Tensor | None, ...]:
+        x, weight, bias = ctx.saved_tensors
+        config, need = ctx.config, ConvInputs._make(ctx.needs_input_grad[1:])
+        grad_x, grad_weight, grad_bias = config.kernels.conv_backward(
+            grad_y, x, ConvParams(weight, bias, *config.geometry), need_input=need.x, need_weight=need.weight,
+            need_bias=need.bias)
+        grad_x = None if grad_x is None else as_dtype(grad_x, ctx.x_dtype)
+        return None, *ConvInputs(x=grad_x, weight=grad_weight, bias=grad_bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BN-ReLU -> conv
+
+
+class BatchNormReluConvConfig(NamedTuple):
+    kernels: NativeKernels
+    bn: BatchNormSpec
+    geometry: tuple  # the convolution's, as in ConvConfig
+    stats: bool  # whether the output's batch statistics are returned too
+
+
+class BatchNormReluConvInputs(NamedTuple):
+    y: Tensor
+    weight: Tensor | None = None  # the BatchNorm's
+    bias: Tensor | None = None
+    conv_weight: Tensor | None = None
+    conv_bias: Tensor | None = None
+    mean: Tensor | None = None  # non-differentiable: the statistics the BatchNorm normalizes with
+    var: Tensor | None = None
+
+
+def run_bn_relu_conv(
+    kernels: NativeKernels, bn: BatchNormParams, y: Tensor, stats: Sequence[Tensor], conv: ConvParams,
+    conv_stats: bool,
+) -> tuple[Tensor, ...]:
+    """conv(relu(bn(y))) as :func:`run_conv` returns it; `stats` are y's batch statistics (none when `bn` uses
+    its running ones)."""
+    mean, var = stats or (bn.running_mean, bn.running_var)
+    config = BatchNormReluConvConfig(kernels, BatchNormSpec.of(bn), conv[2:], conv_stats)
+    return _BatchNormReluConvFunction.apply(
+        config, *BatchNormReluConvInputs(y, bn.weight, bn.bias, conv.weight, conv.bias, mean, var))
+
+
+class _BatchNormReluConvFunction(torch.autograd.Function):
+    """conv(relu(BN(y))): the conv's input is normalized as it is consumed and never saved; backward recomputes
+    it. Saves y and per-channel vectors (DESIGN.md §4's prologue fusion)."""
+
+    @staticmethod
+    def forward(ctx, config: BatchNormReluConvConfig, *tensors: Tensor | None) -> tuple[Tensor, ...]:
+        inputs = BatchNormReluConvInputs._make(tensors)
+        y, weight, bias = inputs.y, inputs.weight, inputs.bias
+        conv_weight, conv_bias = inputs.conv_weight, inputs.conv_bias
+        affine = config.bn.affine(y, inputs.mean, inputs.var, weight, bias)
+        out, *out_stats = config.kernels.bn_relu_conv(
+            y, affine[2], affine[3], ConvParams(conv_weight, conv_bias, *config.geometry), config.stats)
+        ctx.config = config
+        ctx.save_for_backward(y, *affine, weight, bias, conv_weight, conv_bias)
+        return _with_stats(ctx, out, out_stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor, *_) -> tuple[Tensor | None, ...]:
+        y, mean, invstd, scale, shift, weight, bias, conv_weight, conv_bias = ctx.saved_tensors
+        config, need = ctx.config, BatchNormReluConvInputs._make(ctx.needs_input_grad[1:])
+        kernels = config.kernels
+        a = kernels.bn_act(y, scale, shift, relu=True)
+        grad_a, grad_conv_weight, grad_conv_bias = kernels.conv_backward(
+            grad_out, a, ConvParams(conv_weight, conv_bias, *config.geometry),
+            need_input=need.y or need.weight or need.bias, need_weight=need.conv_weight, need_bias=need.conv_bias)
+        grad_y = grad_weight = grad_bias = None
+        if grad_a is not None:
+            grad_a = dense_like(grad_a, a)
+            sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, a, y, mean)
+            count = y.numel() // y.shape[1]
+            coefs, grad_weight, grad_bias = config.bn.gradients(sum_dy, sum_dy_xmu, invstd, weight, count)
+            grad_y, _ = kernels.backward_elemt(grad_a, a, y, mean, coefs)
+        return None, *BatchNormReluConvInputs(
+            y=grad_y if need.y else None, weight=_param_grad(grad_weight, weight, need.weight),
+            bias=_param_grad(grad_bias, bias, need.bias), conv_weight=grad_conv_weight, conv_bias=grad_conv_bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BN (+ residual) -> ReLU
+
+
+class BatchNormActConfig(NamedTuple):
+    kernels: NativeKernels
+    bn: BatchNormSpec
+    relu: bool
+    zero_pad: ZeroPadIdentity | None  # option A: the residual is x, subsampled and zero-padded
+    bn2: BatchNormSpec | None  # a projection shortcut's BatchNorm
+
+
+class BatchNormActInputs(NamedTuple):
+    y: Tensor
+    weight: Tensor | None = None  # the BatchNorm's
+    bias: Tensor | None = None
+    residual: Tensor | None = None  # an identity shortcut's (option A's: before subsampling and padding)
+    y2: Tensor | None = None  # a projection shortcut's convolution output, and its BatchNorm's weight and bias
+    weight2: Tensor | None = None
+    bias2: Tensor | None = None
+    mean: Tensor | None = None  # non-differentiable: the statistics the BatchNorms normalize with
+    var: Tensor | None = None
+    mean2: Tensor | None = None
+    var2: Tensor | None = None
+
+
+def run_bn_act(
+    kernels: NativeKernels, bn: BatchNormParams, y: Tensor, stats: Sequence[Tensor], relu: bool,
+    residual: Tensor | None = None, zero_pad: ZeroPadIdentity | None = None,
+    projection: tuple[BatchNormParams, Tensor, Sequence[Tensor]] | None = None,
+) -> Tensor:
+    """[relu](bn(y) + R): R is `residual` itself (option A's subsampled, zero-padded `residual` when `zero_pad`
+    is given), or bn2(y2) for a `projection` (bn2, y2, y2's batch statistics), or absent. `stats` are y's batch
+    statistics (none when `bn` uses its running ones)."""
+    mean, var = stats or (bn.running_mean, bn.running_var)
+    if projection is None:
+        config = BatchNormActConfig(kernels, BatchNormSpec.of(bn), relu, zero_pad, None)
+        inputs = BatchNormActInputs(y, bn.weight, bn.bias, residual, None, None, None, mean, var)
+    else:
+        bn2, y2, stats2 = projection
+        mean2, var2 = stats2 or (bn2.running_mean, bn2.running_var)
+        config = BatchNormActConfig(kernels, BatchNormSpec.of(bn), relu, None, BatchNormSpec.of(bn2))
+        inputs = BatchNormActInputs(y, bn.weight, bn.bias, None, y2, bn2.weight, bn2.bias, mean, var, mean2, var2)
+    return _BatchNormActFunction.apply(config, *inputs)
+
+
+class _BatchNormActFunction(torch.autograd.Function):
+    """Saves y, the output (its ReLU mask) and, for a projection, y2."""
+
+    @staticmethod
+    def forward(ctx, config: BatchNormActConfig, *tensors: Tensor | None) -> Tensor:
+        inputs = BatchNormActInputs._make(tensors)
+        y, weight, bias, residual, y2 = inputs.y, inputs.weight, inputs.bias, inputs.residual, inputs.y2
+        kernels = config.kernels
+        affine = config.bn.affine(y, inputs.mean, inputs.var, weight, bias)
+        if y2 is not None:
+            affine2 = config.bn2.affine(y2, inputs.mean2, inputs.var2, inputs.weight2, inputs.bias2)
+            out = kernels.bn_act(y, affine[2], affine[3], y2, affine2[2], affine2[3], config.relu)
+            second = (y2, affine2[0], affine2[1], inputs.weight2, inputs.bias2)
+        else:
+            out = kernels.bn_act(y, affine[2], affine[3], residual, relu=config.relu, zero_pad=config.zero_pad)
+            second = (None,) * 5
+        ctx.config = config
+        ctx.residual_shape = residual.shape if residual is not None else None
+        ctx.save_for_backward(y, out if config.relu else None, affine[0], affine[1], weight, bias, *second)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        y, out, mean, invstd, weight, bias, y2, mean2, invstd2, weight2, bias2 = ctx.saved_tensors
+        config, need = ctx.config, BatchNormActInputs._make(ctx.needs_input_grad[1:])
+        kernels = config.kernels
+        grad_out = dense_like(grad_out, y)
+        count = y.numel() // y.shape[1]
+        sum_dy, sum_dy_xmu, sum_dy_xmu2 = kernels.backward_reduce(grad_out, out, y, mean, y2, mean2)
+        coefs, grad_weight, grad_bias = config.bn.gradients(sum_dy, sum_dy_xmu, invstd, weight, count)
+        coefs2 = grad_weight2 = grad_bias2 = None
+        if y2 is not None:  # the projection's BN shares the masked gradient, so one pass serves both
+            coefs2, grad_weight2, grad_bias2 = config.bn2.gradients(sum_dy, sum_dy_xmu2, invstd2, weight2, count)
+        grad_y, grad_other = kernels.backward_elemt(
+            grad_out, out, y, mean, coefs, y2, mean2, coefs2, residual_grad=need.residual)
+        grad_residual = None
+        if need.residual:
+            zero_pad = config.zero_pad
+            grad_residual = grad_other if zero_pad is None else zero_pad.input_gradient(grad_other, ctx.residual_shape)
+        return None, *BatchNormActInputs(
+            y=grad_y if need.y else None,
+            weight=_param_grad(grad_weight, weight, need.weight), bias=_param_grad(grad_bias, bias, need.bias),
+            residual=grad_residual,
+            y2=grad_other if y2 is not None and need.y2 else None,
+            weight2=_param_grad(grad_weight2, weight2, need.weight2), bias2=_param_grad(grad_bias2, bias2, need.bias2))
