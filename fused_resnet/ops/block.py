@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import select_backend
-from ..kernels import NativeKernels, kernels_for
+from ..kernels import KernelSet, kernels_for
 from ..params import ConvBN, ZeroPadIdentity, update_running_stats
 from .checks import check_block
 from .folding import FoldedWeights
@@ -71,7 +71,7 @@ def _needs_autograd(inputs: Sequence[Tensor], units: Sequence[ConvBN]) -> bool:
 
 
 def _inference_block(
-    kernels: NativeKernels, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, shortcut_input: Tensor,
+    kernels: KernelSet, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, shortcut_input: Tensor,
     folded: FoldedWeights,
 ) -> Tensor:
     """The block with every BatchNorm folded into its convolution (cached in `folded`, indexed by unit, the

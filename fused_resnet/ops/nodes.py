@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..kernels import NativeKernels
+from ..kernels import KernelSet
 from ..params import BatchNormParams, ConvParams, ZeroPadIdentity
 from ..tensors import as_dtype, dense_like
 from .batch_norm import BatchNormSpec
@@ -50,7 +50,7 @@ def _param_grad(grad: Tensor | None, param: Tensor | None, needed: bool) -> Tens
 
 
 class ConvConfig(NamedTuple):
-    kernels: NativeKernels
+    kernels: KernelSet
     geometry: tuple  # ConvParams' fields after weight and bias (conv[2:]): ConvParams(weight, bias, *geometry)
     stats: bool  # whether the output's batch statistics are returned too
 
@@ -61,7 +61,7 @@ class ConvInputs(NamedTuple):
     bias: Tensor | None = None
 
 
-def run_conv(kernels: NativeKernels, x: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
+def run_conv(kernels: KernelSet, x: Tensor, conv: ConvParams, stats: bool) -> tuple[Tensor, ...]:
     """(conv(x),), or (conv(x), mean, biased variance) when `stats`."""
     return _ConvFunction.apply(ConvConfig(kernels, conv[2:], stats), *ConvInputs(x, conv.weight, conv.bias))
 
@@ -96,7 +96,7 @@ class _ConvFunction(torch.autograd.Function):
 
 
 class BatchNormReluConvConfig(NamedTuple):
-    kernels: NativeKernels
+    kernels: KernelSet
     bn: BatchNormSpec
     geometry: tuple  # the convolution's, as in ConvConfig
     stats: bool  # whether the output's batch statistics are returned too
@@ -113,7 +113,7 @@ class BatchNormReluConvInputs(NamedTuple):
 
 
 def run_bn_relu_conv(
-    kernels: NativeKernels, bn: BatchNormParams, y: Tensor, stats: Sequence[Tensor], conv: ConvParams,
+    kernels: KernelSet, bn: BatchNormParams, y: Tensor, stats: Sequence[Tensor], conv: ConvParams,
     conv_stats: bool,
 ) -> tuple[Tensor, ...]:
     """conv(relu(bn(y))) as :func:`run_conv` returns it; `stats` are y's batch statistics (none when `bn` uses
@@ -126,7 +126,7 @@ def run_bn_relu_conv(
 
 class _BatchNormReluConvFunction(torch.autograd.Function):
     """conv(relu(BN(y))): the conv's input is normalized as it is consumed and never saved; backward recomputes
-    it. Saves y and per-channel vectors (DESIGN.md §4's prologue fusion)."""
+    it. Saves y and per-channel vectors (docs/design.md §4: the prologue fusion)."""
 
     @staticmethod
     def forward(ctx, config: BatchNormReluConvConfig, *tensors: Tensor | None) -> tuple[Tensor, ...]:
@@ -167,7 +167,7 @@ class _BatchNormReluConvFunction(torch.autograd.Function):
 
 
 class BatchNormActConfig(NamedTuple):
-    kernels: NativeKernels
+    kernels: KernelSet
     bn: BatchNormSpec
     relu: bool
     zero_pad: ZeroPadIdentity | None  # option A: the residual is x, subsampled and zero-padded
@@ -189,7 +189,7 @@ class BatchNormActInputs(NamedTuple):
 
 
 def run_bn_act(
-    kernels: NativeKernels, bn: BatchNormParams, y: Tensor, stats: Sequence[Tensor], relu: bool,
+    kernels: KernelSet, bn: BatchNormParams, y: Tensor, stats: Sequence[Tensor], relu: bool,
     residual: Tensor | None = None, zero_pad: ZeroPadIdentity | None = None,
     projection: tuple[BatchNormParams, Tensor, Sequence[Tensor]] | None = None,
 ) -> Tensor:
