@@ -46,7 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..tensors import accumulation_dtype, memory_format_of
-from .stats import check_launch_device, merge_partial_stats
+from .stats import chan_merge, check_launch_device, merge_partial_stats
 
 REDUCE_BLOCK = 4096
 ELEMENTWISE_BLOCK = 2048
@@ -154,12 +154,7 @@ def _batch_stats_rows_kernel(x_ptr, mean_partial_ptr, m2_partial_ptr, count_ptr,
         x = tl.where(mask, x - shift[None, :], 0.0)
         block_count = tl.minimum(tl.maximum(rows - row0, 0), BLOCK_R).to(ACC_DTYPE)
         block_mean, block_m2 = _block_moments(x, mask, block_count)
-        total = count + block_count
-        weight = tl.where(total > 0, block_count / tl.maximum(total, 1.0), 0.0)
-        delta = block_mean - mean
-        mean += delta * weight
-        m2 += block_m2 + delta * delta * (count * weight)
-        count = total
+        count, mean, m2 = chan_merge(count, mean, m2, block_count, block_mean, block_m2)
     out = tile.to(tl.int64) * C + channels
     tl.store(mean_partial_ptr + out, shift.to(tl.float64) + mean.to(tl.float64), mask=channel_mask)
     tl.store(m2_partial_ptr + out, m2.to(tl.float64), mask=channel_mask)

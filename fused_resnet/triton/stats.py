@@ -39,6 +39,17 @@ MAX_BLOCK_T = 64
 
 
 @triton.jit
+def chan_merge(count, mean, m2, other_count, other_mean, other_m2):
+    """(count, mean, M2) of two partial statistics together, by Chan et al.'s update: the merged mean moves by the
+    difference of the means weighted by the other part's share, and M2 gains the between-part term. No sum of
+    squares is formed, so a large mean costs the variance nothing."""
+    total = count + other_count
+    weight = tl.where(total > 0, other_count / tl.maximum(total, 1.0), 0.0)
+    delta = other_mean - mean
+    return total, mean + delta * weight, m2 + (other_m2 + delta * delta * (count * weight))
+
+
+@triton.jit
 def _merge_partial_stats_kernel(
     mean_partial_ptr,
     m2_partial_ptr,
@@ -80,12 +91,7 @@ def _merge_partial_stats_kernel(
         chunk_m2 = (tl.sum(tile_m2, axis=0) + tl.sum(weighted_deviation * deviation, axis=0)
                     - deviation_sum * deviation_sum / safe_chunk_count)
 
-        total = count + chunk_count
-        chunk_weight = tl.where(total > 0, chunk_count / tl.maximum(total, 1.0), 0.0)
-        delta = chunk_mean - mean
-        mean += delta * chunk_weight
-        m2 += chunk_m2 + delta * delta * (count * chunk_weight)
-        count = total
+        count, mean, m2 = chan_merge(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
     has_values = count > 0
     safe_count = tl.maximum(count, 1.0)
     # No elements at all: NaN, as the mean and variance of an empty tensor are in torch.
