@@ -6,9 +6,10 @@ bn_act_backward_reduce, bn_act_backward_elemt), all with the same schemas:
   cpu_default, cpu_avx2  torch.ops.fused_resnet on CPU tensors, with each CPU kernel table the extension builds
   cuda                   torch.ops.fused_resnet on CUDA tensors
   triton                 torch.ops.fused_resnet_triton, on CUDA tensors, or on CPU tensors under Triton's interpreter
-A test that takes `kernels` runs once per set (and per case of the set-dependent axes below, see
-pytest_generate_tests); a set that cannot run here is skipped with the reason fused_resnet.backend_status() gives.
-The results are compared with the float64 formulas of tests/primitives.py, and Triton's also with the compiled ops.
+A test that takes `kernels` runs once per set and per case of the set-dependent arguments (SET_AXES, see
+pytest_generate_tests); a set that cannot run here is one skipped case per test, with the reason
+fused_resnet.backend_status() gives. Results are compared with the float64 formulas of tests/primitives.py, within a
+bound from the table (assert_close), and Triton's also with the compiled ops on the same device.
 """
 
 from __future__ import annotations
@@ -32,19 +33,23 @@ from primitives import Exact
 
 class DtypeCase(NamedTuple):
     accumulation: torch.dtype  # what the kernels compute in, and the dtype of statistics and sums
-    rounding: float  # one ulp, relative: a result rounded once to this dtype is within it
+    # A result rounded once to this dtype is within one ulp: `rounding` of its magnitude, and at least `underflow`,
+    # the spacing of the subnormals (float16 results below 6e-5 are spaced 6e-8 apart, whatever their size).
+    rounding: float
+    underflow: float
     # The accumulation dtype's arithmetic error, relative to the summed magnitude of the terms a result adds up
     # (primitives.Exact): a few roundings in an elementwise formula, sums over a channel's N*H*W values in a reduction.
     elementwise: float
     reduction: float
 
 
-# The dtypes every kernel set runs, Triton's included (float64 too).
-DTYPES = {
-    torch.float64: DtypeCase(torch.float64, rounding=2.0**-52, elementwise=1e-14, reduction=1e-12),
-    torch.float32: DtypeCase(torch.float32, rounding=2.0**-23, elementwise=1e-6, reduction=1e-5),
-    torch.bfloat16: DtypeCase(torch.float32, rounding=2.0**-7, elementwise=1e-6, reduction=1e-5),
-    torch.float16: DtypeCase(torch.float32, rounding=2.0**-10, elementwise=1e-6, reduction=1e-5),
+# The dtypes every kernel set runs, Triton's included (float64 too). Rounding and underflow are torch.finfo's eps and
+# tiny * eps.
+DTYPES = {  # dtype: (accumulation, rounding, underflow, elementwise, reduction)
+    torch.float64: DtypeCase(torch.float64, 2.0**-52, 2.0**-1074, 1e-14, 1e-12),
+    torch.float32: DtypeCase(torch.float32, 2.0**-23, 2.0**-149, 1e-6, 1e-5),
+    torch.bfloat16: DtypeCase(torch.float32, 2.0**-7, 2.0**-133, 1e-6, 1e-5),
+    torch.float16: DtypeCase(torch.float32, 2.0**-10, 2.0**-24, 1e-6, 1e-5),
 }
 
 # N, C, H, W: C not a multiple of any vector width, H*W not either, single-pixel planes, one image.
@@ -338,7 +343,7 @@ def assert_close(actual: Tensor, exact: Exact, dtype: torch.dtype, kind: str, wh
     `kind` ("elementwise" or "reduction") arithmetic error of its terms' magnitude. `compiled`, the compiled op's
     result on the same inputs, is held to twice that bound (each is within the bound of the exact result)."""
     case = DTYPES[dtype]
-    bound = case.rounding * exact.value.abs() + getattr(case, kind) * exact.magnitude
+    bound = case.rounding * exact.value.abs() + case.underflow + getattr(case, kind) * exact.magnitude
     assert_within(actual, exact.value, bound, what)
     if compiled is not None:
         assert_within(actual, compiled.double(), 2 * bound, f"{what} against the compiled op")
