@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import primitives
-from kernel_cases import (  # noqa: F401 (fixtures and the parametrization hook)
+from kernel_cases import (
     DETERMINISM_SETS,
     DTYPES,
     GPU_TENSOR_SETS,
@@ -23,11 +23,11 @@ from kernel_cases import (  # noqa: F401 (fixtures and the parametrization hook)
     assert_within,
     channel_vectors,
     kernel_set_params,
-    kernels,
+    kernels,  # noqa: F401 (a fixture)
     parametrize_dtypes,
     parametrize_layouts,
-    poisoned_outputs,
-    pytest_generate_tests,
+    poisoned_outputs,  # noqa: F401 (a fixture)
+    pytest_generate_tests,  # noqa: F401 (parametrizes `kernels`)
 )
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import primitives
-from kernel_cases import (  # noqa: F401 (fixtures and the parametrization hook)
+from kernel_cases import (
     accumulation,
     activation,
     activations,
@@ -15,11 +15,11 @@ from kernel_cases import (  # noqa: F401 (fixtures and the parametrization hook)
     assert_close,
     assert_dense_like,
     channel_vectors,
-    kernels,
+    kernels,  # noqa: F401 (a fixture)
     parametrize_dtypes,
     parametrize_layouts,
-    poisoned_outputs,
-    pytest_generate_tests,
+    poisoned_outputs,  # noqa: F401 (a fixture)
+    pytest_generate_tests,  # noqa: F401 (parametrizes `kernels`)
 )
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")

@@ -22,13 +22,13 @@ triton = pytest.importorskip("triton", reason="Triton is not installed: the Trit
 
 import primitives  # noqa: E402
 from fused_resnet.triton import bn, stats  # noqa: E402
-from kernel_cases import (  # noqa: E402,F401 (fixtures)
+from kernel_cases import (  # noqa: E402
     activation,
     assert_close,
     channel_vectors,
     kernel_set_params,
-    kernels,
-    poisoned_outputs,
+    kernels,  # noqa: F401 (a fixture)
+    poisoned_outputs,  # noqa: F401 (a fixture)
 )
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
