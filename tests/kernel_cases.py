@@ -272,8 +272,7 @@ def kernels(request):
 def poisoned_outputs():
     """Every output and workspace the kernels allocate starts out NaN (integers at their maximum): deterministic
     mode fills uninitialized memory, in torch.empty and in the extension's at::empty alike, so an element or a
-    partial a kernel forgets to write fails the comparison instead of passing on stale zeros. Once per module:
-    switching the mode on costs a millisecond, more than many of the tests."""
+    partial a kernel forgets to write fails the comparison instead of passing on stale zeros."""
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)

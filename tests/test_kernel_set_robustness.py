@@ -127,7 +127,7 @@ def test_grad_output_in_another_layout_is_read_correctly(kernels, channels_last)
 
 
 @parametrize_layouts
-@parametrize_dtypes([torch.float64, torch.float32, torch.float16])  # each element size
+@parametrize_dtypes([torch.float16])  # a 2-byte offset: the least aligned view
 @pytest.mark.parametrize("kernels", kernel_set_params(SETS_WITHOUT_ALIGNMENT_CASES), indirect=True)
 def test_ops_read_views_at_a_storage_offset(kernels, dtype, channels_last):
     """Every activation of every op a view one element into its buffer (whose poisoned element before it would show
