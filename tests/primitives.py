@@ -1,10 +1,23 @@
-"""Float64 formulas of the compiled kernel primitives (torch.ops.fused_resnet.*), for the kernel tests of every
-device. The ops' schemas and comments are in csrc/ops.cpp."""
+"""Float64 formulas of the four BatchNorm kernel ops (batch_stats, bn_act, bn_act_backward_reduce,
+bn_act_backward_elemt; schemas and comments in csrc/ops.cpp), which every kernel set is compared with.
+
+Each formula returns an :class:`Exact`: the float64 result of the op on the (already rounded) inputs, and the sum of
+the magnitudes of the terms that result adds up. A kernel adds the same terms in its accumulation dtype, so its
+error is bounded by that dtype's rounding times the magnitude, however much the terms cancel (tests/kernel_cases.py
+turns the two into a bound). The formulas run on the inputs' device.
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+
+
+class Exact(NamedTuple):
+    value: Tensor
+    magnitude: Tensor  # the sum of |term| over the terms `value` is the sum of: what rounding errors scale with
 
 
 def per_channel(v: Tensor) -> Tensor:
@@ -12,21 +25,35 @@ def per_channel(v: Tensor) -> Tensor:
 
 
 def masked(grad: Tensor, output: Tensor | None) -> Tensor:
+    """threshold_backward: the gradient where output > 0 or is NaN, 0 where output <= 0 (-0 included)."""
     g = grad.double()
     return g if output is None else torch.where(output.double() <= 0, torch.zeros_like(g), g)
 
 
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+def _sum_of(terms: list[Tensor]) -> Exact:
+    return Exact(sum(terms), sum(t.abs() for t in terms))
+
+
+def _channel_sum(products: Tensor) -> Exact:
+    return Exact(products.sum((0, 2, 3)), products.abs().sum((0, 2, 3)))
+
+
+def batch_stats(x: Tensor) -> tuple[Exact, Exact]:
+    """Per-channel mean (terms x / count) and biased variance (terms (x - mean)^2 / count, all >= 0)."""
     x = x.double()
-    return x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    var = x.var((0, 2, 3), unbiased=False)
+    return Exact(x.mean((0, 2, 3)), x.abs().mean((0, 2, 3))), Exact(var, var)
 
 
-def bn_act(x, scale, shift, residual=None, residual_scale=None, residual_shift=None, relu=True) -> Tensor:
-    out = x.double() * per_channel(scale) + per_channel(shift)
-    if residual is not None:
-        r = residual.double()
-        out = out + (r * per_channel(residual_scale) + per_channel(residual_shift) if residual_scale is not None else r)
-    return torch.relu(out) if relu else out
+def bn_act(x, scale, shift, residual=None, residual_scale=None, residual_shift=None, relu=True) -> Exact:
+    """[relu](x * scale + shift [+ residual [* residual_scale + residual_shift]])."""
+    terms = [x.double() * per_channel(scale), per_channel(shift).expand(x.shape)]
+    if residual is not None and residual_scale is not None:
+        terms += [residual.double() * per_channel(residual_scale), per_channel(residual_shift).expand(x.shape)]
+    elif residual is not None:
+        terms.append(residual.double())
+    out = _sum_of(terms)
+    return Exact(torch.relu(out.value), out.magnitude) if relu else out
 
 
 def zero_pad_identity(residual: Tensor, channels: int, stride: int, channels_before: int) -> Tensor:
@@ -35,18 +62,23 @@ def zero_pad_identity(residual: Tensor, channels: int, stride: int, channels_bef
     return torch.nn.functional.pad(r, (0, 0, 0, 0, channels_before, channels - r.shape[1] - channels_before))
 
 
-def backward_reduce(grad, output, x, mean, x2=None, mean2=None) -> tuple[Tensor, Tensor, Tensor | None]:
+def backward_reduce(grad, output, x, mean, x2=None, mean2=None) -> tuple[Exact, Exact, Exact | None]:
+    """Per-channel (sum gm, sum gm * (x - mean), sum gm * (x2 - mean2) or None), gm = masked(grad, output)."""
     gm = masked(grad, output)
-    sums = (gm.sum((0, 2, 3)), (gm * (x.double() - per_channel(mean))).sum((0, 2, 3)))
-    third = (gm * (x2.double() - per_channel(mean2))).sum((0, 2, 3)) if x2 is not None else None
-    return (*sums, third)
+    second = _channel_sum(gm * (x2.double() - per_channel(mean2))) if x2 is not None else None
+    return _channel_sum(gm), _channel_sum(gm * (x.double() - per_channel(mean))), second
 
 
-def backward_elemt(grad, output, x, mean, coefs, x2=None, mean2=None, coefs2=None, residual_grad=False):
-    gm = masked(grad, output)
+def _elemt(gm: Tensor, x: Tensor, mean: Tensor, coefs) -> Exact:
     k_dy, k_xmu, k_0 = coefs
-    grad_x = per_channel(k_dy) * gm + per_channel(k_xmu) * (x.double() - per_channel(mean)) + per_channel(k_0)
+    return _sum_of([per_channel(k_dy) * gm, per_channel(k_xmu) * (x.double() - per_channel(mean)),
+                    per_channel(k_0).expand(gm.shape)])
+
+
+def backward_elemt(grad, output, x, mean, coefs, x2=None, mean2=None, coefs2=None,
+                   residual_grad=False) -> tuple[Exact, Exact | None]:
+    """(k_dy * gm + k_xmu * (x - mean) + k_0, and the same of the second BN, or gm when residual_grad, or None)."""
+    gm = masked(grad, output)
     if x2 is not None:
-        k2_dy, k2_xmu, k2_0 = coefs2
-        return grad_x, per_channel(k2_dy) * gm + per_channel(k2_xmu) * (x2.double() - per_channel(mean2)) + per_channel(k2_0)
-    return grad_x, (gm if residual_grad else None)
+        return _elemt(gm, x, mean, coefs), _elemt(gm, x2, mean2, coefs2)
+    return _elemt(gm, x, mean, coefs), (Exact(gm, torch.zeros_like(gm)) if residual_grad else None)
