@@ -57,7 +57,7 @@ SHAPES = [(2, 3, 5, 7), (3, 13, 7, 9), (1, 67, 6, 6), (4, 64, 1, 1), (2, 33, 17,
 # For the kernel sets on CUDA tensors also: odd channel counts and planes (no 16-byte vectors), vectorizable ones,
 # HW = 1, N = 1, and sizes that split each layout's reduction into several chunks: NCHW runs of whole planes
 # (16x4x32x32), NCHW segments of one plane (1x2x96x96), many NHWC row tiles (8x67x7x9, 4x64x56x56), several
-# 256-channel NHWC slices. Under Triton's interpreter (about a thousand times slower) they would take minutes.
+# 256-channel NHWC slices. Under Triton's interpreter (about a second per call at 4x64x56x56) they would take minutes.
 GPU_SHAPES = [(2, 3, 7, 9), (1, 67, 7, 9), (8, 67, 7, 9), (4, 64, 8, 8), (3, 16, 1, 1), (5, 96, 5, 5),
               (16, 4, 32, 32), (1, 2, 96, 96), (2, 512, 14, 14), (4, 64, 56, 56)]
 
@@ -137,7 +137,7 @@ class KernelSet:
     @property
     def determinism_shape(self) -> tuple[int, ...] | None:
         """Large enough to split the reductions into many tiles: several per CPU thread, many chunks on a GPU. None
-        under the interpreter, which would take minutes at such sizes: tests/test_triton_launchers.py shrinks the
+        under the interpreter (over a second per call at such sizes): tests/test_triton_launchers.py shrinks the
         Triton tiles to split small tensors into many instead."""
         return None if self.interpreted else {"cpu": (8, 24, 30, 30), "cuda": (32, 64, 28, 28)}[self.device]
 
