@@ -55,8 +55,8 @@ BENCHMARK_ARGS = ["--dtype", "bfloat16", "--channels-last", "--models", "resnet5
                   "-k", "not BasicBlock and not (torch-compile and (test_blocks.py or test_ops.py))"]
 # compute-sanitizer slows every kernel launch down many times over: the bf16 kernel tests on two shapes, one with
 # odd sizes (the scalar paths) and one with 512 channels (the 16-byte vector paths), in every layout and alignment.
-SANITIZER_SELECTION = "bfloat16 and (2x3x7x9 or 2x512x14x14)"
-RACECHECK_SELECTION = "bfloat16 and 2x512x14x14"
+SANITIZER_SELECTION = "cuda and bfloat16 and (2x3x7x9 or 2x512x14x14)"
+RACECHECK_SELECTION = "cuda and bfloat16 and 2x512x14x14"
 
 
 def _pytest(*args: str) -> list[str]:
@@ -384,18 +384,25 @@ def _conclude_environment(check: Check, result: StepResult, output: str) -> None
         result.note += "; " + "; ".join(problems)
 
 
+# The kernel-set suite's cuda cases (against the float64 formulas and the CPU ops' errors), and its "built and
+# registered" check, which runs without a GPU too.
+KERNEL_SET_TESTS = ["tests/test_kernel_sets.py", "tests/test_kernel_set_robustness.py", "tests/test_kernel_set_errors.py"]
+
+
 def _plan_cuda_tests(check: Check) -> list[str]:
-    # Without a GPU they skip, saying why, but for the check that the CUDA kernels were built where nvcc is.
-    return _pytest("tests/test_cuda_kernels.py", "-q", "-rs")
+    # Without a GPU the cuda cases skip, saying why.
+    return _pytest(*KERNEL_SET_TESTS, "-q", "-rs", "-k", "cuda")
 
 
 # The Triton kernels' tests and the whole-block tests of the triton and cuda backends: on the GPU's CUDA tensors
 # here (Triton compiled), interpreted on the CPU in `make test` (triton only).
-GPU_BACKEND_TESTS = ["tests/test_triton_kernels.py", "tests/test_triton_conv.py", "tests/test_gpu_backends.py"]
+GPU_BACKEND_TESTS = ["tests/test_triton_launchers.py", "tests/test_triton_conv.py", "tests/test_gpu_backends.py"]
 
 
 def _plan_gpu_backend_tests(check: Check) -> list[str]:
-    command = _pytest(*GPU_BACKEND_TESTS, "-q", "-rs")
+    # One -k for every file: the kernel-set files' triton cases, and every test of the other files.
+    selection = "triton or not test_kernel_set"
+    command = _pytest(*GPU_BACKEND_TESTS, *KERNEL_SET_TESTS, "-q", "-rs", "-k", selection)
     # On the CPU they run in Triton's interpreter, minutes long, and `make test` has just run them.
     return [*command, "--collect-only"] if check.rehearsal else command
 
@@ -412,7 +419,7 @@ def _plan_gpu_aware_tests(check: Check) -> list[str]:
 def _plan_other_tests(check: Check) -> list[str]:
     # CPU-only tests, which CI runs on every change: here they check this machine's torch/triton/Python, last, in
     # whatever time the steps before them left (minutes on a 2-core CPU, so only collected in the rehearsal).
-    ignored = ["tests/test_cuda_kernels.py", *GPU_BACKEND_TESTS, *GPU_AWARE_TESTS]
+    ignored = [*KERNEL_SET_TESTS, *GPU_BACKEND_TESTS, *GPU_AWARE_TESTS]
     command = _pytest("tests", *(f"--ignore={t}" for t in ignored), "-q")
     return [*command, "--collect-only"] if check.rehearsal else command
 
@@ -432,7 +439,7 @@ def _plan_sanitizer(check: Check) -> list[str] | str:
     if not sanitizer:
         return "compute-sanitizer not found on PATH or in the CUDA toolkit"
     return [sanitizer, "--tool", "memcheck", "--error-exitcode", "1",
-            *_pytest("tests/test_cuda_kernels.py", "-q", "-m", "not slow", "-k", SANITIZER_SELECTION)]
+            *_pytest(*KERNEL_SET_TESTS, "-q", "-m", "not slow", "-k", SANITIZER_SELECTION)]
 
 
 def _plan_racecheck(check: Check) -> list[str] | str:
@@ -441,7 +448,7 @@ def _plan_racecheck(check: Check) -> list[str] | str:
         return memcheck
     # Shared-memory races live in the reductions (statistics, backward sums): one bf16 shape with 512 channels.
     return [memcheck[0], "--tool", "racecheck", "--error-exitcode", "1",
-            *_pytest("tests/test_cuda_kernels.py", "-q", "-m", "not slow", "-k", RACECHECK_SELECTION)]
+            *_pytest(*KERNEL_SET_TESTS, "-q", "-m", "not slow", "-k", RACECHECK_SELECTION)]
 
 
 def _conclude_sanitizer(check: Check, result: StepResult, output: str) -> None:
