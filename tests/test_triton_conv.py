@@ -198,6 +198,28 @@ def test_prologue_keeps_the_padding_zero(channels_last, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("fusion", ["prologue", "epilogue"])
+def test_relu_keeps_nan(fusion, channels_last, device):
+    """A NaN activation stays NaN through the fused ReLUs, as through torch.relu (and the cpu and cuda backends):
+    tl.maximum(v, 0) would return 0 for it. A 1x1 convolution carries the NaN pixel to every output channel."""
+    g = GEOMETRY_1X1
+    x, weight = make_inputs(g, torch.float32, device, channels_last)
+    x[1, 3, 2, 4] = float("nan")
+    if fusion == "prologue":
+        scale, shift = make_prologue(g.cin, device)
+        y = conv2d(x, weight, input_scale=scale, input_shift=shift, **g.conv_args())
+        expected = reference(x, weight, g, scale=scale, shift=shift)
+    else:
+        y = conv2d(x, weight, relu=True, **g.conv_args())
+        expected = reference(x, weight, g, relu=True)
+    nan = torch.isnan(expected)
+    assert nan[1, :, 2, 4].all() and nan.sum() == g.cout, "the reference carries the NaN to one pixel's channels"
+    assert torch.equal(torch.isnan(y.cpu()), nan), f"{fusion}: NaN positions differ from torch's"
+    assert_rel(y.cpu()[~nan], expected[~nan], tolerance(torch.float32, device), f"{fusion}: the other values")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("g", [GEOMETRY_1X1, GEOMETRIES[2], GEOMETRIES[7]], ids=repr)

@@ -46,6 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..tensors import accumulation_dtype, memory_format_of
+from .activation import relu
 from .stats import chan_merge, check_launch_device, merge_partial_stats
 
 REDUCE_BLOCK = 4096
@@ -75,12 +76,6 @@ OTHER_SECOND_BN = tl.constexpr(2)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels. Per-channel parameters arrive in the accumulation dtype, so their pointer's element type names it.
-
-
-@triton.jit
-def _relu(v):
-    # PyTorch's relu keeps NaN: compare so that NaN takes the `v` branch (tl.maximum would drop it on a GPU).
-    return tl.where(v < 0, 0.0, v)
 
 
 @triton.jit
@@ -172,7 +167,7 @@ def _bn_act_term(x, scale, shift, residual, residual_scale, residual_shift, RESI
     if RESIDUAL == RESIDUAL_AFFINE:
         v += residual * residual_scale + residual_shift
     if RELU:
-        v = _relu(v)
+        v = relu(v)
     return v
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..tensors import conv_output_size, describe, empty_dense_like
 from . import interpreted
+from .activation import relu
 from .stats import check_launch_device, merge_partial_stats
 
 _OP = "fused_resnet.triton.conv2d"
@@ -164,7 +165,7 @@ def _conv_kernel(
         if HAS_PROLOGUE:
             scale = tl.load(scale_ptr + cin, mask=k_mask, other=0.0)
             shift = tl.load(shift_ptr + cin, mask=k_mask, other=0.0)
-            normalized = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+            normalized = relu(a.to(tl.float32) * scale[None, :] + shift[None, :])
             # The zero padding (and the rows and channels past the end) must stay 0 after the transform: relu(shift)
             # is not 0. Rounded to x's dtype, as the normalized activation of the unfused path would be.
             a = tl.where(a_mask, normalized, 0.0).to(x_ptr.dtype.element_ty)
@@ -187,7 +188,7 @@ def _conv_kernel(
         r = tl.load(residual_ptr + r_row[:, None] + (rc * r_stride_c)[None, :], mask=r_mask, other=0.0)
         acc += r.to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     out = acc.to(y_ptr.dtype.element_ty)
     y_row = n.to(tl.int64) * y_stride_n + oh * y_stride_h + ow * y_stride_w
     tl.store(y_ptr + y_row[:, None] + (co * y_stride_c)[None, :], out, mask=out_mask)
