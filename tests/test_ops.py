@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 
 from conftest import CPU_BACKENDS, assert_rel, randomize_batchnorms, to_layout
 from fused_resnet import ops, reference, use_backend
+from fused_resnet.kernels import kernels_for
 from fused_resnet.modules import conv_bn
 from fused_resnet.params import BatchNormParams, ZeroPadIdentity
 
@@ -273,6 +276,35 @@ def test_inference_reuses_folded_weights_until_a_source_changes(backend):
         expected = reference.residual_block(x, units, "identity")
     assert_rel(second, expected, 2e-5)
     assert not torch.allclose(first, second)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS or not torch.backends.mkldnn.is_available(),
+                    reason="the cpu backend's oneDNN convolutions are not available here")
+def test_channels_last_inference_packs_each_folded_weight_once():
+    """The cpu backend keeps each folded weight reordered into oneDNN's blocked layout while the weight lives: the
+    second call reuses the packed forms, and a refold releases the old ones."""
+    spec = SPECS["bottleneck"]
+    pairs, _ = build(spec, torch.float32)
+    for _, bn in pairs:
+        bn.eval()
+    units = [conv_bn(c, b, f"u{i}") for i, (c, b) in enumerate(pairs)]
+    cache = ops.FoldedWeights()
+    kernels = kernels_for("cpu")
+    x = torch.randn(2, spec.in_channels, *spec.hw).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        first = ops.residual_block(x, units, "identity", folded=cache, backend="cpu")
+        packed = [kernels._packed_weights[cache.get(i, u)[0]][1] for i, u in enumerate(units)]
+        assert all(p.is_mkldnn for p in packed)
+        again = ops.residual_block(x, units, "identity", folded=cache, backend="cpu")
+        assert all(kernels._packed_weights[cache.get(i, u)[0]][1] is p for i, (u, p) in enumerate(zip(units, packed)))
+        old_weight = weakref.ref(cache.get(0, units[0])[0])
+        pairs[0][1].running_var.mul_(4)
+        changed = ops.residual_block(x, units, "identity", folded=cache, backend="cpu")
+        gc.collect()
+        assert old_weight() is None, "a refold must release the old folded weight and its packed form"
+        expected = reference.residual_block(x, units, "identity")
+    assert torch.equal(first, again)
+    assert_rel(changed, expected, 2e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

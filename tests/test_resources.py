@@ -179,14 +179,16 @@ def uncached(block, x):
         return copy.deepcopy(block).double()(x.double())
 
 
+# channels_last: where the cpu backend also keeps each folded weight packed in oneDNN's blocked layout.
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("apply_change", CHANGES)
-def test_folded_weight_cache_never_serves_stale_weights(backend, apply_change):
+def test_folded_weight_cache_never_serves_stale_weights(backend, apply_change, memory_format):
     block = projection_block()
     for p in block.parameters():
         p.grad = torch.randn_like(p)  # for the optimizer steps
     block.eval()
-    x = torch.randn(2, 8, 10, 10)
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=memory_format)
     with use_backend(backend), torch.no_grad():
         before = block(x)
         assert_rel(block(x), uncached(block, x), 2e-5, "a cached call")

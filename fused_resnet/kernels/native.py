@@ -13,6 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _native
 from ..params import ConvParams, ZeroPadIdentity
@@ -67,11 +68,28 @@ class OneDnnKernels(NativeKernels):
             return super().conv_bias_act(x, conv, weight, bias, residual, relu, zero_pad)
         geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
         bias = as_dtype(bias, weight.dtype)
+        weight = self._packed(weight, geometry, x)
         unary = "relu" if relu else "none"
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise.default(x, weight, bias, *geometry, unary, [None], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, weight, bias, *geometry, "add", None, unary, [None], "")
+
+    def _packed(self, weight: Tensor, geometry: tuple, x: Tensor) -> Tensor:
+        """`weight` reordered once into the blocked layout oneDNN picks for inputs shaped like x, kept while the
+        weight lives: a folded weight lives as long as its entry in the module's folded-weight cache, so the reorder
+        runs once per refold instead of inside every call (resnet50, batch 16 at 160x160: the 3x3 and 1x1
+        convolutions 2-5% faster). The form packed for x's shape serves any shape, only less well."""
+        entry = self._packed_weights.get(weight)
+        if entry is None or entry[0] != x.shape:
+            entry = (x.shape, torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(x.shape)))
+            self._packed_weights[weight] = entry
+        return entry[1]
+
+    @functools.cached_property
+    def _packed_weights(self) -> WeakIdKeyDictionary:
+        """{folded weight: (the input shape it was packed for, its packed form)}; an entry goes with its weight."""
+        return WeakIdKeyDictionary()
 
     @functools.cached_property
     def _onednn_dtypes(self) -> frozenset[torch.dtype]:
