@@ -56,8 +56,9 @@ class CifarResNet(nn.Module, FusedStem):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        x, entry_format = self.enter_blocks(x)
         x = self.forward_stem(x)
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self.leave_blocks(self.layer3(self.layer2(self.layer1(x))), entry_format)
         return self.fc(self.avgpool(x).flatten(1))
 
 

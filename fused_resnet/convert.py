@@ -67,13 +67,14 @@ def _fused_timm_resnet_class() -> type:
 
         def forward_features(self, x: torch.Tensor) -> torch.Tensor:
             # timm's forward_features with the stem fused.
+            x, entry_format = self.enter_blocks(x)
             x = self.maxpool(self.forward_stem(x))
             stages = [self.layer1, self.layer2, self.layer3, self.layer4]
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 return timm_resnet.checkpoint_seq(stages, x, flatten=True)
             for stage in stages:
                 x = stage(x)
-            return x
+            return self.leave_blocks(x, entry_format)
 
     FusedTimmResNet.__module__ = __name__
     FusedTimmResNet.__qualname__ = "FusedTimmResNet"  # pickled by reference: fused_resnet.convert.FusedTimmResNet

@@ -15,6 +15,7 @@ from . import ops
 from .fusion import Fusable, conv_blocker, hooks_blocker, norm_blocker, relu_blocker
 from .modules import BasicBlock, Bottleneck, conv1x1, conv_bn
 from .ops import FoldedWeights
+from .tensors import memory_format_of
 
 __all__ = [
     "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
@@ -56,6 +57,21 @@ class FusedStem(Fusable):
         return self.structure_blocker() or hooks_blocker(
             [("conv1", self.conv1), ("bn1", self.bn1), (act, getattr(self, act))]
         )
+
+    def enter_blocks(self, x: Tensor) -> tuple[Tensor, torch.memory_format]:
+        """(x in the memory format the stem and the blocks should run in, x's own). In inference (eval, no
+        gradients) that is the one the backend's convolutions run fastest in (an NCHW input runs channels_last on
+        the cpu backend); the model turns its features back into x's format after the last stage
+        (:meth:`leave_blocks`), so what it returns is laid out as before: one conversion at each end."""
+        entry_format = memory_format_of(x)
+        if self.training or torch.is_grad_enabled() or x.dim() != 4:
+            return x, entry_format
+        return x.contiguous(memory_format=ops.inference_memory_format(x)), entry_format
+
+    @staticmethod
+    def leave_blocks(x: Tensor, entry_format: torch.memory_format) -> Tensor:
+        """The last stage's features in the input's memory format (see :meth:`enter_blocks`)."""
+        return x if x.dim() != 4 else x.contiguous(memory_format=entry_format)
 
     def forward_stem(self, x: Tensor) -> Tensor:
         """activation(bn1(conv1(x))), as one fused op unless fusion_blocker() says otherwise."""
@@ -152,12 +168,13 @@ class ResNet(nn.Module, FusedStem):
         return nn.Sequential(*layers)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        x, entry_format = self.enter_blocks(x)
         x = self.forward_stem(x)
         x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
-        x = self.layer4(x)
+        x = self.leave_blocks(self.layer4(x), entry_format)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)

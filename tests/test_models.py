@@ -98,6 +98,28 @@ def test_converted_model_outputs_match_in_float32(backend, name, channels_last):
         close_as_torchvision(b, rb, eb, n)
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the cpu backend is not available here")
+def test_nchw_inference_runs_the_blocks_channels_last_and_returns_features_as_given():
+    """On the cpu backend an NCHW input's inference runs in channels_last (oneDNN's faster layout) from the stem to
+    the last stage, whose features go back to NCHW; with gradients it keeps NCHW throughout."""
+    tv = randomize_batchnorms(torchvision.models.resnet18(num_classes=10)).eval()
+    fused = fused_copy(tv)
+    layouts = {}
+    fused.layer1.register_forward_hook(
+        lambda module, args, out: layouts.__setitem__("layer1", to_layout(out, True) is out))
+    fused.avgpool.register_forward_pre_hook(
+        lambda module, args: layouts.__setitem__("avgpool input", "nchw" if args[0].is_contiguous() else "other"))
+    x = torch.randn(2, 3, 64, 64)
+    with use_backend("cpu"), torch.no_grad():
+        out = fused(x)
+        expected = tv(x)
+    assert layouts == {"layer1": True, "avgpool input": "nchw"}
+    assert_rel(out, expected, 1e-4)
+    with use_backend("cpu"):
+        fused(x)
+    assert layouts == {"layer1": False, "avgpool input": "nchw"}
+
+
 def loss_trajectory(model, x, target, backend, steps=5):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     losses = []

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..params import ConvParams, ZeroPadIdentity
-from ..tensors import as_dtype
+from ..tensors import as_dtype, memory_format_of
 
 BackwardCoefs = tuple[Tensor, Tensor, Tensor]  # (coef_dy, coef_xmu, coef_const) of bn_act_backward_elemt
 
@@ -74,6 +74,11 @@ class KernelSet(abc.ABC):
 
     # -----------------------------------------------------------------------------------------------------------
     # Convolutions: each set's own forward, ATen's backward
+
+    def inference_memory_format(self, x: Tensor) -> torch.memory_format:
+        """The memory format in which a chain of blocks runs inference fastest for an input like x: x's own unless
+        this set's convolutions prefer another."""
+        return memory_format_of(x)
 
     @abc.abstractmethod
     def conv(self, x: Tensor, conv: ConvParams) -> Tensor:

@@ -13,6 +13,7 @@ from .. import reference
 from ..backends import select_backend
 from ..kernels import KernelSet, kernels_for
 from ..params import ConvBN, ZeroPadIdentity, update_running_stats
+from ..tensors import memory_format_of
 from .checks import check_block
 from .folding import FoldedWeights
 from .nodes import run_bn_act, run_bn_relu_conv, run_conv
@@ -61,6 +62,13 @@ def run_block(
         if stats:
             update_running_stats(bn, *stats, count)
     return out
+
+
+def inference_memory_format(x: Tensor, backend: str | None = None) -> torch.memory_format:
+    """The memory format in which fused blocks run inference on an input like x fastest: x's own, or the one
+    the backend's convolutions prefer (channels_last on the cpu backend)."""
+    name = select_backend(x.device, backend)
+    return memory_format_of(x) if name == "torch" else kernels_for(name).inference_memory_format(x)
 
 
 def _needs_autograd(inputs: Sequence[Tensor], units: Sequence[ConvBN]) -> bool:
