@@ -24,6 +24,7 @@ from torch import nn
 from .fusion import Fusable
 from .models import FusedStem, ResNet
 from .modules import BasicBlock, Bottleneck, ConvBNReLU, TimmBasicBlock, TimmBottleneck, timm_resnet_module
+from .ops import FoldedWeights
 
 __all__ = ["FusionWarning", "convert", "convert_sync_batchnorm", "unfused_modules"]
 
@@ -179,6 +180,8 @@ def convert(model: nn.Module, sync_bn: bool = False, process_group: object | Non
         if reason is not None:
             model.__class__ = original_class
             skipped["(stem)"] = reason
+        else:
+            model._folded = FoldedWeights()  # made here, not on the first call, which may be inside torch.compile
     if skipped:
         details = "; ".join(f"{name}: {why}" for name, why in skipped.items())
         warnings.warn(f"convert left {len(skipped)} module(s) unfused: {details}", FusionWarning, stacklevel=2)

@@ -77,8 +77,6 @@ class FusedStem(Fusable):
         """activation(bn1(conv1(x))), as one fused op unless fusion_blocker() says otherwise."""
         if self.fusion_blocker() is not None:
             return getattr(self, self._stem_activation)(self.bn1(self.conv1(x)))
-        if "_folded" not in self.__dict__:  # a torchvision or timm ResNet converted in place
-            self._folded = FoldedWeights()
         conv1 = self.conv1
         if not isinstance(conv1, nn.Sequential):
             return ops.conv_bn_relu(x, conv_bn(conv1, self.bn1, "conv1/bn1"), folded=self._folded)

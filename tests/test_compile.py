@@ -11,7 +11,7 @@ from torch import nn
 
 import fused_resnet
 from conftest import CPU_BACKENDS, assert_rel, randomize_batchnorms
-from fused_resnet import _native
+from fused_resnet import _native, ops, use_backend
 
 pytestmark = pytest.mark.skipif(not CPU_BACKENDS, reason="no fused backend runs on the CPU here")
 
@@ -47,7 +47,7 @@ def test_fused_network_compiles_without_graph_breaks_and_matches_eager(train):
 
 
 def test_compiled_inference_sees_weights_change_in_place():
-    """The folded-weight cache is bypassed under compilation: a compiled model must not keep stale weights."""
+    """A compiled graph reads the modules' folded-weight caches at run time: it must not keep stale weights."""
     torch._dynamo.reset()
     eager = randomize_batchnorms(small_network()).double().eval()
     compiled = torch.compile(eager, fullgraph=True, backend="aot_eager")
@@ -100,3 +100,46 @@ NATIVE_DEVICES = ["cpu"] + (["cuda"] if fused_resnet.backend_status()["cuda"] ==
 def test_opcheck(sample, device):
     op, args = op_samples(device=device)[sample]
     torch.library.opcheck(op, args)
+
+
+def folded_entries(model: nn.Module) -> dict[tuple[str, int], torch.Tensor]:
+    """{(module name, unit index): the cached folded weight} of every fused module of `model`."""
+    return {(name, index): entry[2][0] for name, module in model.named_modules()
+            if isinstance(module.__dict__.get("_folded"), ops.FoldedWeights)
+            for index, entry in module._folded._entries.items()}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compiled_inference_folds_once_and_refolds_only_what_changed(backend):
+    """Under torch.compile each folded unit is one opaque op reading the module's cache: the second call folds
+    nothing, and a change refolds only the unit it touches."""
+    torch._dynamo.reset()
+    model = randomize_batchnorms(small_network()).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 12, 12)
+    with use_backend(backend), torch.no_grad():
+        compiled(x)
+        first = folded_entries(model)
+        compiled(x)
+        second = folded_entries(model)
+        model[2].bn2.running_mean.add_(0.5)
+        changed = compiled(x)
+        third = folded_entries(model)
+        with use_backend("torch"):
+            expected = model(x)
+    assert len(first) == 7 and all(second[key] is first[key] for key in first)
+    assert [key for key in first if third[key] is not first[key]] == [("2", 1)]
+    assert_rel(changed, expected, 1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck_folded_conv_act(residual, memory_format):
+    conv = nn.Conv2d(6, 8, 3, padding=1, bias=True)
+    bn = randomize_batchnorms(nn.BatchNorm2d(8)).eval()
+    x = torch.randn(2, 6, 7, 5).contiguous(memory_format=memory_format)
+    r = torch.randn(2, 8, 7, 5).contiguous(memory_format=memory_format) if residual else None
+    folded = ops.FoldedWeights()
+    args = (x, r, conv.weight.detach(), conv.bias.detach(), bn.weight.detach(), bn.bias.detach(), bn.running_mean,
+            bn.running_var, bn.eps, [1, 1], [1, 1], [1, 1], 1, True, 0, 0, CPU_BACKENDS[0], folded.handle, 0)
+    torch.library.opcheck(torch.ops.fused_resnet.folded_conv_act.default, args)

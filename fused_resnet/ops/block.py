@@ -11,11 +11,12 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import select_backend
-from ..kernels import KernelSet, kernels_for
+from ..kernels import kernels_for
 from ..params import ConvBN, ZeroPadIdentity, update_running_stats
 from ..tensors import memory_format_of
 from .checks import check_block
 from .folding import FoldedWeights
+from .inference import inference_block
 from .nodes import run_bn_act, run_bn_relu_conv, run_conv
 from .sync import synchronized
 
@@ -39,8 +40,7 @@ def run_block(
     kernels = kernels_for(name)
     projected = x if shortcut_input is None else shortcut_input
     if not _needs_autograd([x, projected], every_unit) and not any(u.bn.use_batch_stats for u in every_unit):
-        return _inference_block(kernels, x, units, shortcut, projected,
-                                folded if folded is not None else FoldedWeights())
+        return inference_block(name, x, units, shortcut, projected, folded)
     first = units[0]
     y, *stats = run_conv(kernels, x, first.conv, first.bn.use_batch_stats)
     # (bn, batch statistics, their count) of each unit, for the running statistics
@@ -76,27 +76,3 @@ def _needs_autograd(inputs: Sequence[Tensor], units: Sequence[ConvBN]) -> bool:
         return False
     tensors = (t for u in units for t in (u.conv.weight, u.conv.bias, u.bn.weight, u.bn.bias))
     return any(t.requires_grad for t in inputs) or any(t is not None and t.requires_grad for t in tensors)
-
-
-def _inference_block(
-    kernels: KernelSet, x: Tensor, units: Sequence[ConvBN], shortcut: Shortcut, shortcut_input: Tensor,
-    folded: FoldedWeights,
-) -> Tensor:
-    """The block with every BatchNorm folded into its convolution (cached in `folded`, indexed by unit, the
-    projection last) and bias, residual and ReLU in the convolution's epilogue."""
-    n = len(units)
-    residual, zero_pad = None, None
-    if shortcut == "identity":
-        residual = x
-    elif isinstance(shortcut, ZeroPadIdentity):
-        residual, zero_pad = x, shortcut
-    elif isinstance(shortcut, ConvBN):
-        weight, bias = folded.get(n, shortcut)
-        residual = kernels.conv_bias_act(shortcut_input, shortcut.conv, weight, bias, None, relu=False)
-    a = x
-    for i, unit in enumerate(units):
-        weight, bias = folded.get(i, unit)
-        last = i == n - 1
-        a = kernels.conv_bias_act(a, unit.conv, weight, bias, residual if last else None, relu=True,
-                                  zero_pad=zero_pad if last else None)
-    return a

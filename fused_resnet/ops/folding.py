@@ -3,6 +3,9 @@ when it refolds."""
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -33,24 +36,35 @@ class FoldedWeights:
     autograd's checks: after one, :meth:`clear` (or `fused_resnet.clear_folded_weights(model)`). An entry holds
     references to its sources, so a freed tensor's address cannot alias a live key. Not pickled."""
 
+    NO_HANDLE = -1  # the handle of no cache: with_handle() returns a new, empty one
+
+    _handles = itertools.count()
+    _live: weakref.WeakValueDictionary[int, FoldedWeights] = weakref.WeakValueDictionary()
+
     def __init__(self) -> None:
         self._entries: dict[int, tuple[tuple, tuple, tuple[Tensor, Tensor]]] = {}  # (sources, versions, folded)
+        # A compiled graph names the cache by this number (ops/inference.py): graphs hold ints, not Python objects.
+        self.handle = next(FoldedWeights._handles)
+        FoldedWeights._live[self.handle] = self
 
     def __getstate__(self) -> dict:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self._entries = {}
+        self.__init__()
+
+    @classmethod
+    def with_handle(cls, handle: int) -> FoldedWeights:
+        """The live cache numbered `handle`, or a new one (which folds on every call) if it is gone. A cache found
+        through a stale handle is still safe: each entry checks its sources before it is used."""
+        cache = cls._live.get(handle)
+        return cache if cache is not None else cls()
 
     def clear(self) -> None:
         """Forgets every folded weight: the next inference call folds again."""
         self._entries.clear()
 
     def get(self, index: int, unit: ConvBN) -> tuple[Tensor, Tensor]:
-        if torch.compiler.is_compiling():
-            # A compiled graph folds on every call (a few per-channel ops the compiler fuses); version counters are
-            # not values it can guard on.
-            return fold_batch_norm(unit)
         conv, bn = unit.conv, unit.bn
         sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         try:
