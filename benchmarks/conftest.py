@@ -35,9 +35,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="torch.set_num_threads for CPU runs (on a shared machine, fewer threads than cores gives "
                          "steadier numbers)")
     group.addoption("--providers", default=None,
-                    help="comma-separated providers to run, e.g. torchvision,fused-cpu,fused-torch,torch-compile "
-                         "(default: torchvision, every fused backend but torch that runs on the device, and "
-                         "torch-compile on a GPU)")
+                    help="comma-separated providers to run, e.g. torchvision,fused-cpu,fused-torch,torch-compile,"
+                         "torch-compile-fused-cpu (default: torchvision, every fused backend but torch that runs "
+                         "on the device, and on a GPU torch-compile and torch-compile-fused-cuda)")
     group.addoption("--report-dir", type=Path, default=DEFAULT_REPORT_DIR,
                     help=f"where report.json and the chart are written (default: {DEFAULT_REPORT_DIR})")
 

@@ -13,7 +13,14 @@ Every case runs once per *provider*, side by side in one run:
 * ``fused-<backend>`` — ``fused_resnet.convert`` of the same module (same weights), run under
   ``fused_resnet.use_backend(backend)``, for each backend of fused_resnet's registry that can run on the benchmark
   device; ``fused-torch`` (the reference composite: the same math as torchvision, only the dispatch overhead
-  differs) is opt-in.
+  differs) is opt-in;
+* ``torch-compile-fused-<backend>`` — ``torch.compile`` (default mode) of ``fused-<backend>``'s module (for op
+  benchmarks: of the function calling ``fused_resnet.ops.batch_norm_act`` with the backend): what a user who
+  compiles anyway gets from fusing. Named as torch.compile of ``fused-<backend>``, so that ``-k torch-compile``
+  selects every compiled provider. On a GPU ``torch-compile-fused-cuda`` runs by default, the others are opt-in;
+  on a CPU all are (see :func:`select_providers`).
+
+Every compiled provider compiles each case afresh (see :meth:`Provider.compile`).
 
 Each case also runs in every *layout* (dtype and memory format) of the size. The memory suite measures the bytes
 autograd keeps for backward per image instead of time (benchmarks/measure.py). After the run, tables (images/s and
@@ -31,6 +38,7 @@ import dataclasses
 import datetime
 import functools
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -173,10 +181,10 @@ def software_versions(device: torch.device) -> dict[str, str | None]:
 
 @dataclasses.dataclass(frozen=True)
 class Provider:
-    """One way of running a benchmark case: the torchvision reference, a fused backend, or torch.compile."""
+    """One way of running a benchmark case: the torchvision reference, a fused backend, torch.compile of either."""
 
     name: str
-    backend: str | None = None  # the fused_resnet backend, for fused-<backend>
+    backend: str | None = None  # the fused_resnet backend, for fused-<backend> and torch-compile-fused-<backend>
     compiled: bool = False
 
     @property
@@ -189,27 +197,41 @@ class Provider:
 
     def context(self) -> contextlib.AbstractContextManager:
         """Where the timed calls run: inside use_backend for a fused provider (backward reuses the kernels its
-        forward chose, so the context only has to cover the forward)."""
+        forward chose, so the context only has to cover the forward; a compiled graph guards on the backend, and
+        is compiled on its first call, inside this context)."""
         return fused_resnet.use_backend(self.backend) if self.is_fused else contextlib.nullcontext()
+
+    def compile(self, function: Callable) -> Callable:
+        """`function` (a module or a plain function) as this provider runs it: under torch.compile (default
+        mode) for a compiled provider, `function` itself otherwise.
+
+        Dynamo's caches are emptied first. It keeps at most 8 compiled graphs per Python function
+        (torch._dynamo.config.recompile_limit) and then runs that function eagerly, with only a warning: every
+        case of a run compiles the same forward (ResNet's is shared by the torchvision and the fused models;
+        12 torchvision BasicBlocks of different widths compiled 8 graphs), so without the reset the later
+        cases of a run would time eager code under a compiled provider's name."""
+        if not self.compiled:
+            return function
+        torch._dynamo.reset()
+        return torch.compile(function)
 
     def prepare(self, reference: nn.Module) -> nn.Module:
         """This provider's module computing what the torchvision module `reference` computes, with the same
-        parameter values (a fused copy, a compiled one, or `reference` itself)."""
-        if self.is_fused:
-            fused = fused_resnet.convert(copy.deepcopy(reference))
-            unfused = fused_resnet.unfused_modules(fused)
-            # A "fused" number measured on modules that fell back to PyTorch would be a lie.
-            assert not unfused, f"{self.name}: modules run unfused after convert(): {unfused}"
-            return fused
-        if self.compiled:
-            return torch.compile(reference)
-        return reference
+        parameter values (a fused copy, a compiled module, or `reference` itself)."""
+        if not self.is_fused:
+            return self.compile(reference)
+        fused = fused_resnet.convert(copy.deepcopy(reference))
+        unfused = fused_resnet.unfused_modules(fused)
+        # A "fused" number measured on modules that fell back to PyTorch would be a lie.
+        assert not unfused, f"{self.name}: modules run unfused after convert(): {unfused}"
+        return self.compile(fused)
 
 
 def known_providers() -> dict[str, Provider]:
-    providers = {"torchvision": Provider("torchvision"), "torch-compile": Provider("torch-compile", compiled=True)}
-    providers.update({f"fused-{name}": Provider(f"fused-{name}", backend=name) for name in REGISTRY})
-    return providers
+    providers = [Provider("torchvision"), Provider("torch-compile", compiled=True)]
+    providers += [Provider(f"fused-{name}", backend=name) for name in REGISTRY]
+    providers += [Provider(f"torch-compile-fused-{name}", backend=name, compiled=True) for name in REGISTRY]
+    return {provider.name: provider for provider in providers}
 
 
 # Why a backend whose kernels run in an interpreter (Triton's, with TRITON_INTERPRET=1) is not benchmarked.
@@ -237,12 +259,20 @@ def select_providers(requested: list[str] | None, device: torch.device) -> tuple
             raise ValueError(f"--providers: unknown {unknown}; known: {', '.join(known)}")
         names = requested
     else:
-        names = ["torchvision", *(name for name, p in known.items() if p.is_fused and p.backend != "torch")]
+        names = ["torchvision", *(name for name, p in known.items()
+                                  if p.is_fused and not p.compiled and p.backend != "torch")]
         # On a GPU torch.compile is the baseline a user would otherwise reach for, so it runs by default. On a
         # CPU it is opt-in: compiling resnet18 at the smoke size took 35 s (eval) and 42 s (training) on a 2-core
         # machine, per layout: more than the whole smoke run's minute.
+        # The fused model compiled runs by default on a GPU for the cuda backend (the one `auto` picks there): it
+        # answers whether fusing still pays for a user who compiles anyway, against torch-compile in the same run,
+        # and its compile costs about what torch-compile's does, which a GPU run already pays. On the 2-core CPU
+        # (shared, so rough), resnet18's smoke-size tests, compile included, took 101 s and 65 s (train: fp32, bf16
+        # channels_last) and 41 s and 24 s (eval) compiled fused, against 77, 85, 30 and 30 s for torch-compile;
+        # the block tests 8-20 s against 4-30 s. So it roughly doubles a GPU run's compile time; the triton
+        # backend's, which `auto` never picks, would triple it and is opt-in.
         if device.type == "cuda":
-            names.append("torch-compile")
+            names += ["torch-compile", "torch-compile-fused-cuda"]
     chosen, left_out = [], {}
     for name in names:
         reason = why_not_runnable(known[name], device)
@@ -252,8 +282,13 @@ def select_providers(requested: list[str] | None, device: torch.device) -> tuple
             left_out[name] = reason
     if requested is None:
         left_out["fused-torch"] = "the reference composite, same math as torchvision (opt in with --providers)"
+        on_cpu = "on a CPU only through --providers: compiling takes minutes"
         if device.type != "cuda":
-            left_out["torch-compile"] = "on a CPU only through --providers: compiling takes minutes"
+            left_out["torch-compile"] = on_cpu
+        for provider in [p for p in chosen if p.is_fused and not p.compiled]:
+            twin = f"torch-compile-{provider.name}"
+            if twin not in names:
+                left_out[twin] = on_cpu if device.type != "cuda" else "opt in with --providers (compile time)"
     return chosen, left_out
 
 

@@ -373,8 +373,14 @@ def _on_target_card(report: Report) -> bool:
     return any(card in str(report.header.get("device")) for card in TARGET_CARDS)
 
 
+def _is_judged(provider: str) -> bool:
+    """Whether the targets judge `provider`: the eager fused ones (fused-<backend>), which the targets are set on.
+    torch.compile of a fused model (torch-compile-fused-<backend>) is shown in the tables and the chart only."""
+    return provider.startswith("fused-")
+
+
 def _fused_providers(rows: list[dict]) -> list[str]:
-    return sorted({row["provider"] for row in rows if row["provider"].startswith("fused-")})
+    return sorted({row["provider"] for row in rows if _is_judged(row["provider"])})
 
 
 def _verdict(value: float, goal: float, at_least: bool) -> str:
@@ -399,7 +405,7 @@ def _block_checks(report: Report, in_layout: list[dict], off_card: str | None) -
     layout, target = f"{TARGET_DTYPE} {TARGET_MEMORY_FORMAT}", f">= {BLOCK_TARGET:.2f}x"
     what = "ResNet-50 Bottleneck train step vs torchvision"
     rows = [row for row in in_layout if row["suite"] == "blocks" and row["mode"] == "train"
-            and row["case"].startswith("Bottleneck") and row["provider"].startswith("fused-")
+            and row["case"].startswith("Bottleneck") and _is_judged(row["provider"])
             and row["ratio"] is not None]
     if not rows:
         return [TargetCheck("block_train_vs_eager", what, target, None, "-", "not measured",
@@ -448,7 +454,7 @@ def _speed_checks(report: Report, in_layout: list[dict], off_card: str | None) -
 
 def _copy_checks(report: Report, in_layout: list[dict], off_card: str | None) -> list[TargetCheck]:
     layout, target = f"{TARGET_DTYPE} {TARGET_MEMORY_FORMAT}", f">= {COPY_FRACTION_TARGET:.0%}"
-    ops = [row for row in in_layout if row["suite"] == "ops" and row["provider"].startswith("fused-")]
+    ops = [row for row in in_layout if row["suite"] == "ops" and _is_judged(row["provider"])]
     if not ops:
         return [TargetCheck("elementwise_vs_copy", "fused memory-bound op vs device copy GB/s", target, None, "-",
                             "not measured", f"no fused op ran in {layout}")]

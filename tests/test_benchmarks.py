@@ -1,5 +1,5 @@
 """The benchmark machinery itself: the GPU check keeps going past failing and overrunning steps, the report's
-ratios, tables and target verdicts, and the activation-memory measurement."""
+ratios, tables, chart and target verdicts, the providers, and the activation-memory measurement."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models.resnet import BasicBlock
 
 # benchmarks/ is a folder of the repository, not part of the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import fused_resnet  # noqa: E402
 from benchmarks import gpu_check, harness, report  # noqa: E402
 from benchmarks.measure import saved_for_backward_bytes  # noqa: E402
 from fused_resnet.kernels import REGISTRY  # noqa: E402
@@ -99,10 +101,12 @@ def _h100_report(fused_train=3000.0, fused_memory=0.8, batch=256, fused_block=(1
         _row("models", "resnet50 @224", "train", "torchvision", 2000.0, reference=True, **model),
         _row("models", "resnet50 @224", "train", "torch-compile", 2500.0, **model),
         _row("models", "resnet50 @224", "train", "fused-cuda", fused_train, **model),
+        _row("models", "resnet50 @224", "train", "torch-compile-fused-cuda", 3200.0, **model),
         _row("models", "resnet50 @224", "eval", "torchvision", 6000.0, reference=True, **model),
         _row("models", "resnet50 @224", "eval", "fused-cuda", 7000.0, **model),
         _row("ops", "bn+add+relu", "eval fwd", "torch-unfused", 100.0, reference=True, gb_per_s=1000.0),
         _row("ops", "bn+add+relu", "eval fwd", "fused-cuda", 250.0, gb_per_s=2500.0),
+        _row("ops", "bn+add+relu", "eval fwd", "torch-compile-fused-cuda", 240.0, gb_per_s=2400.0),
         _row("copy", "256x256x56x56", "copy", "torch copy_", 120.0, reference=True, gb_per_s=3000.0),
         _row("blocks", "Bottleneck 256/64@56", "train", "torchvision", 100.0, reference=True),
         _row("blocks", "Bottleneck 256/64@56", "train", "fused-cuda", fused_block[0]),
@@ -130,13 +134,22 @@ def test_ratios_are_to_the_reference_of_the_same_case():
 def test_tables_put_the_providers_side_by_side():
     lines = _h100_report().text_lines()
     header = next(line for line in lines if line.startswith("suite"))
-    assert header.split()[-3:] == ["torchvision", "torch-compile", "fused-cuda"]
+    assert header.split()[-4:] == ["torchvision", "torch-compile", "fused-cuda", "torch-compile-fused-cuda"]
     train = next(line for line in lines if "resnet50 @224" in line and "train" in line)
-    assert "2000" in train and "2500 (1.25x)" in train and "3000 (1.50x)" in train
-    assert any("2500 (2.50x, 83% of copy)" in line for line in lines)
+    assert "2000" in train and "2500 (1.25x)" in train and "3000 (1.50x)" in train and "3200 (1.60x)" in train
+    eval_line = next(line for line in lines if "resnet50 @224" in line and "eval" in line)
+    assert eval_line.endswith("7000 (1.17x)")  # empty cells for the providers that did not run this case
+    ops_header = next(line for line in lines if line.startswith("op "))
+    assert ops_header.split()[-3:] == ["torch-unfused", "fused-cuda", "torch-compile-fused-cuda"]
+    assert any("2500 (2.50x, 83% of copy)" in line and line.endswith("2400 (2.40x, 80% of copy)") for line in lines)
+    markdown = _h100_report().markdown_lines()
+    assert any(line.startswith("| suite |") and line.endswith("| fused-cuda | torch-compile-fused-cuda |")
+               for line in markdown)
 
 
 def test_targets_are_judged_on_an_h100_at_the_full_configuration():
+    """On the eager fused providers: torch-compile-fused-cuda's rows are shown, not judged."""
+    assert all("torch-compile-fused" not in c.what for c in report.target_checks(_h100_report()))
     verdicts = {(c.key, c.verdict) for c in report.target_checks(_h100_report())}
     assert verdicts == {("train_vs_eager", "met"), ("train_vs_compile", "met"), ("eval_vs_eager", "NOT MET"),
                         ("block_train_vs_eager", "met"), ("elementwise_vs_copy", "met"), ("memory", "NOT MET")}
@@ -174,6 +187,13 @@ def test_report_writes_json_and_chart(tmp_path):
     assert report.Report.load(json_path).rows == _h100_report().rows
 
 
+def test_chart_draws_a_bar_for_every_provider_but_the_reference():
+    panels = {panel.title.split(":")[0]: panel for panel in report._panels(_h100_report())}
+    assert list(panels["models — train"].bars) == ["torch-compile", "fused-cuda", "torch-compile-fused-cuda"]
+    assert panels["models — train"].bars["torch-compile-fused-cuda"] == [pytest.approx(1.6)]
+    assert list(panels["ops"].bars) == ["fused-cuda", "torch-compile-fused-cuda"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Providers
 
@@ -194,6 +214,50 @@ def test_fused_providers_run_where_the_registry_says_their_backend_runs(device):
     assert chosen[0].is_reference
     with pytest.raises(ValueError, match=r"--providers: unknown \['fused-gpu'\]"):
         harness.select_providers(["torchvision", "fused-gpu"], torch.device(device))
+
+
+def test_compiled_providers_are_opt_in_on_a_cpu_and_default_on_a_gpu_for_cuda():
+    """torch-compile and torch-compile-fused-<backend> run on a CPU only when asked for; on a GPU torch-compile and
+    torch-compile-fused-cuda run by default (or are left out with the cuda backend's reason), the others only when
+    asked for."""
+    chosen, left_out = harness.select_providers(None, torch.device("cpu"))
+    assert not [p.name for p in chosen if p.compiled]
+    assert "on a CPU only through --providers" in left_out["torch-compile"]
+    for fused in [p for p in chosen if p.is_fused]:
+        assert "on a CPU only through --providers" in left_out[f"torch-compile-{fused.name}"]
+    chosen, left_out = harness.select_providers(None, torch.device("cuda"))
+    compiled = [p.name for p in chosen if p.compiled]
+    cuda_reason = REGISTRY["cuda"].why_not("cuda")
+    if cuda_reason is None:
+        assert compiled == ["torch-compile", "torch-compile-fused-cuda"]
+    else:
+        assert compiled == ["torch-compile"] and left_out["torch-compile-fused-cuda"] == cuda_reason
+    assert "torch-compile-fused-triton" not in compiled and "torch-compile-fused-torch" not in compiled
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_compiled_fused_provider_is_torch_compile_of_the_fused_provider(device):
+    known = harness.known_providers()
+    for name, backend in REGISTRY.items():
+        compiled, fused = known[f"torch-compile-fused-{name}"], known[f"fused-{name}"]
+        assert (compiled.backend, compiled.compiled, compiled.is_fused, compiled.is_reference) == (name, True, True,
+                                                                                                     False)
+        assert harness.why_not_runnable(compiled, torch.device(device)) == harness.why_not_runnable(
+            fused, torch.device(device))
+    chosen, left_out = harness.select_providers(["torchvision", "torch-compile-fused-torch"], torch.device(device))
+    assert [p.name for p in chosen] == ["torchvision", "torch-compile-fused-torch"] and not left_out
+
+
+def test_prepare_compiles_the_fused_copy_for_a_compiled_fused_provider():
+    """Compilation is lazy: this checks what is compiled, without compiling it."""
+    reference = BasicBlock(8, 8)
+    known = harness.known_providers()
+    prepared = known["torch-compile-fused-torch"].prepare(reference)
+    assert isinstance(prepared, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(prepared._orig_mod, fused_resnet.BasicBlock)
+    assert torch.equal(prepared._orig_mod.conv1.weight, reference.conv1.weight)
+    assert known["torch-compile"].prepare(reference)._orig_mod is reference
+    assert known["fused-torch"].compile(reference) is reference
 
 
 # ---------------------------------------------------------------------------------------------------------------
