@@ -37,9 +37,9 @@ def _op_for(provider: Provider) -> tuple[str, Callable]:
         def fused(x, running_mean, running_var, weight, bias, training, residual):
             return fused_resnet.ops.batch_norm_act(x, running_mean, running_var, weight, bias, training,
                                                    residual=residual, backend=provider.backend)
-        return provider.name, fused
+        return provider.name, provider.compile(fused)  # compiled for torch-compile-fused-<backend>
     if provider.compiled:
-        return provider.name, torch.compile(unfused_bn_add_relu)
+        return provider.name, provider.compile(unfused_bn_add_relu)
     return "torch-unfused", unfused_bn_add_relu
 
 
