@@ -29,6 +29,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--models", default=None,
                     help="comma-separated torchvision models of the model and memory benchmarks, e.g. resnet50 "
                          "(default: the size's)")
+    group.addoption("--batch", type=int, default=None,
+                    help="images per call of the whole-model benchmarks (default: the size's)")
+    group.addoption("--resolution", type=int, default=None,
+                    help="input height = width of the whole-model benchmarks (default: the size's)")
     group.addoption("--rounds", type=int, default=None,
                     help="timed calls per benchmark (overrides the size's; op benchmarks get 4x as many)")
     group.addoption("--threads", type=int, default=None,
@@ -62,7 +66,8 @@ def pytest_configure(config: pytest.Config) -> None:
     models = _names(config.getoption("--models"))
     size = harness.size_config(config.getoption("--size"), DTYPES.get(config.getoption("--dtype")),
                                config.getoption("channels_last"), tuple(models) if models is not None else None,
-                               config.getoption("--rounds"))
+                               config.getoption("--rounds"), config.getoption("--batch"),
+                               config.getoption("--resolution"))
     config.stash[harness.SESSION] = BenchSession(size, device, providers, left_out, config.getoption("--report-dir"))
 
 

@@ -137,13 +137,18 @@ def _overridden(layouts: tuple[Layout, ...], dtype: torch.dtype | None, channels
 
 
 def size_config(size_name: str, dtype: torch.dtype | None = None, channels_last: bool | None = None,
-                models: tuple[str, ...] | None = None, rounds: int | None = None) -> SizeConfig:
+                models: tuple[str, ...] | None = None, rounds: int | None = None, model_batch: int | None = None,
+                model_resolution: int | None = None) -> SizeConfig:
     """The size `size_name` with what the command line overrides (None: the size's own)."""
     size = SIZES[size_name]
     overrides: dict = {"layouts": _overridden(size.layouts, dtype, channels_last),
                        "model_layouts": _overridden(size.model_layouts, dtype, channels_last)}
     if models is not None:
         overrides["models"] = models
+    if model_batch:
+        overrides["model_batch"] = model_batch
+    if model_resolution:
+        overrides["model_resolution"] = model_resolution
     if rounds:
         overrides.update(rounds=rounds, op_rounds=4 * rounds, warmup_rounds=min(size.warmup_rounds, rounds))
     return dataclasses.replace(size, **overrides)

@@ -273,3 +273,11 @@ def test_saved_bytes_count_each_storage_once_and_leave_parameters_out():
         return hidden[:2] * hidden[2:]  # two views of relu's output: the same storage again
 
     assert saved_for_backward_bytes(linear, forward) == x.nbytes + 4 * 8 * 4
+
+
+def test_size_overrides_replace_only_what_the_command_line_gives():
+    default = harness.SIZES["default"]
+    size = harness.size_config("default", model_batch=16, model_resolution=160)
+    assert (size.model_batch, size.model_resolution) == (16, 160)
+    assert size.block_batch == default.block_batch and size.op_shape == default.op_shape
+    assert harness.size_config("default") == default
