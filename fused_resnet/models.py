@@ -59,14 +59,14 @@ class FusedStem(Fusable):
         )
 
     def enter_blocks(self, x: Tensor) -> tuple[Tensor, torch.memory_format]:
-        """(x in the memory format the stem and the blocks should run in, x's own). In inference (eval, no
-        gradients) that is the one the backend's convolutions run fastest in (an NCHW input runs channels_last on
-        the cpu backend); the model turns its features back into x's format after the last stage
-        (:meth:`leave_blocks`), so what it returns is laid out as before: one conversion at each end."""
+        """(x in the memory format the stem and the blocks should run in, x's own): the one the backend's
+        convolutions run fastest in (an NCHW input runs channels_last on the cpu backend). The model turns its
+        features back into x's format after the last stage (:meth:`leave_blocks`), so what it returns, and the
+        gradient x receives, are laid out as before: one conversion at each end."""
         entry_format = memory_format_of(x)
-        if self.training or torch.is_grad_enabled() or x.dim() != 4:
+        if x.dim() != 4:
             return x, entry_format
-        return x.contiguous(memory_format=ops.inference_memory_format(x)), entry_format
+        return x.contiguous(memory_format=ops.preferred_memory_format(x)), entry_format
 
     @staticmethod
     def leave_blocks(x: Tensor, entry_format: torch.memory_format) -> Tensor:

@@ -99,10 +99,11 @@ def test_converted_model_outputs_match_in_float32(backend, name, channels_last):
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the cpu backend is not available here")
-def test_nchw_inference_runs_the_blocks_channels_last_and_returns_features_as_given():
-    """On the cpu backend an NCHW input's inference runs in channels_last (oneDNN's faster layout) from the stem to
-    the last stage, whose features go back to NCHW; with gradients it keeps NCHW throughout."""
-    tv = randomize_batchnorms(torchvision.models.resnet18(num_classes=10)).eval()
+@pytest.mark.parametrize("train", [False, True])
+def test_nchw_input_runs_the_blocks_channels_last_and_gets_everything_back_as_given(train):
+    """On the cpu backend an NCHW input runs in channels_last (oneDNN's faster layout) from the stem to the last
+    stage, whose features go back to NCHW; the input's gradient is NCHW too."""
+    tv = randomize_batchnorms(torchvision.models.resnet18(num_classes=10)).train(train)
     fused = fused_copy(tv)
     layouts = {}
     fused.layer1.register_forward_hook(
@@ -110,14 +111,16 @@ def test_nchw_inference_runs_the_blocks_channels_last_and_returns_features_as_gi
     fused.avgpool.register_forward_pre_hook(
         lambda module, args: layouts.__setitem__("avgpool input", "nchw" if args[0].is_contiguous() else "other"))
     x = torch.randn(2, 3, 64, 64)
-    with use_backend("cpu"), torch.no_grad():
-        out = fused(x)
-        expected = tv(x)
-    assert layouts == {"layer1": True, "avgpool input": "nchw"}
-    assert_rel(out, expected, 1e-4)
     with use_backend("cpu"):
-        fused(x)
-    assert layouts == {"layer1": False, "avgpool input": "nchw"}
+        out, grad_x, grads, _ = run_model(fused, x, train)
+    expected, expected_grad_x, expected_grads, _ = run_model(tv, x, train)
+    assert layouts == {"layer1": True, "avgpool input": "nchw"}
+    assert grad_x.is_contiguous()
+    assert_rel(out, expected, 1e-4)
+    assert_rel(grad_x, expected_grad_x, 1e-3)
+    for name, grad in expected_grads.items():
+        assert grads[name].is_contiguous(), f"{name}: laid out as its NCHW parameter"
+        assert_rel(grads[name], grad, 1e-3, name)
 
 
 def loss_trajectory(model, x, target, backend, steps=5):

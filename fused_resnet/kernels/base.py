@@ -75,9 +75,9 @@ class KernelSet(abc.ABC):
     # -----------------------------------------------------------------------------------------------------------
     # Convolutions: each set's own forward, ATen's backward
 
-    def inference_memory_format(self, x: Tensor) -> torch.memory_format:
-        """The memory format in which a chain of blocks runs inference fastest for an input like x: x's own unless
-        this set's convolutions prefer another."""
+    def preferred_memory_format(self, x: Tensor) -> torch.memory_format:
+        """The memory format in which a chain of blocks runs fastest for an input like x: x's own unless this set's
+        convolutions prefer another."""
         return memory_format_of(x)
 
     @abc.abstractmethod

@@ -75,14 +75,14 @@ class OneDnnKernels(NativeKernels):
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, weight, bias, *geometry, "add", None, unary, [None], "")
 
-    def inference_memory_format(self, x: Tensor) -> torch.memory_format:
+    def preferred_memory_format(self, x: Tensor) -> torch.memory_format:
         # oneDNN runs NCHW convolutions through reorders to and from its blocked layouts: a converted resnet50's
         # inference (batch 16, 160x160, float32) took 662 ms on NCHW input against 528 in channels_last. Inside
         # torch.compile's trace only float32 is answered, since the dtype query would break the graph.
         dtypes = frozenset([torch.float32]) if torch.compiler.is_compiling() else self._onednn_dtypes
         if x.device.type == "cpu" and x.dim() == 4 and x.dtype in dtypes:
             return torch.channels_last
-        return super().inference_memory_format(x)
+        return super().preferred_memory_format(x)
 
     def _packed(self, weight: Tensor, geometry: tuple, x: Tensor) -> Tensor:
         """`weight` reordered once into the blocked layout oneDNN picks for inputs shaped like x, kept while the

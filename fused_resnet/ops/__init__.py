@@ -29,13 +29,13 @@ from .. import reference
 from ..backends import select_backend
 from ..kernels import kernels_for
 from ..params import BatchNormParams, ConvBN, update_running_stats
-from .block import Shortcut, inference_memory_format, run_block
+from .block import Shortcut, preferred_memory_format, run_block
 from .checks import check_activation, check_batch_norm, check_like
 from .folding import FoldedWeights, clear_folded_weights, fold_batch_norm
 from .nodes import run_bn_act
 
 __all__ = ["FoldedWeights", "Shortcut", "batch_norm_act", "clear_folded_weights", "conv_bn_relu", "fold_batch_norm",
-           "inference_memory_format", "residual_block"]
+           "preferred_memory_format", "residual_block"]
 
 
 def batch_norm_act(

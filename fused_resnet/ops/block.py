@@ -64,11 +64,11 @@ def run_block(
     return out
 
 
-def inference_memory_format(x: Tensor, backend: str | None = None) -> torch.memory_format:
-    """The memory format in which fused blocks run inference on an input like x fastest: x's own, or the one
-    the backend's convolutions prefer (channels_last on the cpu backend)."""
+def preferred_memory_format(x: Tensor, backend: str | None = None) -> torch.memory_format:
+    """The memory format in which fused blocks run fastest on an input like x: x's own, or the one the backend's
+    convolutions prefer (channels_last on the cpu backend)."""
     name = select_backend(x.device, backend)
-    return memory_format_of(x) if name == "torch" else kernels_for(name).inference_memory_format(x)
+    return memory_format_of(x) if name == "torch" else kernels_for(name).preferred_memory_format(x)
 
 
 def _needs_autograd(inputs: Sequence[Tensor], units: Sequence[ConvBN]) -> bool:
