@@ -51,13 +51,12 @@ Layout layout_of(const at::Tensor& t) {
 // ---------------------------------------------------------------------------------------------------------
 // Vector load/store in the accumulation type (fp32 for bf16/fp16, the type itself otherwise), by steps.
 //
-// A step is kVecs accumulation vectors: one for fp32/fp64; for bf16/fp16 two, i.e. one whole
-// Vectorized<scalar_t> of 16 elements, loaded in one go and converted to two float vectors, then converted back
-// and stored by one full-width store. Why not one float vector at a time: at::vec converts a single float vector
-// to bf16 through the 16-lane conversion and stores 8 lanes through a stack buffer and memcpy. Loads stay two
-// 8-lane loads: one 16-lane load split in two was up to 1.2x slower (fp16). Measured in cache (4x64x28x28, one
-// thread, AMD EPYC AVX2): bf16 bn_act 5-12% faster, backward_elemt with a residual gradient 1.2x (bf16) and 1.5x
-// (fp16) faster, nothing slower.
+// A step is kVecs accumulation vectors: one for fp32/fp64; for bf16/fp16 two, i.e. the 16 elements of one
+// Vectorized<scalar_t>, loaded as two 8-lane loads converted to float and stored by one 16-lane conversion and
+// full-width store. Why not one float vector at a time: at::vec converts a single float vector to bf16 through
+// the 16-lane conversion and stores 8 lanes through a stack buffer and memcpy. Why not one 16-lane load split in
+// two: up to 1.2x slower (fp16). Measured in cache (4x64x28x28, one thread, AMD EPYC AVX2): bf16 bn_act 5-12%
+// faster, backward_elemt with a residual gradient 1.2x (bf16) and 1.5x (fp16) faster, nothing slower.
 // The elementwise kernels run whole steps, then (bf16/fp16) single vectors, then scalars (vector_steps). The
 // reductions store nothing in scalar_t and keep single-vector loops: arrays of Vectorized (zeroed by its
 // constructor) in their loops made GCC zero them with `rep stos` on every step, 3x slower (fp32 nchw reduce).
@@ -273,7 +272,9 @@ void batch_stats_rows(const scalar_t* x, const Layout& L, double* mean_out, doub
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = x + r * C;
         int64_t i = 0;
-        for (; i + IO::kWidth <= C; i += IO::kWidth) (Vec::loadu(sum.data() + i) + IO::load(row + i)).store(sum.data() + i);
+        for (; i + IO::kWidth <= C; i += IO::kWidth) {
+          (Vec::loadu(sum.data() + i) + IO::load(row + i)).store(sum.data() + i);
+        }
         for (; i < C; ++i) sum[i] += acc_t(row[i]);
       }
       for (int64_t c = 0; c < C; ++c) sum[c] *= inv_n;  // now the tile mean
@@ -459,7 +460,8 @@ struct ReduceTerms {
 };
 
 template <typename scalar_t, bool kMask, bool kSecond>
-void backward_reduce_kernel(const Layout& L, const ReduceTerms<scalar_t, kMask, kSecond>& terms, double* const sums[3]) {
+void backward_reduce_kernel(const Layout& L, const ReduceTerms<scalar_t, kMask, kSecond>& terms,
+                            double* const sums[3]) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
