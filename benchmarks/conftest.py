@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.harness import DEFAULT_REPORT_DIR, DTYPES, SIZES, BenchSession, Provider, SizeConfig
-from benchmarks.measure import Measure, MeasureMemory
+from benchmarks.measure import Measure, MeasureMemory, keep_freed_cpu_memory
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -55,6 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--threads"):
         torch.set_num_threads(config.getoption("--threads"))
     device = harness.benchmark_device(config.getoption("--device"))
+    keep_freed_cpu_memory()
     if device.type == "cuda":
         # As training scripts run: cuDNN picks its fastest convolution algorithms (during the warmup calls). Every
         # provider's convolutions are cuDNN's, so this helps each of them alike.
