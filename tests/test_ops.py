@@ -256,15 +256,20 @@ def test_residual_block_gradcheck(backend, spec_name, training):
     assert torch.autograd.gradcheck(fn, (x, *tensors), eps=KINK_SAFE_EPS, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_inference_reuses_folded_weights_until_a_source_changes(backend):
+def eval_bottleneck(memory_format=torch.contiguous_format):
+    """(conv-BN pairs, their units, an input) of a float32 Bottleneck whose BatchNorms use running statistics."""
     spec = SPECS["bottleneck"]
     pairs, _ = build(spec, torch.float32)
     for _, bn in pairs:
         bn.eval()
     units = [conv_bn(c, b, f"u{i}") for i, (c, b) in enumerate(pairs)]
+    return pairs, units, torch.randn(2, spec.in_channels, *spec.hw).contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inference_reuses_folded_weights_until_a_source_changes(backend):
+    pairs, units, x = eval_bottleneck()
     cache = ops.FoldedWeights()
-    x = torch.randn(2, spec.in_channels, *spec.hw)
     with torch.no_grad():
         first = ops.residual_block(x, units, "identity", folded=cache, backend=backend)
         folded = cache.get(0, units[0])
@@ -283,14 +288,9 @@ def test_inference_reuses_folded_weights_until_a_source_changes(backend):
 def test_channels_last_inference_packs_each_folded_weight_once():
     """The cpu backend keeps each folded weight reordered into oneDNN's blocked layout while the weight lives: the
     second call reuses the packed forms, and a refold releases the old ones."""
-    spec = SPECS["bottleneck"]
-    pairs, _ = build(spec, torch.float32)
-    for _, bn in pairs:
-        bn.eval()
-    units = [conv_bn(c, b, f"u{i}") for i, (c, b) in enumerate(pairs)]
+    pairs, units, x = eval_bottleneck(torch.channels_last)
     cache = ops.FoldedWeights()
     kernels = kernels_for("cpu")
-    x = torch.randn(2, spec.in_channels, *spec.hw).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         first = ops.residual_block(x, units, "identity", folded=cache, backend="cpu")
         packed = [kernels._packed_weights[cache.get(i, u)[0]][1] for i, u in enumerate(units)]
