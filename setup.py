@@ -3,7 +3,8 @@
 Environment:
   FUSED_RESNET_BUILD_CUDA=0   skip the CUDA kernels even when a toolkit is present
   CUDA_HOME                   the toolkit root (otherwise asked of the nvcc on PATH)
-  TORCH_CUDA_ARCH_LIST        GPU architectures; default: the visible GPU's, or "8.0;9.0" (Ampere, Hopper) when none
+  TORCH_CUDA_ARCH_LIST        GPU architectures; default: the visible GPU's, or "8.0;9.0+PTX" (Ampere, Hopper, and
+                              PTX for later cards) when none; either way with PTX for the newest
   MAX_JOBS                    parallel compile jobs (ninja)
 """
 
@@ -18,7 +19,9 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# SASS for Ampere and Hopper, and PTX for the newest of them, which the driver compiles for any later card (sm_100,
+# sm_120) instead of failing with "no kernel image" (the sm_86 and sm_89 cards run sm_80's SASS).
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def log(message):
@@ -88,7 +91,7 @@ def extensions():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
-            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}+PTX"  # PTX: the same build runs on later cards
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     log(f"CUDA architectures: {os.environ['TORCH_CUDA_ARCH_LIST']}")
