@@ -102,9 +102,10 @@ def test_converted_model_outputs_match_in_float32(backend, name, channels_last):
 @pytest.mark.parametrize("train", [False, True])
 def test_nchw_input_runs_the_blocks_channels_last_and_gets_everything_back_as_given(train):
     """On the cpu backend an NCHW input runs in channels_last (oneDNN's faster layout) from the stem to the last
-    stage, whose features go back to NCHW; the input's gradient is NCHW too."""
+    stage, whose features go back to NCHW; the input's gradient is NCHW too, the parameter gradients are laid out
+    as their parameters."""
     tv = randomize_batchnorms(torchvision.models.resnet18(num_classes=10)).train(train)
-    fused = fused_copy(tv)
+    fused, fused_for_cl = fused_copy(tv), fused_copy(tv)
     layouts = {}
     fused.layer1.register_forward_hook(
         lambda module, args, out: layouts.__setitem__("layer1", to_layout(out, True) is out))
@@ -112,15 +113,20 @@ def test_nchw_input_runs_the_blocks_channels_last_and_gets_everything_back_as_gi
         lambda module, args: layouts.__setitem__("avgpool input", "nchw" if args[0].is_contiguous() else "other"))
     x = torch.randn(2, 3, 64, 64)
     with use_backend("cpu"):
-        out, grad_x, grads, _ = run_model(fused, x, train)
-    expected, expected_grad_x, expected_grads, _ = run_model(tv, x, train)
+        out, grad_x, grads, buffers = run_model(fused, x, train)
+        out_cl, grad_x_cl, grads_cl, buffers_cl = run_model(fused_for_cl, to_layout(x, True), train)
     assert layouts == {"layer1": True, "avgpool input": "nchw"}
     assert grad_x.is_contiguous()
-    assert_rel(out, expected, 1e-4)
-    assert_rel(grad_x, expected_grad_x, 1e-3)
-    for name, grad in expected_grads.items():
-        assert grads[name].is_contiguous(), f"{name}: laid out as its NCHW parameter"
-        assert_rel(grads[name], grad, 1e-3, name)
+    assert_rel(out, run_model(tv, x, train)[0], 1e-4)
+    # The values must be those of a channels_last input: the same convolutions run after one exact conversion. (Not
+    # torchvision's float32 gradients: at this size a rounding difference flips a ReLU kink in about 1 draw in 6 and
+    # moves the whole input gradient by 1e-2, on either side; block tests check the gradients' accuracy.)
+    assert torch.equal(out, out_cl) and torch.equal(grad_x, grad_x_cl)
+    for name, grad in grads.items():
+        assert grad.is_contiguous(), f"{name}: laid out as its NCHW parameter"
+        assert torch.equal(grad, grads_cl[name]), name
+    for name, buffer in buffers.items():
+        assert torch.equal(buffer, buffers_cl[name]), name
 
 
 def loss_trajectory(model, x, target, backend, steps=5):
