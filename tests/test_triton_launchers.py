@@ -1,7 +1,7 @@
 """What only the Triton kernel set has (fused_resnet/triton/bn.py, stats.py): its launchers' tiling, taken down every
-path on small tensors; the launch geometry at ResNet-50's sizes; the merge of per-tile statistics on its own; and
-every kernel variant compiled for an H100. The ops themselves are tested with the other kernel sets
-(tests/test_kernel_sets.py, tests/test_kernel_set_robustness.py).
+path on small tensors; the launch geometry at ResNet-50's sizes; the device every launch runs on; the merge of
+per-tile statistics on its own; and every kernel variant compiled for an H100. The ops themselves are tested with
+the other kernel sets (tests/test_kernel_sets.py, tests/test_kernel_set_robustness.py).
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (tests/conftest.py switches it on before
 anything defines a kernel); with one they run compiled, on CUDA tensors.
@@ -9,11 +9,15 @@ anything defines a kernel); with one they run compiled, on CUDA tensors.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -22,6 +26,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed: the Trit
 
 import primitives  # noqa: E402
 from fused_resnet.triton import bn, stats  # noqa: E402
+from triton.runtime.jit import KernelInterface  # noqa: E402
 from kernel_cases import (  # noqa: E402
     activation,
     assert_close,
@@ -53,6 +58,8 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(bn, "SUM_BLOCK_T", 2)
     monkeypatch.setattr(stats, "MAX_BLOCK_C", 8)
     monkeypatch.setattr(stats, "MAX_BLOCK_T", 2)
+    monkeypatch.setattr(stats, "MAX_ONE_LEVEL_BLOCKS", 1)
+    monkeypatch.setattr(stats, "MERGE_TARGET_PROGRAMS", 4)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -135,6 +142,114 @@ def test_geometry_fills_an_h100_at_resnet50_shapes_and_stays_small_for_tiny_tens
         assert bn.ElementwiseBlocks.of(tiny).grid == (1, 1)
         tiles = bn.RowTiles.of(tiny) if channels_last else bn.PlaneTiles.of(tiny)
         assert tiles.count == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launches, recorded: every kernel[grid](...) call, with its arguments by name and the launch guard it ran under.
+
+
+class Launch(NamedTuple):
+    kernel: str
+    grid: tuple
+    args: dict
+    guard: torch.device | None  # the device of the innermost open stats.launch_guard; None outside any
+
+
+class LaunchRecorder:
+    def __init__(self):
+        self.launches: list[Launch] = []
+        self.open_guards: list[torch.device] = []
+        self.run_kernels = True  # False: record the launch only (a geometry test of sizes the interpreter is slow at)
+
+    def named(self, kernel: str) -> list[Launch]:
+        return [launch for launch in self.launches if launch.kernel == kernel]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records every Triton launch, and replaces stats.launch_guard (where bn and stats look it up) by a recorder of
+    the device it is opened for. The recorder switches no device: the test's tensors are all on one."""
+    recorder = LaunchRecorder()
+
+    @contextlib.contextmanager
+    def recording_guard(t):
+        recorder.open_guards.append(t.device)
+        try:
+            yield
+        finally:
+            recorder.open_guards.pop()
+
+    # raising=False: a launcher module without the guard still runs, and the test then fails on what it recorded.
+    for module in (bn, stats):
+        monkeypatch.setattr(module, "launch_guard", recording_guard, raising=False)
+    launcher_of = KernelInterface.__getitem__
+
+    def recording_launcher_of(kernel, grid):
+        launch = launcher_of(kernel, grid)
+
+        def record(*args, **kwargs):
+            guard = recorder.open_guards[-1] if recorder.open_guards else None
+            recorder.launches.append(Launch(kernel.__name__, grid, {**dict(zip(kernel.arg_names, args)), **kwargs},
+                                            guard))
+            return launch(*args, **kwargs) if recorder.run_kernels else None
+
+        return record
+
+    monkeypatch.setattr(KernelInterface, "__getitem__", recording_launcher_of)
+    return recorder
+
+
+def kernels_of(*modules) -> set[str]:
+    """The names of the @triton.jit kernels (not the device functions) the modules define."""
+    return {name for module in modules for name, value in vars(module).items()
+            if isinstance(value, KernelInterface) and name.endswith("_kernel")}
+
+
+@on_triton
+def test_every_launch_runs_under_the_guard_of_its_tensors_device(kernels, small_blocks, launches):
+    """Triton launches on the current CUDA device and its current stream, not on its arguments': a model on cuda:1
+    without torch.cuda.set_device(1) would launch on cuda:0. Every launch of every launcher (batch_stats, the merge
+    of partial statistics on its own, as conv.py calls it, bn_act's residual variants, backward_reduce and its sum,
+    backward_elemt's variants, in both layouts) must run inside stats.launch_guard opened for the device of the
+    tensors it reads. Without a GPU, as with one: the guard is replaced by a recorder of the device it is opened for,
+    and every kernel[grid] launch is wrapped to record the innermost open guard and its tensor arguments' devices;
+    together with the set of kernels launched, which must be every kernel bn.py and stats.py define. What the guard
+    does for a CUDA tensor is test_launch_guard_makes_a_cuda_tensors_device_current's."""
+    fp32 = torch.float32
+    shape, C = (2, 6, 5, 7), 6
+    for channels_last in (False, True):
+        x, g, x2, out = (activation(kernels, shape, fp32, channels_last) for _ in range(4))
+        out.relu_()
+        scale, shift, residual_scale, residual_shift, mean, mean2 = channel_vectors(kernels, 6, C, fp32)
+        bn.batch_stats(x)
+        bn.bn_act(x, scale, shift, relu=False)
+        bn.bn_act(x, scale, shift, x2)
+        bn.bn_act(x, scale, shift, x2, residual_scale, residual_shift)
+        padded = activation(kernels, (2, 4, 10, 14), fp32, channels_last)
+        bn.bn_act(x, scale, shift, padded, residual_stride=2, residual_channel_offset=1)
+        bn.bn_act_backward_reduce(g, None, x, mean)
+        bn.bn_act_backward_reduce(g, out, x, mean, x2, mean2)
+        coefs, coefs2 = channel_vectors(kernels, 3, C, fp32), channel_vectors(kernels, 3, C, fp32)
+        bn.bn_act_backward_elemt(g, None, x, mean, *coefs)
+        bn.bn_act_backward_elemt(g, out, x, mean, *coefs, residual_grad=True)
+        bn.bn_act_backward_elemt(g, out, x, mean, *coefs, x2, mean2, *coefs2)
+    counts = torch.randint(1, 9, (20,), dtype=torch.int32, device=kernels.device)
+    stats.merge_partial_stats(torch.randn(20, C, device=kernels.device), torch.rand(20, C, device=kernels.device),
+                              counts)
+
+    assert {launch.kernel for launch in launches.launches} == kernels_of(bn, stats)
+    for launch in launches.launches:
+        devices = {value.device for value in launch.args.values() if isinstance(value, torch.Tensor)}
+        assert launch.guard is not None, f"{launch.kernel} was launched outside any launch guard"
+        assert devices == {launch.guard}, f"{launch.kernel}: tensors on {devices}, launched under {launch.guard}"
+
+
+def test_launch_guard_makes_a_cuda_tensors_device_current():
+    """For a CUDA tensor the guard is torch.cuda.device of the tensor's own device (checked on a stand-in for a
+    tensor on cuda:1, as this needs no GPU until it is entered); for a CPU tensor a nullcontext, nothing to switch."""
+    guard = stats.launch_guard(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(stats.launch_guard(torch.randn(3)), contextlib.nullcontext)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,11 +343,74 @@ def test_merge_partial_stats_without_any_element_is_nan(kernels):
     assert mean.isnan().all() and var.isnan().all()
 
 
+H100_SMS = 132
+
+
+def test_merge_of_a_resnet_stems_tiles_fills_an_h100(launches):
+    """The bf16 ResNet stem's convolution at batch 256 hands the merge 25,088 tiles of 64 channels, which one level
+    merged with 2 programs of 392 sequential blocks of tiles each. Two levels: the first runs at least 2 programs
+    per SM of an H100, and no program of either level walks more than 4 blocks. A merge of few tiles (layer4's
+    convolution: 98 tiles of 2048 channels) stays one launch. Grids and arguments are recorded at the launch; the
+    kernels are not run (25,088 tiles take the interpreter minutes)."""
+    launches.run_kernels = False
+    T, C = 25088, 64
+    counts = torch.randint(1, 129, (T,), dtype=torch.int32)
+    stats.merge_partial_stats(torch.randn(T, C, dtype=torch.float64), torch.rand(T, C, dtype=torch.float64), counts)
+    assert [launch.kernel for launch in launches.launches] == ["_merge_chunks_kernel", "_merge_partial_stats_kernel"]
+    first, second = launches.launches
+    assert math.prod(first.grid) >= 2 * H100_SMS, first.grid
+    assert first.args["chunk_tiles"] <= 4 * first.args["BLOCK_T"], first.args["chunk_tiles"]
+    assert second.args["num_tiles"] <= 4 * second.args["BLOCK_T"], second.args["num_tiles"]
+
+    launches.launches.clear()
+    T, C = 98, 2048
+    counts = torch.randint(1, 129, (T,), dtype=torch.int32)
+    stats.merge_partial_stats(torch.randn(T, C), torch.rand(T, C), counts)
+    assert [launch.kernel for launch in launches.launches] == ["_merge_partial_stats_kernel"]
+
+
+@pytest.mark.parametrize("num_tiles", [48, 45], ids=["whole_chunks", "partial_last_chunk"])
+@on_triton
+def test_two_level_merge_is_repeatable_and_exact_across_chunk_boundaries(kernels, launches, monkeypatch, num_tiles):
+    """The two-level merge on small blocks (chunks of 8 tiles, blocks of 4, 5 blocks of 8 channels) of float64
+    partials: every chunk whole, or the last one cut short (and not a whole block either), with the second chunk
+    all empty tiles and other empty tiles scattered (their NaN/inf partials must not leak). The result matches the
+    float64 merge to rounding, where a tile lost or counted twice at a chunk's edge would move it by ~1e-2, and a
+    second call gives the same bits."""
+    monkeypatch.setattr(stats, "MAX_BLOCK_C", 8)
+    monkeypatch.setattr(stats, "MAX_BLOCK_T", 4)
+    monkeypatch.setattr(stats, "MAX_ONE_LEVEL_BLOCKS", 1)
+    monkeypatch.setattr(stats, "MERGE_TARGET_PROGRAMS", 30)
+    C, chunk_tiles, device = 37, 8, kernels.device
+    counts = torch.randint(1, 30, (num_tiles,))
+    counts[chunk_tiles:2 * chunk_tiles] = 0
+    counts[torch.randperm(num_tiles)[:5]] = 0
+    values = torch.randn(num_tiles, 30, C, dtype=torch.float64) * 2 + torch.randn(C, dtype=torch.float64) * 1e3
+    mean_t, m2_t = partials_of(values, counts)
+    mean_t[counts == 0], m2_t[counts == 0] = float("nan"), float("inf")
+    args = (mean_t.to(device), m2_t.to(device), counts.to(torch.int32).to(device))
+    mean, var = stats.merge_partial_stats(*args)
+
+    first = launches.named("_merge_chunks_kernel")
+    assert len(first) == 1 and first[0].args["chunk_tiles"] == chunk_tiles, first
+    assert (num_tiles % chunk_tiles != 0) == (num_tiles == 45)
+    ref_mean, ref_var = exact_merge(mean_t, m2_t, counts)
+    torch.testing.assert_close(mean.cpu(), ref_mean, rtol=1e-13, atol=0)
+    torch.testing.assert_close(var.cpu(), ref_var, rtol=1e-12, atol=0)
+    again = stats.merge_partial_stats(*args)
+    assert torch.equal(mean, again[0]) and torch.equal(var, again[1])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The GPU build: the interpreter accepts programs the compiler rejects (and the reverse), so every kernel variant the
-# launchers can pick is compiled for an H100 (sm_90) here, without a GPU, by Triton's own ptxas.
+# launchers can pick is compiled for an H100 (sm_90) here, without a GPU, by Triton's own ptxas, whose report
+# (TRITON_DUMP_PTXAS_LOG, printed as it compiles) must show no register spills.
 
 COMPILE_FOR_SM90 = textwrap.dedent("""
+    import contextlib
+    import io
+    import re
+
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -253,14 +431,24 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
                                    else "*fp32")
             else:
                 signature[name] = "i32"
-        triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=num_warps))
+        report = io.StringIO()
+        with contextlib.redirect_stdout(report):
+            triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=num_warps))
+        spills = [int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", report.getvalue())]
+        assert spills and not any(spills), f"{kernel.__name__} {constants} spills: {report.getvalue()}"
 
     SECOND_BN = ("x2_ptr", "mean2_ptr", "coef2_dy_ptr", "coef2_xmu_ptr", "coef2_const_ptr")
-    # batch_stats hands float64 partials to the merge; the convolution's epilogue float32 ones.
+    # batch_stats and the convolution's epilogue hand float64 partials to the merge (float32 ones are accepted too);
+    # its first level hands float64 partials and counts to its second.
     FP64_PARTIALS = {"mean_partial_ptr": "*fp64", "m2_partial_ptr": "*fp64"}
+    CHUNKS = {"chunk_mean_ptr": "*fp64", "chunk_m2_ptr": "*fp64", "chunk_count_ptr": "*fp64"}
     compile_for_sm90(stats._merge_partial_stats_kernel, 4, BLOCK_T=64, BLOCK_C=32)
     compile_for_sm90(stats._merge_partial_stats_kernel, 4, FP64_PARTIALS, BLOCK_T=64, BLOCK_C=32)
+    compile_for_sm90(stats._merge_partial_stats_kernel, 4, {**FP64_PARTIALS, "count_partial_ptr": "*fp64"},
+                     BLOCK_T=64, BLOCK_C=32)
+    compile_for_sm90(stats._merge_chunks_kernel, 4, CHUNKS, BLOCK_T=64, BLOCK_C=32)
+    compile_for_sm90(stats._merge_chunks_kernel, 4, {**FP64_PARTIALS, **CHUNKS}, BLOCK_T=64, BLOCK_C=32)
     compile_for_sm90(bn._batch_stats_planes_kernel, 8, FP64_PARTIALS, ACC_DTYPE=tl.float32, BLOCK_N=1, BLOCK_HW=4096)
     compile_for_sm90(bn._batch_stats_rows_kernel, 8, FP64_PARTIALS, ACC_DTYPE=tl.float32, BLOCKS_PER_TILE=16,
                      BLOCK_R=64, BLOCK_C=64)
@@ -290,7 +478,7 @@ def test_every_kernel_variant_compiles_for_an_h100(tmp_path):
     if not ptxas.exists() and not os.environ.get("TRITON_PTXAS_PATH"):
         pytest.skip("Triton's CUDA backend has no ptxas here: the kernels cannot be compiled for a GPU")
     repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DUMP_PTXAS_LOG="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                             timeout=300)

@@ -19,7 +19,8 @@ accumulation dtype, like the compiled ops'.
 
 Reductions are deterministic: the tensor is cut into tiles whose bounds depend on its shape alone, each tile is
 reduced by one program, tiles' results land in a [tiles, channels] partial, and partials are merged per channel
-in tile order by a second kernel. No floating-point atomics anywhere. Batch statistics are robust to a large mean:
+in tile order by a second kernel (statistics of many tiles: two levels, chunks then their results, see stats.py).
+No floating-point atomics anywhere. Batch statistics are robust to a large mean:
 a block is reduced in two passes over registers (its mean, then the corrected sum of squared deviations), blocks
 of a tile and tiles are combined with Chan et al.'s update (stats.merge_partial_stats).
 
@@ -32,8 +33,8 @@ Block sizes (all powers of two, from the shape alone):
   In channels_last reductions a program folds up to MAX_BLOCKS_PER_TILE consecutive row blocks into one tile
   (Chan's update in registers) while the grid keeps at least TARGET_PROGRAMS programs: at ResNet-50's 256x256x56x56
   that is 3136 programs (about 24 per SM of an H100's 132) and a partial of 1.6 MB for 411 MB of bfloat16 input,
-  where one tile per block would have written a partial a sixteenth of the input's size and left the merge, which
-  has one program per 32 channels, a long walk. Tiny tensors get a grid of one or a few programs.
+  where one tile per block would have written a partial a sixteenth of the input's size, for the merge to read
+  back. Tiny tensors get a grid of one or a few programs.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from torch import Tensor
 
 from ..tensors import accumulation_dtype, memory_format_of
 from .activation import relu
-from .stats import chan_merge, check_launch_device, merge_partial_stats
+from .stats import chan_merge, check_launch_device, launch_guard, merge_partial_stats
 
 REDUCE_BLOCK = 4096
 ELEMENTWISE_BLOCK = 2048
@@ -511,7 +512,7 @@ class ElementwiseBlocks(NamedTuple):
 # Arguments as the kernels read them. The launchers trust their arguments: they are the bodies of the registered ops
 # (library.py), which the Triton kernel set calls with what fused_resnet.ops has checked. Only the input's device is
 # checked (stats.check_launch_device), as on a device the kernels do not run on Triton fails with a message about
-# pointers.
+# pointers. Every launch runs under stats.launch_guard(input), on the input's device and its current stream.
 
 
 def _input(op: str, t: Tensor) -> Activation:
@@ -556,16 +557,18 @@ def batch_stats(y: Tensor) -> tuple[Tensor, Tensor]:
     m2_partial = torch.empty_like(mean_partial)
     count_partial = torch.empty(num_tiles, dtype=torch.int32, device=x.device)
     acc_dtype = tl.float64 if acc == torch.float64 else tl.float32
-    if a.channels_last:
-        _batch_stats_rows_kernel[(num_tiles, tiles.channel_blocks)](
-            x, mean_partial, m2_partial, count_partial, a.rows, a.C, ACC_DTYPE=acc_dtype,
-            BLOCKS_PER_TILE=tiles.blocks_per_tile, BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c,
-            num_warps=_num_warps(tiles.block_r * tiles.block_c))
-    else:
-        _batch_stats_planes_kernel[(num_tiles, a.C)](
-            x, mean_partial, m2_partial, count_partial, a.N, a.C, a.HW, plane_tiles.hw_blocks, ACC_DTYPE=acc_dtype,
-            BLOCK_N=plane_tiles.block_n, BLOCK_HW=plane_tiles.block_hw,
-            num_warps=_num_warps(plane_tiles.block_n * plane_tiles.block_hw))
+    with launch_guard(x):
+        if a.channels_last:
+            _batch_stats_rows_kernel[(num_tiles, tiles.channel_blocks)](
+                x, mean_partial, m2_partial, count_partial, a.rows, a.C, ACC_DTYPE=acc_dtype,
+                BLOCKS_PER_TILE=tiles.blocks_per_tile, BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c,
+                num_warps=_num_warps(tiles.block_r * tiles.block_c))
+        else:
+            _batch_stats_planes_kernel[(num_tiles, a.C)](
+                x, mean_partial, m2_partial, count_partial, a.N, a.C, a.HW, plane_tiles.hw_blocks,
+                ACC_DTYPE=acc_dtype, BLOCK_N=plane_tiles.block_n, BLOCK_HW=plane_tiles.block_hw,
+                num_warps=_num_warps(plane_tiles.block_n * plane_tiles.block_hw))
+    # The merge guards its own launches.
     mean, var = merge_partial_stats(mean_partial, m2_partial, count_partial)
     return mean.to(acc), var.to(acc)
 
@@ -604,15 +607,17 @@ def bn_act(
     blocks = ElementwiseBlocks.of(a)
     kernel, extent = (_bn_act_rows_kernel, a.rows) if a.channels_last else (_bn_act_planes_kernel, a.N * a.C)
     block_names = ("BLOCK_R", "BLOCK_C") if a.channels_last else ("BLOCK_P", "BLOCK_HW")
-    kernel[blocks.grid](
-        x, scale, shift, residual, residual_scale, residual_shift, out, extent, a.C,
-        a.HW, a.W, *residual_geometry, residual_stride, residual_channel_offset, RESIDUAL=kind.value, RELU=bool(relu),
-        **dict(zip(block_names, (blocks.block_outer, blocks.block_inner))), num_warps=blocks.num_warps)
+    with launch_guard(x):
+        kernel[blocks.grid](
+            x, scale, shift, residual, residual_scale, residual_shift, out, extent, a.C, a.HW, a.W,
+            *residual_geometry, residual_stride, residual_channel_offset, RESIDUAL=kind.value, RELU=bool(relu),
+            **dict(zip(block_names, (blocks.block_outer, blocks.block_inner))), num_warps=blocks.num_warps)
     return out
 
 
 def _sum_partials(partial: Tensor, sums: int, channels: int, dtype: torch.dtype) -> list[Tensor]:
-    """Per-channel totals of a [tiles, sums, channels] partial, summed over tiles in order."""
+    """Per-channel totals of a [tiles, sums, channels] partial, summed over tiles in order. Launches on the current
+    device: its caller holds the launch guard."""
     num_tiles = partial.shape[0]
     columns = sums * channels
     out = torch.empty((sums, channels), dtype=dtype, device=partial.device)
@@ -640,20 +645,21 @@ def bn_act_backward_reduce(
     acc = a.accumulation_dtype
     sums = 3 if second else 2
     flags = dict(MASK=out is not None, SECOND=second)
-    if a.channels_last:
-        tiles = RowTiles.of(a)
-        partial = torch.empty((tiles.count, sums, a.C), dtype=acc, device=x.device)
-        _backward_reduce_rows_kernel[(tiles.count, tiles.channel_blocks)](
-            g, out, x, mean, x2, mean2, partial, a.rows, a.C, **flags, BLOCKS_PER_TILE=tiles.blocks_per_tile,
-            BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c, num_warps=_num_warps(tiles.block_r * tiles.block_c))
-    else:
-        plane_tiles = PlaneTiles.of(a)
-        partial = torch.empty((plane_tiles.count, sums, a.C), dtype=acc, device=x.device)
-        _backward_reduce_planes_kernel[(plane_tiles.count, a.C)](
-            g, out, x, mean, x2, mean2, partial, a.N, a.C, a.HW, plane_tiles.hw_blocks, **flags,
-            BLOCK_N=plane_tiles.block_n, BLOCK_HW=plane_tiles.block_hw,
-            num_warps=_num_warps(plane_tiles.block_n * plane_tiles.block_hw))
-    totals = _sum_partials(partial, sums, a.C, acc)
+    with launch_guard(x):
+        if a.channels_last:
+            tiles = RowTiles.of(a)
+            partial = torch.empty((tiles.count, sums, a.C), dtype=acc, device=x.device)
+            _backward_reduce_rows_kernel[(tiles.count, tiles.channel_blocks)](
+                g, out, x, mean, x2, mean2, partial, a.rows, a.C, **flags, BLOCKS_PER_TILE=tiles.blocks_per_tile,
+                BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c, num_warps=_num_warps(tiles.block_r * tiles.block_c))
+        else:
+            plane_tiles = PlaneTiles.of(a)
+            partial = torch.empty((plane_tiles.count, sums, a.C), dtype=acc, device=x.device)
+            _backward_reduce_planes_kernel[(plane_tiles.count, a.C)](
+                g, out, x, mean, x2, mean2, partial, a.N, a.C, a.HW, plane_tiles.hw_blocks, **flags,
+                BLOCK_N=plane_tiles.block_n, BLOCK_HW=plane_tiles.block_hw,
+                num_warps=_num_warps(plane_tiles.block_n * plane_tiles.block_hw))
+        totals = _sum_partials(partial, sums, a.C, acc)
     if not second:
         totals.append(torch.empty(0, dtype=acc, device=x.device))
     return tuple(totals)
@@ -683,10 +689,11 @@ def bn_act_backward_elemt(
         kernel, extent, block_names = _backward_elemt_rows_kernel, a.rows, ("BLOCK_R", "BLOCK_C")
     else:
         kernel, extent, block_names = _backward_elemt_planes_kernel, a.N * a.C, ("BLOCK_P", "BLOCK_HW")
-    kernel[blocks.grid](
-        g, out, x, *params, x2, *params2, grad_input, grad_other, extent,
-        *((a.C,) if a.channels_last else (a.C, a.HW)), MASK=out is not None, OTHER=other.value,
-        **dict(zip(block_names, (blocks.block_outer, blocks.block_inner))), num_warps=blocks.num_warps)
+    with launch_guard(x):
+        kernel[blocks.grid](
+            g, out, x, *params, x2, *params2, grad_input, grad_other, extent,
+            *((a.C,) if a.channels_last else (a.C, a.HW)), MASK=out is not None, OTHER=other.value,
+            **dict(zip(block_names, (blocks.block_outer, blocks.block_inner))), num_warps=blocks.num_warps)
     if grad_other is None:
         grad_other = torch.empty(0, dtype=x.dtype, device=x.device)
     return grad_input, grad_other
