@@ -247,7 +247,7 @@ def test_every_launch_runs_under_the_guard_of_its_tensors_device(kernels, small_
 def test_launch_guard_makes_a_cuda_tensors_device_current():
     """For a CUDA tensor the guard is torch.cuda.device of the tensor's own device (checked on a stand-in for a
     tensor on cuda:1, as this needs no GPU until it is entered); for a CPU tensor a nullcontext, nothing to switch."""
-    guard = stats.launch_guard(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+    guard = stats.launch_guard(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1), get_device=lambda: 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(stats.launch_guard(torch.randn(3)), contextlib.nullcontext)
 
