@@ -34,7 +34,7 @@ class WarmupReport:
     elsewhere."""
 
     seconds: float
-    steps: int  # the train and eval steps run, over every batch size
+    steps_run: int  # train and eval steps, over every batch size
     kernels_compiled: int | None
 
 
@@ -64,12 +64,12 @@ def warmup(
     same object, every ``.grad`` is the same object (or None) with its values, every submodule's training flag is
     restored, the fused modules' folded-weight caches are emptied (they refold on their next eval call, as after
     ``fused_resnet.clear_folded_weights``), and torch's random number generators (CPU, and the CUDA devices the
-    model and input are on) are back in their state. It works on `model` itself, not a copy: a copy would be a
-    second model in memory and would not copy what a deep copy cannot (process groups, DistributedDataParallel);
-    the snapshot it keeps instead is one copy of the parameters, buffers and existing gradients (ResNet-50: 100 MB
-    in float32, next to the ~20 GB of a batch-256 step's activations). Not restored: Python attributes a forward
-    changes, and side effects of hooks. Under torch.distributed every rank must call it (the train step's
-    collectives run). Returns a :class:`WarmupReport`.
+    model and input are on) are back in their state. It works on `model` itself, with a snapshot of its
+    parameters, buffers and existing gradients (ResNet-50: 100 MB in float32, small next to the gigabytes of a
+    batch-256 step's activations), rather than on a deep copy, which would cost as much memory and cannot copy
+    everything a model may hold (SyncBatchNorm's process groups, DistributedDataParallel, hooks that reach the
+    original). Not restored: Python attributes a forward changes, and side effects of hooks. Under torch.distributed
+    every rank must call it (the train step's collectives run). Returns a :class:`WarmupReport`.
     """
     sizes, step_names = _check_arguments(model, example_input, batch_sizes, steps)
     devices = {t.device for t in _tensors_of(model)} | {example_input.device}

@@ -130,7 +130,7 @@ def test_warmup_leaves_the_model_as_it_was_and_the_next_steps_bitwise_unchanged(
 
         report = fused_resnet.warmup(model, x, batch_sizes=(BATCH, PARTIAL_BATCH))
 
-        assert report.steps == 4 and report.seconds > 0
+        assert report.steps_run == 4 and report.seconds > 0
         assert_unchanged(model, before)
         warmed = train_step(model, x, labels), eval_step(model, x)
         torch.manual_seed(seed)
@@ -155,7 +155,7 @@ def test_warmup_under_no_grad_and_of_an_input_that_requires_grad():
     model[-1].register_forward_hook(lambda module, args, out: seen.append((module.training, out.requires_grad)))
     with torch.no_grad():
         report = fused_resnet.warmup(model, x)
-    assert report.steps == 2 and seen == [(True, True), (False, False)]
+    assert report.steps_run == 2 and seen == [(True, True), (False, False)]
     assert x.grad is None and all(p.grad is None for p in model.parameters())
 
 
