@@ -106,6 +106,15 @@ class SizeConfig:
     model_layouts: tuple[Layout, ...]  # of the whole-model benchmarks
     models: tuple[str, ...]  # torchvision model names of the whole-model benchmarks
 
+    def __post_init__(self) -> None:
+        # The warm-up rounds run the very step that is then timed (Measure: pytest-benchmark's pedantic), train or
+        # eval, at the same batch, so one is enough to keep one-off costs out of the timed rounds: the Triton kernels'
+        # JIT compilation (a ResNet-50 bf16 train step compiles 32 kernels in channels_last, about 39 s on a 2-core
+        # host, 51 in NCHW, about 83 s: fused_resnet.warmup's docstring), torch.compile's, cuDNN's algorithm search.
+        if self.warmup_rounds < 1:
+            raise ValueError(f"size {self.name!r}: warmup_rounds must be at least 1, got {self.warmup_rounds}: the "
+                             "first call of a step compiles (Triton, torch.compile) and must not be timed")
+
 
 SIZES = {
     # Does everything run, in both precisions and both memory formats? About a minute on a 2-core CPU.

@@ -27,13 +27,15 @@ from .models import (
 from .modules import BasicBlock, Bottleneck, ConvBNReLU, TimmBasicBlock, TimmBottleneck
 from .ops import clear_folded_weights
 from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity
+from .warmup import WarmupReport, warmup
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BasicBlock", "BatchNormParams", "Bottleneck", "CifarResNet", "ConvBN", "ConvBNReLU", "ConvParams",
-    "FusionWarning", "ResNet", "TimmBasicBlock", "TimmBottleneck", "ZeroPadIdentity", "available_backends",
+    "FusionWarning", "ResNet", "TimmBasicBlock", "TimmBottleneck", "WarmupReport", "ZeroPadIdentity",
+    "available_backends",
     "backend_status", "cifar_resnet", "clear_folded_weights", "convert", "convert_sync_batchnorm", "ops", "reference", "resnet18",
     "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-    "unfused_modules", "use_backend", "wide_resnet50_2", "wide_resnet101_2",
+    "unfused_modules", "use_backend", "warmup", "wide_resnet50_2", "wide_resnet101_2",
 ]
