@@ -5,13 +5,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <type_traits>
 
 #include "../checks.h"
@@ -51,18 +49,7 @@ constexpr kernels::DType dtype_of() {
     return dtype_;                                                                                   \
   }()
 
-// Multiprocessors of a device, queried once per device (a benign race stores the same value twice).
-int multiprocessor_count(c10::DeviceIndex device) {
-  static std::atomic<int> counts[C10_COMPILE_TIME_MAX_GPUS];  // 0: not queried yet
-  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "fused_resnet: CUDA device index ", int(device),
-              " out of range");
-  int count = counts[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    counts[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
-}
+static_assert(kernels::kMaxDevices >= C10_COMPILE_TIME_MAX_GPUS, "the launchers take every CUDA device index");
 
 void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "fused_resnet::", op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), ": ",
@@ -114,14 +101,14 @@ at::Tensor bn_act_cuda(const at::Tensor& input, const at::Tensor& scale, const a
   args.relu = relu;
   args.out = out.mutable_data_ptr();
   const kernels::Shape shape = shape_of(in.input);
-  const int multiprocessors = multiprocessor_count(in.input.get_device());
+  const int device = in.input.get_device();  // current: see the guard
   if (in.padded) {
     const kernels::PaddedResidual padding{in.residual.size(1), in.residual.size(2), in.residual.size(3),
                                           residual_stride, residual_channel_offset};
     check_launch(op, kernels::bn_act_padded(dtype, shape, in.input.size(2), in.input.size(3), args, padding,
-                                            multiprocessors, current_stream()));
+                                            device, current_stream()));
   } else {
-    check_launch(op, kernels::bn_act(dtype, shape, args, multiprocessors, current_stream()));
+    check_launch(op, kernels::bn_act(dtype, shape, args, device, current_stream()));
   }
   return out;
 }
@@ -186,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(
   args.residual_grad = in.residual_grad;
   args.grad_input = grad_input.mutable_data_ptr();
   args.grad_other = grad_other.defined() ? grad_other.mutable_data_ptr() : nullptr;
-  check_launch(op, kernels::backward_elemt(dtype, shape_of(in.input), args,
-                                           multiprocessor_count(in.input.get_device()), current_stream()));
+  check_launch(op, kernels::backward_elemt(dtype, shape_of(in.input), args, in.input.get_device(),
+                                           current_stream()));
   return {grad_input, output_or_empty(grad_other, in.input)};
 }
 

@@ -5,8 +5,10 @@
 //
 // Elementwise kernels (bn_act, backward_elemt) run grid-stride loops over "units": 16-byte vectors of V elements
 // when every pointer is 16-byte aligned and the contiguous extent (C for NHWC rows, HW for NCHW planes) is a
-// multiple of V, so that no vector straddles two rows or planes; single elements (V = 1) otherwise. The grid comes
-// from the device's multiprocessor count. On NHWC rows the grid-stride step is a multiple of the units per row,
+// multiple of V, so that no vector straddles two rows or planes; single elements (V = 1) otherwise. The grid is
+// one wave: as many blocks as the device holds at once, from the kernel's real occupancy (its registers decide it:
+// from 2 to 8 blocks per multiprocessor), and it changes no result, since every unit is computed the same way
+// whichever thread takes it. On NHWC rows the grid-stride step is a multiple of the units per row,
 // so a thread stays on the same V channels and loads their parameters once; on NCHW planes a cursor follows the
 // channel without dividing.
 //
@@ -28,6 +30,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "bn_act_kernels.h"
@@ -169,9 +172,37 @@ R with_type(DType dtype, R unknown, F&& f) {
 // Elementwise kernels.
 
 // 256 threads: 8 warps, enough per block to hide latency; 8 blocks per multiprocessor then fill its 2048 thread
-// slots (sm_80, sm_90) when registers allow. More blocks would only add waves to a grid-stride loop.
+// slots (sm_80, sm_90) when registers allow (at most 32 per thread; the kernels take 18 to 95 on sm_90).
 constexpr int kElemThreads = 256;
-constexpr int kElemBlocksPerMultiprocessor = 8;
+
+// The blocks of kElemThreads threads of one grid-stride kernel that a device holds at once: its multiprocessors
+// times the blocks per multiprocessor the kernel's registers and shared memory allow, asked of the runtime on the
+// kernel's first launch on each device and kept. More blocks would only queue behind the first wave (with a fixed
+// 8 per multiprocessor, the second-BN backward kernel on 16-bit rows, which fits 2, ran 4 waves and loaded its 64
+// per-channel values 4 times per thread slot). One instance per kernel.
+class ResidentBlocks {
+ public:
+  // `kernel` on `device`, which must be the current device.
+  template <typename Kernel>
+  cudaError_t get(Kernel kernel, int device, int64_t& blocks) {
+    if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+    blocks = per_device_[device].load(std::memory_order_relaxed);  // 0: not asked yet
+    if (blocks != 0) return cudaSuccess;
+    int multiprocessors = 0, per_multiprocessor = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) {
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, kElemThreads, 0);
+    }
+    if (err != cudaSuccess) return err;
+    blocks = max64(1, int64_t(multiprocessors) * per_multiprocessor);
+    // Threads racing here store the same value.
+    per_device_[device].store(blocks, std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+
+ private:
+  std::atomic<int64_t> per_device_[kMaxDevices] = {};
+};
 
 // Per-channel values one thread applies to one unit: the channels c0 .. c0 + V - 1 along a row, or one channel
 // c0 broadcast over a plane's V elements. P vectors of parameters.
@@ -240,25 +271,33 @@ __global__ void __launch_bounds__(kElemThreads)
   }
 }
 
-// Blocks for an elementwise grid: enough to fill the device, no more than the units need, and for rows a
-// multiple of row_units / gcd(row_units, kElemThreads), which makes the grid-stride step a multiple of row_units.
-int64_t elementwise_blocks(int64_t units, int multiprocessors, int64_t row_units) {
-  const int64_t wanted = min64(ceil_div(units, kElemThreads), int64_t(multiprocessors) * kElemBlocksPerMultiprocessor);
+// Blocks for an elementwise grid: enough to fill the device (`resident`, see ResidentBlocks), no more than the
+// units need, and for rows a multiple of row_units / gcd(row_units, kElemThreads), which makes the grid-stride step
+// a multiple of row_units.
+int64_t elementwise_blocks(int64_t units, int64_t resident, int64_t row_units) {
+  const int64_t wanted = min64(ceil_div(units, kElemThreads), resident);
   const int64_t quantum = row_units / gcd64(row_units, kElemThreads);
   return quantum * max64(1, wanted / quantum);
 }
 
 template <int V, typename Op>
-cudaError_t launch_elementwise(const Op& op, const Shape& s, int multiprocessors, cudaStream_t stream) {
+cudaError_t launch_elementwise(const Op& op, const Shape& s, int device, cudaStream_t stream) {
   const int64_t units = s.N * s.C * s.HW / V;
+  int64_t resident = 0;
   if (s.channels_last) {
+    static ResidentBlocks rows_resident;
+    const auto kernel = rows_elementwise_kernel<Op, V>;
+    if (const cudaError_t err = rows_resident.get(kernel, device, resident); err != cudaSuccess) return err;
     const int64_t row_units = s.C / V;
-    const int64_t blocks = elementwise_blocks(units, multiprocessors, row_units);
+    const int64_t blocks = elementwise_blocks(units, resident, row_units);
     if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
-    rows_elementwise_kernel<Op, V><<<unsigned(blocks), kElemThreads, 0, stream>>>(op, units, row_units);
+    kernel<<<unsigned(blocks), kElemThreads, 0, stream>>>(op, units, row_units);
   } else {
-    const int64_t blocks = elementwise_blocks(units, multiprocessors, 1);
-    planes_elementwise_kernel<Op, V><<<unsigned(blocks), kElemThreads, 0, stream>>>(op, units, s.HW / V, s.C);
+    static ResidentBlocks planes_resident;
+    const auto kernel = planes_elementwise_kernel<Op, V>;
+    if (const cudaError_t err = planes_resident.get(kernel, device, resident); err != cudaSuccess) return err;
+    const int64_t blocks = elementwise_blocks(units, resident, 1);
+    kernel<<<unsigned(blocks), kElemThreads, 0, stream>>>(op, units, s.HW / V, s.C);
   }
   return cudaGetLastError();
 }
@@ -294,7 +333,7 @@ struct BnActOp {
 };
 
 template <typename T, Residual kResidual, int V>
-cudaError_t bn_act_launch(const Shape& s, const BnActArgs& a, int multiprocessors, cudaStream_t stream) {
+cudaError_t bn_act_launch(const Shape& s, const BnActArgs& a, int device, cudaStream_t stream) {
   using Op = BnActOp<T, V, kResidual>;
   using A = acc_t<T>;
   Op op;
@@ -308,14 +347,14 @@ cudaError_t bn_act_launch(const Shape& s, const BnActArgs& a, int multiprocessor
     op.param[3] = static_cast<const A*>(a.residual_shift);
   }
   op.relu = a.relu;
-  return launch_elementwise<V>(op, s, multiprocessors, stream);
+  return launch_elementwise<V>(op, s, device, stream);
 }
 
 template <typename T, Residual kResidual>
-cudaError_t bn_act_typed(const Shape& s, const BnActArgs& a, int multiprocessors, cudaStream_t stream) {
+cudaError_t bn_act_typed(const Shape& s, const BnActArgs& a, int device, cudaStream_t stream) {
   const void* const pointers[] = {a.input, a.residual, a.out};
-  return vectorizable<T>(s, pointers) ? bn_act_launch<T, kResidual, kVecWidth<T>>(s, a, multiprocessors, stream)
-                                      : bn_act_launch<T, kResidual, 1>(s, a, multiprocessors, stream);
+  return vectorizable<T>(s, pointers) ? bn_act_launch<T, kResidual, kVecWidth<T>>(s, a, device, stream)
+                                      : bn_act_launch<T, kResidual, 1>(s, a, device, stream);
 }
 
 // bn_act with option A's residual, one element per thread and iteration: the residual is read at computed
@@ -354,6 +393,20 @@ __global__ void __launch_bounds__(kElemThreads)
     }
     out[i] = from_acc<T>(relu ? apply_relu(v) : v);
   }
+}
+
+template <typename T>
+cudaError_t bn_act_padded_typed(const Shape& s, int64_t H, int64_t W, const BnActArgs& a, const PaddedResidual& r,
+                                int device, cudaStream_t stream) {
+  static ResidentBlocks padded_resident;
+  const auto kernel = bn_act_padded_kernel<T>;
+  int64_t resident = 0;
+  if (const cudaError_t err = padded_resident.get(kernel, device, resident); err != cudaSuccess) return err;
+  const int64_t blocks = max64(1, min64(ceil_div(s.N * s.C * H * W, kElemThreads), resident));
+  kernel<<<unsigned(blocks), kElemThreads, 0, stream>>>(
+      static_cast<const T*>(a.input), static_cast<const acc_t<T>*>(a.scale), static_cast<const acc_t<T>*>(a.shift),
+      static_cast<const T*>(a.residual), static_cast<T*>(a.out), s.N, s.C, H, W, r, s.channels_last, a.relu);
+  return cudaGetLastError();
 }
 
 // backward_elemt: grad_input = coef_dy * gm + coef_xmu * (x - mean) + coef_const, and grad_other.
@@ -398,7 +451,7 @@ struct ElemtOp {
 };
 
 template <typename T, Other kOther, int V>
-cudaError_t backward_elemt_launch(const Shape& s, const ElemtArgs& a, int multiprocessors, cudaStream_t stream) {
+cudaError_t backward_elemt_launch(const Shape& s, const ElemtArgs& a, int device, cudaStream_t stream) {
   using Op = ElemtOp<T, V, kOther>;
   using A = acc_t<T>;
   Op op;
@@ -418,15 +471,15 @@ cudaError_t backward_elemt_launch(const Shape& s, const ElemtArgs& a, int multip
     op.param[6] = static_cast<const A*>(a.coef2_xmu);
     op.param[7] = static_cast<const A*>(a.coef2_const);
   }
-  return launch_elementwise<V>(op, s, multiprocessors, stream);
+  return launch_elementwise<V>(op, s, device, stream);
 }
 
 template <typename T, Other kOther>
-cudaError_t backward_elemt_typed(const Shape& s, const ElemtArgs& a, int multiprocessors, cudaStream_t stream) {
+cudaError_t backward_elemt_typed(const Shape& s, const ElemtArgs& a, int device, cudaStream_t stream) {
   const void* const pointers[] = {a.grad_output, a.output, a.input, a.input2, a.grad_input, a.grad_other};
   return vectorizable<T>(s, pointers)
-             ? backward_elemt_launch<T, kOther, kVecWidth<T>>(s, a, multiprocessors, stream)
-             : backward_elemt_launch<T, kOther, 1>(s, a, multiprocessors, stream);
+             ? backward_elemt_launch<T, kOther, kVecWidth<T>>(s, a, device, stream)
+             : backward_elemt_launch<T, kOther, 1>(s, a, device, stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -956,12 +1009,13 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   const int64_t c = int64_t(blockIdx.x) * kChannelsPerFinalizeBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (c >= C) return;  // the whole warp: c is uniform across it
-  A* const outs[3] = {out0, out1, out2};
   for (int s = 0; s < sums; ++s) {
     double total = 0;
     for (int64_t j = lane; j < chunks; j += 32) total += part[(s * C + c) * chunks + j];
     total = warp_sum(total);
-    if (lane == 0) outs[s][c] = A(total);
+    // A select, not an array of the three pointers indexed by s: that array would live in local memory.
+    A* const out = s == 0 ? out0 : s == 1 ? out1 : out2;
+    if (lane == 0) out[c] = A(total);
   }
 }
 
@@ -1030,28 +1084,20 @@ cudaError_t batch_stats(DType dtype, const Shape& shape, const void* input, void
   });
 }
 
-cudaError_t bn_act(DType dtype, const Shape& shape, const BnActArgs& args, int multiprocessors, cudaStream_t stream) {
+cudaError_t bn_act(DType dtype, const Shape& shape, const BnActArgs& args, int device, cudaStream_t stream) {
   const Shape s = canonical(shape);
   return with_type(dtype, cudaErrorInvalidValue, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (args.residual == nullptr) return bn_act_typed<T, Residual::kNone>(s, args, multiprocessors, stream);
-    if (args.residual_scale == nullptr) return bn_act_typed<T, Residual::kIdentity>(s, args, multiprocessors, stream);
-    return bn_act_typed<T, Residual::kAffine>(s, args, multiprocessors, stream);
+    if (args.residual == nullptr) return bn_act_typed<T, Residual::kNone>(s, args, device, stream);
+    if (args.residual_scale == nullptr) return bn_act_typed<T, Residual::kIdentity>(s, args, device, stream);
+    return bn_act_typed<T, Residual::kAffine>(s, args, device, stream);
   });
 }
 
 cudaError_t bn_act_padded(DType dtype, const Shape& shape, int64_t H, int64_t W, const BnActArgs& args,
-                          const PaddedResidual& residual, int multiprocessors, cudaStream_t stream) {
+                          const PaddedResidual& residual, int device, cudaStream_t stream) {
   return with_type(dtype, cudaErrorInvalidValue, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const int64_t total = shape.N * shape.C * H * W;
-    const int64_t blocks =
-        max64(1, min64(ceil_div(total, kElemThreads), int64_t(multiprocessors) * kElemBlocksPerMultiprocessor));
-    bn_act_padded_kernel<T><<<unsigned(blocks), kElemThreads, 0, stream>>>(
-        static_cast<const T*>(args.input), static_cast<const acc_t<T>*>(args.scale),
-        static_cast<const acc_t<T>*>(args.shift), static_cast<const T*>(args.residual), static_cast<T*>(args.out),
-        shape.N, shape.C, H, W, residual, shape.channels_last, args.relu);
-    return cudaGetLastError();
+    return bn_act_padded_typed<typename decltype(tag)::type>(shape, H, W, args, residual, device, stream);
   });
 }
 
@@ -1071,14 +1117,14 @@ cudaError_t backward_reduce(DType dtype, const Shape& shape, const ReduceArgs& a
   });
 }
 
-cudaError_t backward_elemt(DType dtype, const Shape& shape, const ElemtArgs& args, int multiprocessors,
+cudaError_t backward_elemt(DType dtype, const Shape& shape, const ElemtArgs& args, int device,
                            cudaStream_t stream) {
   const Shape s = canonical(shape);
   return with_type(dtype, cudaErrorInvalidValue, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (args.input2 != nullptr) return backward_elemt_typed<T, Other::kSecondBN>(s, args, multiprocessors, stream);
-    if (args.residual_grad) return backward_elemt_typed<T, Other::kMaskedGrad>(s, args, multiprocessors, stream);
-    return backward_elemt_typed<T, Other::kNone>(s, args, multiprocessors, stream);
+    if (args.input2 != nullptr) return backward_elemt_typed<T, Other::kSecondBN>(s, args, device, stream);
+    if (args.residual_grad) return backward_elemt_typed<T, Other::kMaskedGrad>(s, args, device, stream);
+    return backward_elemt_typed<T, Other::kNone>(s, args, device, stream);
   });
 }
 

@@ -7,7 +7,8 @@
 // Activations are of `dtype`; per-channel vectors (scale, mean, coefficients, ...) and the statistics and sums the
 // reductions write are contiguous in the accumulation type: float for float/half/bfloat16, double for double.
 // A null pointer means "absent". Launchers enqueue on `stream` and return the first CUDA error (cudaSuccess when
-// every launch went in); the caller raises it.
+// every launch went in); the caller raises it. Those that take `device` run on that device, which must be current,
+// with grids sized from each kernel's occupancy on it, asked of the runtime once per kernel and device.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,6 +20,17 @@ namespace fused_resnet {
 namespace cuda {
 
 enum class DType { kFloat, kHalf, kBFloat16, kDouble };
+
+// Device indices the launchers take: 0 .. kMaxDevices - 1 (torch's c10::DeviceIndex is 8 bits).
+constexpr int kMaxDevices = 128;
+
+// The fewest blocks of any kernel here that one multiprocessor of sm_80/sm_90 holds at once (registers x block size
+// and shared memory allow it; no kernel spills). Not an assumption of the launchers, which size each grid from the
+// kernel's real occupancy, but the floor below which a kernel needs redesigning, not a bigger grid: 2 blocks of 256
+// threads (16 of 64 warps) is where the second-BN backward kernel on 16-bit NHWC rows stands (95 registers: its 64
+// per-channel values stay in registers), the others reach 3 to 8. tests/test_build.py reads it and checks every
+// compiled kernel against it.
+constexpr int kMinBlocksPerMultiprocessor = 2;
 
 struct Shape {
   int64_t N, C, HW;
@@ -43,7 +55,7 @@ struct BnActArgs {
   bool relu;
   void* out;
 };
-cudaError_t bn_act(DType dtype, const Shape& shape, const BnActArgs& args, int multiprocessors, cudaStream_t stream);
+cudaError_t bn_act(DType dtype, const Shape& shape, const BnActArgs& args, int device, cudaStream_t stream);
 
 // bn_act with option A's residual (args.residual_scale and residual_shift unused): R[n, c, h, w] =
 // residual[n, c - offset, h * stride, w * stride] where the residual has channel c - offset, 0 elsewhere. The
@@ -53,7 +65,7 @@ struct PaddedResidual {
   int64_t stride, offset;
 };
 cudaError_t bn_act_padded(DType dtype, const Shape& shape, int64_t H, int64_t W, const BnActArgs& args,
-                          const PaddedResidual& residual, int multiprocessors, cudaStream_t stream);
+                          const PaddedResidual& residual, int device, cudaStream_t stream);
 
 // bn_act_backward_reduce: with gm = grad_output, zeroed where output <= 0 when output is given,
 // sum_dy = sum gm, sum_dy_xmu = sum gm * (input - mean), sum_dy_xmu2 = sum gm * (input2 - mean2) when input2 is
@@ -94,7 +106,7 @@ struct ElemtArgs {
   void* grad_input;
   void* grad_other;
 };
-cudaError_t backward_elemt(DType dtype, const Shape& shape, const ElemtArgs& args, int multiprocessors,
+cudaError_t backward_elemt(DType dtype, const Shape& shape, const ElemtArgs& args, int device,
                            cudaStream_t stream);
 
 }  // namespace cuda
