@@ -13,7 +13,7 @@ custom ops, torch.ops.fused_resnet::* and fused_resnet_triton::*, not what runs 
   (``relu_``'s self, BatchNorm's running statistics) is written too, and one it only overwrites (an ``out=``
   argument, ``copy_``'s, ``fill_``'s and ``zero_``'s self) is not read;
 * a tensor counts the bytes of the elements it addresses: a view its own elements, an expanded tensor (stride 0)
-  each element once;
+  each element once, an opaque one (oneDNN's packed weights) all of them;
 * views, allocations (``empty``...) and ops that return no tensor and write none (``prim::device``) move nothing;
 * convolutions are every op named ``*convolution*`` (aten's forward and backward, oneDNN's and cuDNN's fused
   ones) and the Triton convolution (``fused_resnet_triton::conv2d``, whose prologue applies the BatchNorm and ReLU
@@ -66,7 +66,9 @@ def is_convolution(op: str) -> bool:
 
 def tensor_bytes(t: torch.Tensor) -> int:
     """The bytes of the elements `t` addresses: its own for a view, each element once along an expanded (stride 0)
-    dimension."""
+    dimension; all of an opaque tensor's (oneDNN's packed weights, whose strides mean nothing)."""
+    if t.layout != torch.strided:
+        return t.numel() * t.element_size()
     elements = 1
     for size, stride in zip(t.shape, t.stride()):
         if stride != 0:
