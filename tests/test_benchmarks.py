@@ -328,7 +328,8 @@ def test_a_custom_op_counts_its_tensors_and_a_convolution_counts_as_one():
     conv_out = 2 * 4 * 3 * 3 * 4
     assert counter.traffic.total(conv=True) == y.nbytes + weight.nbytes + conv_out
     assert counter.traffic.total(conv=False) == 2 * conv_out
-    assert traffic.is_convolution("fused_resnet_triton::conv2d") and traffic.is_convolution("aten::convolution_backward")
+    assert traffic.is_convolution("fused_resnet_triton::conv2d")
+    assert traffic.is_convolution("aten::convolution_backward")
     assert not traffic.is_convolution("fused_resnet_triton::bn_act")
 
 
