@@ -4,14 +4,22 @@ benchmarks/harness.py; what is timed and measured, in benchmarks/measure.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import harness
-from benchmarks.harness import DEFAULT_REPORT_DIR, DTYPES, SIZES, BenchSession, Provider, SizeConfig
-from benchmarks.measure import Measure, MeasureMemory, keep_freed_cpu_memory
+# Without a CUDA GPU, Triton's kernels can only be defined for its CPU interpreter, and fused_resnet defines them when
+# it is imported (fused_resnet.triton.interpreted), so this comes first. Then the memory-traffic count
+# (benchmarks/traffic.py) follows the triton backend's path on the CPU; nothing is timed on it (harness leaves
+# interpreted backends out, as it leaves a backend out that cannot run).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks import harness, traffic  # noqa: E402
+from benchmarks.harness import DEFAULT_REPORT_DIR, DTYPES, SIZES, BenchSession, Provider, SizeConfig  # noqa: E402
+from benchmarks.measure import Measure, MeasureMemory, keep_freed_cpu_memory  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -73,7 +81,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return config.stash[harness.SESSION].header_lines()
+    session = config.stash[harness.SESSION]
+    counted, left_out = traffic.counted_providers(session.device)
+    return session.header_lines() + [
+        f"memory traffic counted for: {', '.join(p.name for p in counted)}"
+        + "".join(f"; {name} left out: {why}" for name, why in left_out.items())]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -4,9 +4,12 @@ GPU run is judged against.
 Plain Python (matplotlib only for the chart, imported when drawing), so that the GPU runner can read a report
 whatever state the build is in. A report holds three kinds of rows, each a dict as the benchmark suites record it:
 
-* timed rows (suites ``blocks``, ``models``, ``ops``, and ``copy``: the device's plain-copy bandwidth that the
-  memory-bound ops are judged against), with ``images_per_s``, ``gb_per_s``, ``peak_memory_mib``;
+* timed rows (suites ``blocks``, ``models``, ``ops``, ``copy``: the device's plain-copy bandwidth that the
+  memory-bound ops are judged against, and ``bandwidth``: a large copy's, at which the memory traffic is timed),
+  with ``images_per_s``, ``gb_per_s``, ``peak_memory_mib``;
 * memory rows (suite ``memory``), with ``saved_bytes_per_image``;
+* memory-traffic rows (suite ``traffic``, benchmarks/traffic.py), with ``conv_bytes_per_image``,
+  ``other_bytes_per_image`` and ``other_forward_bytes_per_image``: recorded among the timed rows, kept apart here;
 
 each carrying ``case``, ``mode``, ``provider``, ``is_reference``, ``dtype`` and ``memory_format``.
 """
@@ -65,6 +68,30 @@ def _with_memory_ratios(rows: list[dict]) -> list[dict]:
     reference = {_case_key(row): row["saved_bytes_per_image"] for row in rows if row["is_reference"]}
     return [{**row, "ratio": row["saved_bytes_per_image"] / reference[_case_key(row)]
              if reference.get(_case_key(row)) else None} for row in rows]
+
+
+def _copy_gb_per_s(rows: list[dict]) -> float | None:
+    """The device's copy bandwidth measured in this run on a large copy (suite ``bandwidth``), or None."""
+    return next((row["gb_per_s"] for row in rows if row["suite"] == "bandwidth" and row.get("gb_per_s")), None)
+
+
+def _with_traffic_times(traffic: list[dict], rows: list[dict]) -> list[dict]:
+    """Each traffic row with `ratio` (its non-convolution bytes over the reference provider's for the same case),
+    `predicted_other_s_per_image` (those bytes at the copy bandwidth of `rows`), `measured_s_per_image` (the timed
+    model row of the same case and provider, per image) and `predicted_share` (the first over the second)."""
+    reference = {_case_key(row): row["other_bytes_per_image"] for row in traffic if row["is_reference"]}
+    measured = {(*_case_key(row)[1:], row["provider"]): row["median_s"] / row["images_per_call"]
+                for row in rows if row["suite"] == "models"}
+    gb_per_s = _copy_gb_per_s(rows)
+    out = []
+    for row in traffic:
+        base = reference.get(_case_key(row))
+        predicted = row["other_bytes_per_image"] / (gb_per_s * 1e9) if gb_per_s else None
+        step = measured.get((*_case_key(row)[1:], row["provider"]))
+        out.append({**row, "ratio": row["other_bytes_per_image"] / base if base else None,
+                    "predicted_other_s_per_image": predicted, "measured_s_per_image": step,
+                    "predicted_share": predicted / step if predicted is not None and step else None})
+    return out
 
 
 def _grouped(rows: list[dict]) -> list[dict]:
@@ -168,6 +195,51 @@ def _op_cell(row: dict) -> str:
     return _with_details(_number(row["gb_per_s"]), [_ratio(row), fraction])
 
 
+def _megabytes(value: float) -> str:
+    return _number(value / 1e6)
+
+
+def _milliseconds(seconds: float | None) -> str:
+    return _number(seconds * 1e3) if seconds is not None else "-"
+
+
+def _traffic_table(traffic: list[dict], rows: list[dict]) -> Table | None:
+    if not traffic:
+        return None
+    lines: list[list[str] | None] = []
+    previous = None
+    for row in traffic:
+        key = _case_key(row)
+        if previous is not None and key != previous:
+            lines.append(None)
+        previous = key
+        other = _megabytes(row["other_bytes_per_image"])
+        if row["mode"] == "train":
+            other += f" (fwd {_megabytes(row['other_forward_bytes_per_image'])})"
+        share = row["predicted_share"]
+        lines.append([row["case"], str(row["images_per_call"]), row["mode"], _layout(row), row["provider"],
+                      _megabytes(row["conv_bytes_per_image"]), other,
+                      f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-",
+                      _milliseconds(row["predicted_other_s_per_image"]), _milliseconds(row["measured_s_per_image"]),
+                      f"{share:.0%}" if share is not None else "-"])
+    gb_per_s = _copy_gb_per_s(rows)
+    bandwidth = next((row for row in rows if row["suite"] == "bandwidth"), None)
+    notes = [
+        f"copy bandwidth: {_number(gb_per_s)} GB/s ({bandwidth['case']}, read + written, measured in this run)"
+        if gb_per_s else "copy bandwidth: not measured in this run (benchmarks/test_traffic.py::test_copy_bandwidth), "
+                         "so no predicted times",
+        "an op counts each tensor it reads or writes once (ATen's training BatchNorm and its backward are one op "
+        "each, though their kernels read their input twice); a train step is the forward (fwd), the loss and the "
+        "backward, without the optimizer's update, which the measured train step includes",
+    ]
+    return Table(
+        "Memory traffic per image: MB every op must read and write, counted on fake tensors at the model benchmarks' "
+        "batch and resolution; the non-convolution MB at the copy bandwidth (predicted ms) beside the measured step",
+        ["benchmark", "batch", "mode", "layout", "provider", "conv MB", "non-conv MB", "vs torchvision",
+         "non-conv ms at copy GB/s", "measured step ms", "share"],
+        5, lines, notes)
+
+
 def _memory_cell(row: dict) -> str:
     peak = f"peak {row['peak_memory_mib']:.0f} MiB" if row.get("peak_memory_mib") is not None else None
     return _with_details(_number(row["saved_bytes_per_image"] / 2**20), [_ratio(row), peak])
@@ -186,16 +258,21 @@ class Report:
     rows: list[dict]
     memory_rows: list[dict] = dataclasses.field(default_factory=list)
     extra: dict = dataclasses.field(default_factory=dict)
+    traffic_rows: list[dict] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.rows = _grouped(_with_ratios(self.rows))
+        # The traffic rows are recorded among the timed ones (the benchmark session has one list for both).
+        self.traffic_rows = self.traffic_rows + [row for row in self.rows if row["suite"] == "traffic"]
+        self.rows = _grouped(_with_ratios([row for row in self.rows if row["suite"] != "traffic"]))
         self.memory_rows = _grouped(_with_memory_ratios(self.memory_rows))
+        self.traffic_rows = _grouped(_with_traffic_times(self.traffic_rows, self.rows))
 
     @classmethod
     def load(cls, path: Path) -> Report:
         data = json.loads(Path(path).read_text())
         return cls(data["header"], data["rows"], data.get("memory", []),
-                   {k: v for k, v in data.items() if k not in ("header", "rows", "memory")})
+                   {k: v for k, v in data.items() if k not in ("header", "rows", "memory", "traffic")},
+                   data.get("traffic", []))
 
     def tables(self) -> list[Table]:
         throughput = _pivot(
@@ -219,7 +296,8 @@ class Report:
             "of a training step)",
             [("benchmark", lambda r: r["case"]), ("layout", _layout)],
             _memory_cell, [])
-        return [table for table in (throughput, ops, memory) if table is not None]
+        traffic = _traffic_table(self.traffic_rows, self.rows)
+        return [table for table in (throughput, ops, memory, traffic) if table is not None]
 
     def describe(self) -> str:
         h = self.header
@@ -242,7 +320,8 @@ class Report:
         return out
 
     def to_json(self) -> dict:
-        return {"header": self.header, "rows": self.rows, "memory": self.memory_rows, **self.extra}
+        return {"header": self.header, "rows": self.rows, "memory": self.memory_rows, "traffic": self.traffic_rows,
+                **self.extra}
 
     def write(self, directory: Path) -> tuple[Path, Path | None, str | None]:
         """Writes report.json and the chart into `directory`: (json path, chart path or None, why no chart)."""

@@ -1,5 +1,6 @@
 """The benchmark machinery itself: the GPU check keeps going past failing and overrunning steps, the report's
-ratios, tables, chart and target verdicts, the providers, and the activation-memory measurement."""
+ratios, tables, chart and target verdicts, the providers, the activation-memory measurement, and the memory-traffic
+count."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from torchvision.models.resnet import BasicBlock
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fused_resnet  # noqa: E402
-from benchmarks import gpu_check, harness, report  # noqa: E402
+from benchmarks import gpu_check, harness, report, traffic  # noqa: E402
 from benchmarks.measure import saved_for_backward_bytes  # noqa: E402
+from benchmarks.test_models import build_model, model_inputs  # noqa: E402
 from fused_resnet.kernels import REGISTRY  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,3 +283,126 @@ def test_size_overrides_replace_only_what_the_command_line_gives():
     assert (size.model_batch, size.model_resolution) == (16, 160)
     assert size.block_batch == default.block_batch and size.op_shape == default.op_shape
     assert harness.size_config("default") == default
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory traffic
+
+
+def _moved(step) -> dict[str, int]:
+    """{op: bytes} of what `step()` dispatches."""
+    with traffic.TrafficCounter() as counter:
+        step()
+    return {op: n for (_, op), n in counter.traffic.bytes_by_op.items()}
+
+
+def test_an_op_reads_each_distinct_argument_and_writes_each_result_once():
+    """The accounting of benchmarks/traffic.py on hand-checked cases: an add of two tensors moves three tensors'
+    bytes; a view moves nothing; an in-place op reads and writes its tensor; copy_ and out= write without reading
+    their destination; an expanded tensor is read once per distinct element; a tensor passed twice is read once."""
+    a, b, out = torch.randn(4, 8), torch.randn(4, 8), torch.empty(4, 8)
+    row = torch.randn(8)
+    size = a.nbytes  # 128
+    assert _moved(lambda: a + b) == {"aten::add": 3 * size}
+    assert _moved(lambda: a.view(2, 16).transpose(0, 1)) == {}
+    assert _moved(lambda: a + a) == {"aten::add": 2 * size}
+    assert _moved(lambda: b.clone().relu_()) == {"aten::clone": 2 * size, "aten::relu_": 2 * size}
+    assert _moved(lambda: out.copy_(a)) == {"aten::copy_": 2 * size}
+    assert _moved(lambda: torch.add(a, b, out=out)) == {"aten::add": 3 * size}
+    assert _moved(lambda: a * row.expand(4, 8)) == {"aten::mul": 2 * size + row.nbytes}
+    assert _moved(lambda: torch.empty(4, 8)) == {}
+
+
+@pytest.mark.skipif(REGISTRY["cpu"].missing is not None, reason="the compiled extension is not built")
+def test_a_custom_op_counts_its_tensors_and_a_convolution_counts_as_one():
+    """fused_resnet's compiled ops are counted like aten's, by their tensors: the fused BN + residual + ReLU reads
+    y, the residual and two per-channel vectors and writes the output. Convolutions (aten's, and the Triton one
+    by name) are told apart from the rest."""
+    y, residual = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    scale, shift = torch.rand(3), torch.randn(3)
+    moved = _moved(lambda: torch.ops.fused_resnet.bn_act(y, scale, shift, residual, None, None, True))
+    assert moved == {"fused_resnet::bn_act": 3 * y.nbytes + 2 * scale.nbytes}
+    weight = torch.randn(4, 3, 3, 3)
+    with traffic.TrafficCounter() as counter:
+        torch.nn.functional.conv2d(y, weight).relu()
+    conv_out = 2 * 4 * 3 * 3 * 4
+    assert counter.traffic.total(conv=True) == y.nbytes + weight.nbytes + conv_out
+    assert counter.traffic.total(conv=False) == 2 * conv_out
+    assert traffic.is_convolution("fused_resnet_triton::conv2d")
+    assert traffic.is_convolution("aten::convolution_backward")
+    assert not traffic.is_convolution("fused_resnet_triton::bn_act")
+
+
+@pytest.mark.skipif(REGISTRY["cpu"].missing is not None, reason="the compiled extension is not built")
+@pytest.mark.parametrize("provider_name, mode", [("torchvision", "train"), ("fused-cpu", "train"),
+                                                 ("fused-cpu", "eval")])
+def test_traffic_on_fake_tensors_is_what_the_real_step_moves(provider_name, mode):
+    """The benchmark counts on fake tensors (no computation, any shape): the same bytes, op by op, as a real step
+    of the same model and shape. fused-cpu's eval runs oneDNN's fused convolutions, whose shapes the count supplies
+    on fake tensors; its float32 NCHW train step converts to channels_last and back."""
+    provider = harness.known_providers()[provider_name]
+    layout, batch, resolution, cpu = harness.FP32_NCHW, 2, 32, torch.device("cpu")
+    module = provider.prepare(build_model("resnet18", cpu, layout))
+    x, labels = model_inputs(batch, resolution, cpu, layout)
+    real = traffic.count_step(module, x, labels, provider, mode)
+    fake = traffic.count_model_step("resnet18", provider, mode, layout, batch, resolution, cpu)
+    assert fake.bytes_by_op == real.bytes_by_op and fake.calls_by_op == real.calls_by_op
+    assert fake.total(conv=True) > 0 and fake.total(conv=False) > 0
+
+
+def test_fused_resnet18_moves_fewer_non_convolution_bytes_than_torchvision():
+    """What fusing is for, counted (resnet18, batch 8 at 64x64, bf16 channels_last, MB per image): the forward of a
+    train step moves fewer non-convolution bytes fused (torchvision 2.37, fused-cpu 1.79: statistics, apply and
+    residual in two passes; fused-triton 1.13: the BatchNorm-ReLU before a convolution applied as it loads its
+    input); so does the whole train step on triton (5.93 against 5.48). On cpu it does not (6.14): its backward
+    recomputes each BatchNorm-ReLU output for the next convolution's weight gradient and reads it again for the
+    ReLU mask, where ATen's BatchNorm backward counts as one op over its input."""
+    layout, cpu = harness.BF16_CHANNELS_LAST, torch.device("cpu")
+    counted, _ = traffic.counted_providers(cpu)
+    fused = [p for p in counted if p.backend in ("cpu", "triton")]
+    if not fused:
+        pytest.skip("neither the cpu nor the triton backend can run here")
+    torchvision = traffic.count_model_step("resnet18", harness.known_providers()["torchvision"], "train", layout, 8,
+                                           64, cpu)
+    for provider in fused:
+        counts = traffic.count_model_step("resnet18", provider, "train", layout, 8, 64, cpu)
+        forward, reference = counts.total(conv=False, phase="forward"), torchvision.total(conv=False, phase="forward")
+        assert forward < reference, (provider.name, forward / 8e6, reference / 8e6)
+        if provider.backend == "triton":
+            assert counts.total(conv=False) < torchvision.total(conv=False), (
+                counts.total(conv=False) / 8e6, torchvision.total(conv=False) / 8e6)
+
+
+def _traffic_row(provider, mode, other, forward=None):
+    return {"suite": "traffic", "case": "resnet50 @224", "mode": mode, "provider": provider,
+            "is_reference": provider == "torchvision", "images_per_call": 256, "dtype": "bfloat16",
+            "memory_format": "channels_last", "model": "resnet50", "resolution": 224, "counted_on": "cuda",
+            "conv_bytes_per_image": 100e6, "other_bytes_per_image": other,
+            "other_forward_bytes_per_image": forward if forward is not None else other, "other_bytes_by_op": {}}
+
+
+def test_report_sets_the_traffic_beside_the_measured_step(tmp_path):
+    """The traffic rows, recorded among the timed ones, make their own table: non-convolution MB per image, the
+    ratio to torchvision, their time at the copy bandwidth measured in the run and the measured step time per
+    image of the same model, mode and provider; report.json carries them and loads back."""
+    result = _h100_report()
+    result = report.Report(result.header, [
+        *result.rows, _row("bandwidth", "copy 1024 MiB", "copy", "torch copy_", 1.0, reference=True, gb_per_s=4000.0),
+        _traffic_row("torchvision", "train", 300e6, 120e6), _traffic_row("fused-cuda", "train", 240e6, 40e6),
+        _traffic_row("torchvision", "eval", 120e6), _traffic_row("fused-cuda", "eval", 4e6)], result.memory_rows)
+    assert not [row for row in result.rows if row["suite"] == "traffic"]
+    fused_train = next(r for r in result.traffic_rows if r["provider"] == "fused-cuda" and r["mode"] == "train")
+    assert fused_train["ratio"] == pytest.approx(0.8)
+    assert fused_train["predicted_other_s_per_image"] == pytest.approx(240e6 / 4000e9)
+    assert fused_train["measured_s_per_image"] == pytest.approx(1 / 256)  # the timed row: median 1 s for 256
+    lines = result.text_lines()
+    line = next(line for line in lines if "resnet50 @224" in line and "fused-cuda" in line and "train" in line)
+    # conv MB, non-conv MB (forward's), vs torchvision, non-conv ms at 4000 GB/s, measured ms per image, share
+    assert line.split()[-8:] == ["100", "240", "(fwd", "40)", "0.80x", "0.06", "3.91", "2%"]
+    assert any(line.startswith("copy bandwidth: 4000 GB/s") for line in lines)
+    assert any(line.startswith("| resnet50 @224 | 256 | eval | bfloat16 channels_last | fused-cuda |")
+               for line in result.markdown_lines())
+    json_path, _, _ = result.write(tmp_path)
+    saved = json.loads(json_path.read_text())
+    assert [row["provider"] for row in saved["traffic"]] == ["torchvision", "fused-cuda"] * 2
+    assert report.Report.load(json_path).traffic_rows == result.traffic_rows
