@@ -100,11 +100,11 @@ class ZeroPadIdentity(NamedTuple):
         return grad_x
 
 
-def advance_batch_count(bn: BatchNormParams, tensor_dtype: torch.dtype | None = None) -> float | Tensor:
+def advance_batch_count(bn: BatchNormParams, factor_like: Tensor | None = None) -> float | Tensor:
     """nn.BatchNorm2d's bookkeeping for one forward in training: bumps num_batches_tracked and returns the
     factor of the running-statistics update (0.0 when the running statistics are not updated). For momentum=None
-    that is 1 / num_batches_tracked: a float, as F.batch_norm takes it, or, given `tensor_dtype`, a 0-d tensor of
-    that dtype on the counter's device (the same float64, rounded as lerp rounds a float factor), which needs no
+    that is 1 / num_batches_tracked: a float, as F.batch_norm takes it, or, given `factor_like`, a 0-d tensor of
+    its dtype on the counter's device (the same float64, rounded as lerp rounds a float factor), which needs no
     read of the counter: a wait for the device, barred in a CUDA graph."""
     if not bn.updates_running_stats:
         return 0.0
@@ -113,8 +113,8 @@ def advance_batch_count(bn: BatchNormParams, tensor_dtype: torch.dtype | None = 
     if bn.momentum is None:
         if bn.num_batches_tracked is None:
             raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
-        if tensor_dtype is not None:
-            return bn.num_batches_tracked.to(torch.float64).reciprocal().to(tensor_dtype)
+        if factor_like is not None:
+            return bn.num_batches_tracked.to(torch.float64).reciprocal().to(factor_like.dtype)
         return 1.0 / float(bn.num_batches_tracked)
     return bn.momentum
 
@@ -125,7 +125,7 @@ def update_running_stats(bn: BatchNormParams, batch_mean: Tensor, batch_var: Ten
     for a synchronized BatchNorm the whole process group's, a 0-d float64 tensor on the device (count / (count - 1)
     is then the same float64). The batch statistics come without autograd history, so the in-place updates record
     none either."""
-    factor = advance_batch_count(bn, batch_mean.dtype)
+    factor = advance_batch_count(bn, batch_mean)
     if not bn.updates_running_stats:
         return
     assert bn.running_mean is not None and bn.running_var is not None
