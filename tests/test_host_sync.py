@@ -3,9 +3,10 @@
 A host read (Tensor.item(), int(t), bool(t), a nonzero or any check, an output whose shape depends on values) waits
 for the device to finish; inside torch.cuda.graph it is an error. It always goes through an ATen op whose value or
 shape depends on the data: aten._local_scalar_dense and the ops tagged data_dependent_output or
-dynamic_output_shape. A TorchDispatchMode sees every ATen op a CPU step issues, also those inside the fused_resnet
-and fused_resnet_triton ops (the recorder runs their kernels under itself), so a step on CPU tensors shows every host
-read a CUDA one would make. tests/test_gpu_backends.py captures the step in a CUDA graph on a GPU.
+dynamic_output_shape. A TorchDispatchMode sees every ATen op a step on CPU tensors issues, also those inside the
+fused_resnet and fused_resnet_triton ops (the recorder runs their kernels under itself): the op layer, the modules and
+the kernel sets run the same Python for CUDA tensors, but for the device-specific branches of the kernel sets and the
+Triton launchers, which tests/test_gpu_backends.py covers by capturing a step in a CUDA graph on a GPU.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ UNTAGGED_HOST_READS = frozenset([aten._local_scalar_dense.default, aten.is_nonze
 
 
 class HostReadRecorder(TorchDispatchMode):
-    """Records every op that reads a tensor's value back to the host (`reads`) and the namespaces of all ops run
-    (`namespaces`). The kernels of ops outside aten (the extension's, the Triton launchers', c10d's) run under the
+    """Records every op that reads a tensor's value back to the host (`reads`) and the names of all ops run (`ops`),
+    on CPU tensors. The kernels of ops outside aten (the extension's, the Triton launchers', c10d's) run under the
     recorder too, so that ATen calls inside them are seen."""
 
     def __init__(self) -> None:
@@ -74,6 +75,8 @@ CASES = [(backend, builder, 8 if backend == "triton" else 32)
          for backend in CPU_TENSOR_BACKENDS for builder in (network, resnet18)
          if backend != "triton" or builder is network]
 FUSED_CASES = [case for case in CASES if case[0] != "torch"]
+# An op that each backend's step runs: the proof that the step ran on it.
+BACKEND_OPS = {"torch": "aten.native_batch_norm", "cpu": "fused_resnet.bn_act", "triton": "fused_resnet_triton.conv2d"}
 
 
 def train_step_reads(model: nn.Module, backend: str, size: int) -> HostReadRecorder:
@@ -88,6 +91,7 @@ def train_step_reads(model: nn.Module, backend: str, size: int) -> HostReadRecor
         F.cross_entropy(model(x), target).backward()
         optimizer.step()
     assert all(p.grad is not None for p in model.parameters())
+    assert BACKEND_OPS[backend] in recorder.ops
     return recorder
 
 
