@@ -100,9 +100,12 @@ class ZeroPadIdentity(NamedTuple):
         return grad_x
 
 
-def advance_batch_count(bn: BatchNormParams) -> float:
+def advance_batch_count(bn: BatchNormParams, factor_like: Tensor | None = None) -> float | Tensor:
     """nn.BatchNorm2d's bookkeeping for one forward in training: bumps num_batches_tracked and returns the
-    factor of the running-statistics update (0.0 when the running statistics are not updated)."""
+    factor of the running-statistics update (0.0 when the running statistics are not updated). For momentum=None
+    that is 1 / num_batches_tracked: a float, as F.batch_norm takes it, or, given `factor_like`, a 0-d tensor of
+    its dtype on the counter's device (the same float64, rounded as lerp rounds a float factor), which needs no
+    read of the counter: a wait for the device, barred in a CUDA graph."""
     if not bn.updates_running_stats:
         return 0.0
     if bn.num_batches_tracked is not None:
@@ -110,16 +113,19 @@ def advance_batch_count(bn: BatchNormParams) -> float:
     if bn.momentum is None:
         if bn.num_batches_tracked is None:
             raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
+        if factor_like is not None:
+            return bn.num_batches_tracked.to(torch.float64).reciprocal().to(factor_like.dtype)
         return 1.0 / float(bn.num_batches_tracked)
     return bn.momentum
 
 
-def update_running_stats(bn: BatchNormParams, batch_mean: Tensor, batch_var: Tensor, count: int) -> None:
+def update_running_stats(bn: BatchNormParams, batch_mean: Tensor, batch_var: Tensor, count: int | Tensor) -> None:
     """The running-statistics update of one training forward, as nn.BatchNorm2d does it: the running variance
-    takes the unbiased batch variance. `batch_var` is the biased one; `count` the values per channel (over the
-    whole process group for a synchronized BatchNorm). The batch statistics come without autograd history, so the
-    in-place updates record none either."""
-    factor = advance_batch_count(bn)
+    takes the unbiased batch variance. `batch_var` is the biased one; `count` the values per channel: an int, or
+    for a synchronized BatchNorm the whole process group's, a 0-d float64 tensor on the device (count / (count - 1)
+    is then the same float64). The batch statistics come without autograd history, so the in-place updates record
+    none either."""
+    factor = advance_batch_count(bn, batch_mean)
     if not bn.updates_running_stats:
         return
     assert bn.running_mean is not None and bn.running_var is not None
@@ -128,9 +134,9 @@ def update_running_stats(bn: BatchNormParams, batch_mean: Tensor, batch_var: Ten
     _lerp_into(bn.running_var, unbiased, factor)
 
 
-def _lerp_into(running: Tensor, batch: Tensor, factor: float) -> None:
+def _lerp_into(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
     """running += factor * (batch - running), computed in `batch`'s (accumulation) dtype and rounded once into
-    `running`'s, as nn.BatchNorm2d does for low-precision running statistics."""
+    `running`'s, as nn.BatchNorm2d does for low-precision running statistics. A tensor `factor` has that dtype."""
     if running.dtype == batch.dtype:
         running.lerp_(batch, factor)
     else:

@@ -13,9 +13,13 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models import resnet as tv_resnet
 
 import fused_resnet
+import fused_resnet.modules
 from conftest import TRITON_ON_CPU, assert_rel, randomize_batchnorms, rel_err, to_layout
 from fused_resnet import use_backend
 from test_compile import op_samples, small_network
@@ -164,6 +168,91 @@ def test_a_block_forward_runs_no_aten_convolution_or_batch_norm(name, mode):
         with use_backend("cpu"), torch.set_grad_enabled(mode == "train"), control:
             fused.cpu()(x.detach().cpu().requires_grad_(mode == "train"))
         assert any("convolution" in op for op in control.names), sorted(control.names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA graphs: a training step reads nothing back from the device (tests/test_host_sync.py), so it can be captured
+
+
+def _sgd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor):
+    """Forward, backward and an SGD step (the gradients must be None or zero before); the output and the loss."""
+    out = model(x)
+    loss = F.cross_entropy(out.float(), target)
+    loss.backward()
+    optimizer.step()
+    return out, loss
+
+
+@pytest.fixture
+def one_rank_nccl_group(monkeypatch):
+    """A NCCL process group of this one GPU, which SyncBatchNorm modules are told to synchronize over (they skip a
+    group of one rank otherwise): the synchronized path, its all_gather included, then runs in the graph."""
+    if not (dist.is_available() and dist.is_nccl_available()):
+        pytest.skip("torch.distributed without NCCL")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    monkeypatch.setattr(fused_resnet.modules, "sync_process_group",
+                        lambda bn: dist.group.WORLD if bn.training else None)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype, sync_bn", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["float32", "bfloat16", "float32-sync_bn"])
+def test_a_resnet50_train_step_captured_in_a_cuda_graph_matches_eager(backend, dtype, sync_bn, request):
+    """A fused ResNet-50's training step (batch 8 of 64x64, channels_last: forward, backward, SGD step) captured in
+    one CUDA graph and replayed on two new batches gives the output, the loss, every parameter gradient, the
+    parameters and every buffer (running statistics, num_batches_tracked) of the same steps run eagerly on an
+    identical copy. Capture fails on a host read: synchronized BatchNorm read its group's count back with .item()
+    before issue 14, item 10 (the sync_bn case, over a NCCL group of this one GPU)."""
+    if sync_bn:
+        request.getfixturevalue("one_rank_nccl_group")
+    tol = 1e-3 if dtype == torch.float32 else 3e-2  # eager and replay differ only in the order of atomic sums
+    tv = randomize_batchnorms(tv_resnet.resnet50(num_classes=10))
+    model = fused_resnet.convert(tv, sync_bn=sync_bn).to(device="cuda", dtype=dtype, memory_format=torch.channels_last)
+    assert fused_resnet.unfused_modules(model) == {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    static_x = torch.randn(8, 3, 64, 64, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    static_target = torch.randint(0, 10, (8,), device="cuda")
+    with use_backend(backend):
+        # Warm-up on a side stream, as capture wants: Triton compiles its kernels, cuDNN and cuBLAS set up, NCCL
+        # makes its communicator.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                optimizer.zero_grad(set_to_none=True)
+                _sgd_step(model, optimizer, static_x, static_target)
+        torch.cuda.current_stream().wait_stream(side)
+        eager = copy.deepcopy(model)  # the state the graph starts from (deepcopy leaves the gradients behind)
+        eager_optimizer = torch.optim.SGD(eager.parameters(), lr=0.01)
+        # Gradients None: the backward in the capture allocates them in the graph's pool, and each replay writes
+        # them afresh instead of accumulating.
+        optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out, static_loss = _sgd_step(model, optimizer, static_x, static_target)
+        for step_ in range(2):
+            x = torch.randn_like(static_x)
+            target = torch.randint(0, 10, (8,), device="cuda")
+            static_x.copy_(x)
+            static_target.copy_(target)
+            graph.replay()
+            eager_optimizer.zero_grad(set_to_none=True)
+            out, loss = _sgd_step(eager, eager_optimizer, x, target)
+            torch.cuda.synchronize()
+            assert_rel(static_out, out, tol, f"step {step_}: output")
+            assert_rel(static_loss, loss, tol, f"step {step_}: loss")
+            for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+                assert_rel(p.grad, q.grad, tol, f"step {step_}: grad {name}")
+                assert_rel(p, q, tol, f"step {step_}: {name}")
+            for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+                if name.endswith("num_batches_tracked"):
+                    # 3 warm-up steps (the capture itself runs nothing), then one per replay
+                    assert torch.equal(b, c) and b.item() == 4 + step_, f"step {step_}: {name} {b.item()}"
+                else:
+                    assert_rel(b, c, tol, f"step {step_}: {name}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -54,11 +54,14 @@ class BatchNormSpec(NamedTuple):
 
 
 def backward_coefs(
-    sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None, use_batch_stats: bool, count: int
+    sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None, use_batch_stats: bool,
+    count: int | Tensor,
 ) -> tuple[BackwardCoefs, Tensor, Tensor]:
     """The coefficients of BN's input gradient, grad_y = k_dy*g + k_xmu*(y - mean) + k_0 (g masked by the ReLU),
     and the gradients of the BN weight and bias. With batch statistics the mean and variance depend on y:
-        grad_y = w*invstd * (g - mean(g) - (y - mean) * invstd^2 * mean(g * (y - mean)))."""
+        grad_y = w*invstd * (g - mean(g) - (y - mean) * invstd^2 * mean(g * (y - mean))).
+    `count` (the values the sums run over) is an int, or a synchronized BatchNorm's 0-d float64 tensor of the
+    group's count, on the device: -1.0 / count is then the same float64 as with an int."""
     w_invstd = invstd * as_dtype(weight, invstd.dtype) if weight is not None else invstd
     sum_dy_xhat = sum_dy_xmu * invstd  # also the weight's gradient
     if use_batch_stats:
