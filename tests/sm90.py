@@ -54,15 +54,17 @@ def ptxas_path() -> Path | None:
     return path if path.exists() else None
 
 
-def run_compiler_script(script: str, cache_dir: Path, timeout: float, argv: list[str] = ()
+def run_compiler_script(script: str, cache_dir: Path, timeout: float, argv: tuple[str, ...] = ()
                         ) -> subprocess.CompletedProcess:
-    """Runs `script` (with `argv` as sys.argv[1:]) in a fresh Python with the Triton compiler on (TRITON_INTERPRET=0), the repository and tests/
-    importable, and an empty Triton cache in `cache_dir` (ptxas only reports on what it actually compiles)."""
+    """Runs `script` (`argv` its sys.argv[1:]) in a fresh Python with the Triton compiler on (TRITON_INTERPRET=0),
+    the repository and tests/ importable, and an empty Triton cache in `cache_dir` (ptxas only reports on what it
+    actually compiles)."""
     tests = Path(__file__).resolve().parent
     path = [str(tests.parent), str(tests), os.environ.get("PYTHONPATH")]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache_dir),
                PYTHONPATH=os.pathsep.join(filter(None, path)))
-    return subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def specialization(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:

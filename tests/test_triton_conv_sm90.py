@@ -135,7 +135,7 @@ def compile_launches(tmp_path, every_launch: bool) -> list[dict]:
     if sm90.ptxas_path() is None:
         pytest.skip("Triton's CUDA backend has no ptxas here: the kernels cannot be compiled for a GPU")
     result = sm90.run_compiler_script(COMPILE_LAUNCHES, tmp_path, timeout=3600 if every_launch else 600,
-                                      argv=["every" if every_launch else "representative"])
+                                      argv=("every" if every_launch else "representative",))
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines and lines[0]["kernels"] == len(lines) - 1, result.stdout[-2000:]

@@ -64,7 +64,7 @@ class ConvConfig(NamedTuple):
 # them for sm_90 at ResNet-50's launches and reads ptxas' report. That caps the tiles: with the prologue, the
 # statistics epilogue and the gather's index arithmetic, 4 warps have no room for a 128x128 fp32 accumulator (128
 # registers a thread) or for BLOCK_K 64 (128x128 tiles spilled 0.1-4.4 KB a thread, 128x64x64 up to 2.3 KB, and fp32
-# at BLOCK_K 64 needed 147-230 KB of shared memory). The widest tile, 64x128x32, takes 206-252 registers.
+# at BLOCK_K 64 needed 147-230 KB of shared memory). The widest tile, 64x128x32, takes 153-252 registers.
 CONFIGS: dict[tuple[int, int], ConvConfig] = {
     (16, 16): ConvConfig(64, 16, 16, 4, 3),
     (32, 16): ConvConfig(64, 32, 16, 4, 3),
