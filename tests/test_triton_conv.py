@@ -323,7 +323,7 @@ def test_config_heuristic(monkeypatch):
         assert triton_conv.choose_config(4, 4, channels_last).block_n == 16
         assert triton_conv.choose_config(256, 256, channels_last) == table[max(table)]
     assert triton_conv.choose_config(256, 256, True) == ConvConfig(64, 128, 32, 4, 4)
-    assert triton_conv.choose_config(256, 256, False) == ConvConfig(64, 64, 16, 4, 3)
+    assert triton_conv.choose_config(256, 256, False) == ConvConfig(32, 64, 16, 4, 3)
 
 
 @pytest.fixture
@@ -355,7 +355,8 @@ def search(monkeypatch):
 
 
 def _stats_problem(device, channels_last):
-    """A 1x1 convolution of 162 output rows: 3 row tiles of 64, 2 of 128, so the merge depends on which ran."""
+    """A 1x1 convolution of 162 output rows: 6 row tiles of 32, 3 of 64, 2 of 128, so the merge depends on which
+    configuration ran."""
     g = Geometry(2, 5, 9, 9, 12, 1)
     x, weight = make_inputs(g, torch.float32, device, channels_last)
     bias = torch.randn(g.cout, device=device) + 3.0
@@ -377,7 +378,7 @@ def _tuned():
 @pytest.mark.parametrize("winner", list(SEARCHED), ids=list(_every_config())[:-1])
 def test_autotune_statistics_whichever_config_wins(winner, search, device):
     """FUSED_RESNET_TRITON_AUTOTUNE=1: the search over the layout's configurations, then the statistics merged over
-    the tiles of the one it launched, whichever it is (BLOCK_M 64 or 128: 3 or 2 row tiles here)."""
+    the tiles of the one it launched, whichever it is (BLOCK_M 32, 64 or 128: 6, 3 or 2 row tiles here)."""
     search.favored = {winner}
     g, x, weight, bias = _stats_problem(device, winner in CONFIGS.values())
     _check_stats_run(g, x, weight, bias, f"autotuned to {winner}")
@@ -403,9 +404,9 @@ def test_autotune_keys_on_the_layout(search, device):
 def test_autotune_statistics_follow_their_own_launch(search, device):
     """The launch, not the autotuner's best_config (one attribute for every thread), says which BLOCK_M tiled the
     statistics: here another search (standing in for another thread's) runs while the launch is in flight and
-    picks BLOCK_M 128 where this one picked 64; this launch's statistics must still merge its own 3 tiles."""
+    picks BLOCK_M 128 where this one picked 32; this launch's statistics must still merge its own 6 tiles."""
     mine, theirs = NCHW_CONFIGS[(64, 16)], CONFIGS[(64, 32)]
-    assert (mine.block_m, theirs.block_m) == (64, 128)
+    assert (mine.block_m, theirs.block_m) == (32, 128)
     search.favored = {mine, theirs}
     g, x, weight, bias = _stats_problem(device, False)
     other = Geometry(1, 4, 6, 6, 8, 1)

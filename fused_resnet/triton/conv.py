@@ -76,12 +76,14 @@ CONFIGS: dict[tuple[int, int], ConvConfig] = {
 
 # NCHW inputs: a tile's input channels are H*W elements apart, so its loads are single elements that Triton cannot
 # copy to shared memory asynchronously; the pipeline holds every stage's tile in registers instead, and the tiles
-# above spill (64x64x32: 0.3-0.6 KB a thread, 128x128x32: up to 4.3 KB). 64 x (16..64) x 16 tiles do not (at most
-# 250 registers, fp32 inference with a 3x3 kernel); a group wider than 64 channels takes several column tiles.
+# above spill (64x64x32: 0.3-0.6 KB a thread, 128x128x32: up to 4.3 KB; even 64x64x16 reaches 255 registers and
+# spills 12-24 B with a 3x3 kernel at 14x14 and a batch of 143). Tiles of 2048 outputs and BLOCK_K 16 take at most
+# 128 registers; for a group wider than 32 channels 32x64 rather than 64x32, so that the gathered input is read
+# once per 64 output channels.
 NCHW_CONFIGS: dict[tuple[int, int], ConvConfig] = {
     (16, 16): ConvConfig(64, 16, 16, 4, 3),
     (32, 16): ConvConfig(64, 32, 16, 4, 3),
-    (64, 16): ConvConfig(64, 64, 16, 4, 3),
+    (64, 16): ConvConfig(32, 64, 16, 4, 3),
 }
 
 # Under TRITON_INTERPRET=1 every program runs one after the other in numpy, and every operation costs the same
