@@ -112,7 +112,8 @@ def add(what, args, config):
         # most general, which costs the most registers (64x64x16 NCHW tiles spilled at 14x14 and batch 143 only).
         element = "4" if args.args[0].dtype == torch.float32 else "2"
         key = repr((config, element, args.flags, conv.is_channels_last(args.args[0])))
-        generality = (len(attrs), sum(v == 1 for v in constexprs.values() if not isinstance(v, bool)))
+        generality = (sum(bool(attr) for attr in attrs.values()),
+                      sum(v == 1 for v in constexprs.values() if not isinstance(v, bool)))
     if key not in kernels or generality < kernels[key][0]:
         kernels[key] = (generality, what, args, kwargs, config)
 
