@@ -3,14 +3,19 @@ memory that fits the card.
 
 A kernel that spills keeps part of its working set in local memory (L1/L2) inside its main loop, and one that asks
 for more shared memory than a block may have fails at launch; the interpreter these tests otherwise run under sees
-neither. So every configuration `choose_config` can pick is compiled by Triton's ptxas (no GPU needed), with the
+neither. So the configurations `choose_config` picks are compiled by Triton's ptxas (no GPU needed), with the
 arguments a launch passes for each convolution of torchvision's ResNet-50 (batch 256 at 224x224, and ImageNet's last
 training batch of 143), in float32 (TF32), bfloat16 and float16, NCHW and channels_last (input and weight), in the
 two heaviest fused variants: training (BN-ReLU prologue + statistics epilogue) and inference (bias + residual +
-ReLU epilogue). Triton specializes a kernel on its integer arguments equal to 1 and divisible by 16 and on its
-pointers' alignment; arguments that give the same specialization are the same kernel, compiled once. Configurations
-that no ResNet-50 convolution picks (the narrow tiles of grouped convolutions) are compiled at the layer shapes of
-ResNeXt-50 32x4d's grouped convolutions, which pick them, or, if none does, forced onto ResNet-50's.
+ReLU epilogue). Configurations that no ResNet-50 convolution picks (the narrow tiles of grouped convolutions) are
+compiled at ResNeXt-50 32x4d's grouped convolutions, which pick them, or, if none does, forced onto ResNet-50's.
+
+Triton specializes a kernel on which integer arguments equal 1 or are divisible by 16 (and on its pointers'
+alignment): those launches make 288 distinct kernels, about 15 minutes of compiling here. The test compiles one per
+configuration, layout, fused variant and element size (48, about a minute): the least aligned launch, whose
+addressing is the most general and costs the most registers (in the full sweep, the only spills of a 64x64x16 NCHW
+tile were at 14x14 with a batch of 143, the least aligned launches). FUSED_RESNET_SM90_EVERY_LAUNCH=1 compiles all
+288.
 """
 
 from __future__ import annotations
@@ -155,10 +160,9 @@ def check_reports(reports: list[dict]) -> None:
 
 def test_every_shipped_config_compiles_for_an_h100_without_spills(tmp_path):
     """Each configuration, layout, fused variant and element size (fp32; bf16 standing in for fp16, which differs
-    only in its conversions) compiled once, at the ResNet-50 (or ResNeXt) launch with the fewest specializations:
-    no spill, no stack frame, and shared memory within an A100's block limit (the configurations ship for both
-    Ampere and Hopper; the H100's 227 KB is the looser). FUSED_RESNET_SM90_EVERY_LAUNCH=1 compiles every distinct
-    kernel of every launch instead (288 kernels: about 20 minutes here)."""
+    only in its conversions) compiled once, at its least aligned ResNet-50 (or ResNeXt) launch: no spill, no stack
+    frame, and shared memory within an A100's block limit (the configurations ship for both Ampere and Hopper; the
+    H100's 227 KB is the looser). FUSED_RESNET_SM90_EVERY_LAUNCH=1 compiles every distinct kernel instead."""
     start = time.perf_counter()
     reports = compile_launches(tmp_path, os.environ.get("FUSED_RESNET_SM90_EVERY_LAUNCH", "0") not in ("", "0"))
     print(f"{len(reports)} kernels compiled in {time.perf_counter() - start:.0f} s")
