@@ -18,7 +18,14 @@ pytest.importorskip("triton", reason="the Triton backend needs the triton packag
 
 from conftest import TRITON_ON_CPU, assert_rel, rel_err, to_layout  # noqa: E402
 from fused_resnet.triton import conv as triton_conv  # noqa: E402
-from fused_resnet.triton.conv import CONFIGS, INTERPRETER_CONFIG, conv2d  # noqa: E402
+from fused_resnet.triton.conv import (  # noqa: E402
+    CONFIGS,
+    INTERPRETER_CONFIG,
+    NCHW_CONFIGS,
+    SEARCHED,
+    ConvConfig,
+    conv2d,
+)
 
 DEVICES = ["cpu"] if TRITON_ON_CPU else ["cuda"]
 LOW_PRECISION = [torch.float16, torch.bfloat16]
@@ -279,7 +286,7 @@ def test_everything_fused(device):
 
 
 def _every_config():
-    return {**{f"m{c.block_m}n{c.block_n}k{c.block_k}w{c.num_warps}s{c.num_stages}": c for c in CONFIGS.values()},
+    return {**{f"m{c.block_m}n{c.block_n}k{c.block_k}w{c.num_warps}s{c.num_stages}": c for c in SEARCHED},
             "interpreter": INTERPRETER_CONFIG}
 
 
@@ -287,8 +294,9 @@ def _every_config():
 @pytest.mark.parametrize("g", [GEOMETRY_3X3_S2, Geometry(2, 13, 9, 9, 24, 1)], ids=repr)
 @pytest.mark.parametrize("config", list(_every_config().values()), ids=list(_every_config()))
 def test_every_shipped_config(config, g, device):
-    """Each configuration that can be launched, on a 3x3 stride-2 padded problem and a 1x1 one (162 rows: more
-    than one row tile for every BLOCK_M), with every fusion on, so that each tile size's masks are exercised."""
+    """Each configuration that can be launched (CONFIGS', NCHW_CONFIGS' and the interpreter's), on a 3x3 stride-2
+    padded problem and a 1x1 one (162 rows: more than one row tile for every BLOCK_M), with every fusion on, so that
+    each tile size's masks are exercised."""
     x, weight = make_inputs(g, torch.float32, device, False)
     scale, shift = make_prologue(g.cin, device)
     bias = torch.randn(g.cout, device=device)
@@ -301,33 +309,118 @@ def test_every_shipped_config(config, g, device):
 
 
 def test_config_heuristic(monkeypatch):
-    """Off the interpreter the heuristic picks a shipped config fitted to the group's channels."""
+    """Off the interpreter the heuristic picks a shipped config of the input's layout fitted to the group's
+    channels."""
     monkeypatch.setattr(triton_conv, "interpreted", lambda: False)
-    shipped = set(CONFIGS.values())
-    for cout_g, cin_g, dtype in [(4, 4, torch.bfloat16), (64, 3, torch.float32), (64, 64, torch.float32),
-                                 (256, 64, torch.bfloat16), (512, 2048, torch.float32), (32, 32, torch.float16),
-                                 (128, 128, torch.float16), (24, 13, torch.float32)]:
-        config = triton_conv.choose_config(cout_g, cin_g, dtype)
-        assert config in shipped
-        assert config.block_n >= min(cout_g, 128)
-        assert config.block_n < 2 * max(cout_g, 16)
-        assert config.block_k <= (64 if dtype != torch.float32 else 32)
-    assert triton_conv.choose_config(4, 4, torch.bfloat16).block_n == 16
-    assert triton_conv.choose_config(256, 256, torch.float32) == CONFIGS[(128, 32)]
-    assert triton_conv.choose_config(256, 256, torch.bfloat16) == CONFIGS[(128, 64)]
+    for channels_last, table in ((True, CONFIGS), (False, NCHW_CONFIGS)):
+        widest = max(n for n, _ in table)
+        for cout_g, cin_g in [(4, 4), (64, 3), (64, 64), (256, 64), (512, 2048), (32, 32), (128, 128), (24, 13)]:
+            config = triton_conv.choose_config(cout_g, cin_g, channels_last)
+            assert config in table.values()
+            assert config.block_n >= min(cout_g, widest)
+            assert config.block_n < 2 * max(cout_g, 16)
+            assert config.block_k < 2 * max(cin_g, 16)
+        assert triton_conv.choose_config(4, 4, channels_last).block_n == 16
+        assert triton_conv.choose_config(256, 256, channels_last) == table[max(table)]
+    assert triton_conv.choose_config(256, 256, True) == ConvConfig(64, 128, 32, 4, 4)
+    assert triton_conv.choose_config(256, 256, False) == ConvConfig(32, 64, 16, 4, 3)
+
+
+@pytest.fixture
+def search(monkeypatch):
+    """FUSED_RESNET_TRITON_AUTOTUNE=1 with an empty tuning cache and a timer under which the configurations in
+    `search.favored` (ConvConfigs) time fastest; the timer still runs each, as the real one does. Also records the
+    configuration of every run of the kernel, timed or launched, in `search.runs`."""
+    monkeypatch.setenv(triton_conv.AUTOTUNE_ENV_VAR, "1")
+    autotuner = triton_conv._conv_kernel_autotuned
+    monkeypatch.setattr(autotuner, "cache", {})
+
+    def timer(kernel_call, quantiles):
+        kernel_call()
+        return [0.0 if timer.runs[-1] in timer.favored else 1.0] * len(quantiles)
+
+    # The interpreter hands the hooks only the kernel's own arguments: the tile sizes tell the configurations apart.
+    by_tiles = {(c.block_m, c.block_n, c.block_k): c for c in SEARCHED}
+    assert len(by_tiles) == len(SEARCHED)
+
+    def record(*args, BLOCK_M, BLOCK_N, BLOCK_K, **kwargs):
+        timer.runs.append(by_tiles[BLOCK_M, BLOCK_N, BLOCK_K])
+        for hook in timer.hooks:
+            hook()
+
+    timer.favored, timer.runs, timer.hooks = set(), [], []
+    monkeypatch.setattr(autotuner, "do_bench", timer)
+    monkeypatch.setattr(triton_conv._conv_kernel, "pre_run_hooks", [record])
+    return timer
+
+
+def _stats_problem(device, channels_last):
+    """A 1x1 convolution of 162 output rows: 6 row tiles of 32, 3 of 64, 2 of 128, so the merge depends on which
+    configuration ran."""
+    g = Geometry(2, 5, 9, 9, 12, 1)
+    x, weight = make_inputs(g, torch.float32, device, channels_last)
+    bias = torch.randn(g.cout, device=device) + 3.0
+    return g, x, weight, bias
+
+
+def _check_stats_run(g, x, weight, bias, what):
+    y, mean, var = conv2d(x, weight, bias, stats=True, **g.conv_args())
+    check_output(y, reference(x, weight, g, bias), x, tolerance(torch.float32, x.device.type), what)
+    check_stats(y, mean, var, what)
+
+
+def _tuned():
+    return [ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            for c in triton_conv._conv_kernel_autotuned.cache.values()]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_autotune_path(device, monkeypatch):
-    """FUSED_RESNET_TRITON_AUTOTUNE=1: the search over CONFIGS, then the statistics cut to the winner's tiles."""
-    monkeypatch.setenv(triton_conv.AUTOTUNE_ENV_VAR, "1")
-    g = Geometry(2, 5, 9, 9, 12, 1)
-    x, weight = make_inputs(g, torch.float32, device, True)
-    bias = torch.randn(g.cout, device=device) + 3.0
-    y, mean, var = conv2d(x, weight, bias, stats=True, **g.conv_args())
-    assert triton_conv._conv_kernel_autotuned.best_config is not None
-    check_output(y, reference(x, weight, g, bias), x, tolerance(torch.float32, device), "autotuned")
-    check_stats(y, mean, var, "autotuned")
+@pytest.mark.parametrize("winner", list(SEARCHED), ids=list(_every_config())[:-1])
+def test_autotune_statistics_whichever_config_wins(winner, search, device):
+    """FUSED_RESNET_TRITON_AUTOTUNE=1: the search over the layout's configurations, then the statistics merged over
+    the tiles of the one it launched, whichever it is (BLOCK_M 32, 64 or 128: 6, 3 or 2 row tiles here)."""
+    search.favored = {winner}
+    g, x, weight, bias = _stats_problem(device, winner in CONFIGS.values())
+    _check_stats_run(g, x, weight, bias, f"autotuned to {winner}")
+    assert _tuned() == [winner] and search.runs[-1] == winner
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autotune_keys_on_the_layout(search, device):
+    """NCHW and channels_last inputs of one shape are searched separately, each among its layout's configurations:
+    they load differently, and one layout's winner need not be (or even be fit to run as) the other's. Each gets
+    its own entry, and its own statistics right."""
+    nchw_winner, channels_last_winner = NCHW_CONFIGS[(64, 16)], CONFIGS[(64, 32)]
+    search.favored = {nchw_winner, channels_last_winner}
+    g, x, weight, bias = _stats_problem(device, False)
+    _check_stats_run(g, x, weight, bias, "autotuned NCHW")
+    assert set(search.runs) == {*NCHW_CONFIGS.values()}, "an NCHW search tried channels_last tiles"
+    x_last, weight_last = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
+    _check_stats_run(g, x_last, weight_last, bias, "autotuned channels_last")
+    assert _tuned() == [nchw_winner, channels_last_winner], "one tuning entry for two layouts"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autotune_statistics_follow_their_own_launch(search, device):
+    """The launch, not the autotuner's best_config (one attribute for every thread), says which BLOCK_M tiled the
+    statistics: here another search (standing in for another thread's) runs while the launch is in flight and
+    picks BLOCK_M 128 where this one picked 32; this launch's statistics must still merge its own 6 tiles."""
+    mine, theirs = NCHW_CONFIGS[(64, 16)], CONFIGS[(64, 32)]
+    assert (mine.block_m, theirs.block_m) == (32, 128)
+    search.favored = {mine, theirs}
+    g, x, weight, bias = _stats_problem(device, False)
+    other = Geometry(1, 4, 6, 6, 8, 1)
+    other_x, other_weight = make_inputs(other, torch.float32, device, True)
+
+    def another_search_during_the_launch():
+        # The NCHW search times each of its configurations once, then launches: its launch is the next run.
+        if len(search.runs) == len(NCHW_CONFIGS) + 1:
+            conv2d(other_x, other_weight, stats=True)
+
+    search.hooks.append(another_search_during_the_launch)
+    _check_stats_run(g, x, weight, bias, "launch with another search in flight")
+    assert search.runs[len(NCHW_CONFIGS)] == mine and search.runs[-1] == theirs
+    assert triton_conv._conv_kernel_autotuned.best_config.kwargs["BLOCK_M"] == 128
 
 
 def test_statistics_are_deterministic():

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..tensors import conv_output_size, describe, empty_dense_like
+from ..tensors import conv_output_size, describe, empty_dense_like, is_channels_last
 from . import interpreted
 from .activation import relu
 from .stats import check_launch_device, merge_partial_stats
@@ -56,21 +56,34 @@ class ConvConfig(NamedTuple):
     num_stages: int
 
 
-# The configurations shipped for Ampere/Hopper, keyed by (BLOCK_N, BLOCK_K); `choose_config` picks one from the
-# problem's shape. All use 4 warps: an implicit-GEMM template elsewhere computed wrong results for kernels larger
-# than 1x1 at num_warps >= 8, so only configurations that the tests run explicitly (tests/test_triton_conv.py, on a
-# 3x3 stride-2 padded and a 1x1 problem, for real on a GPU) are shipped. Shared memory per pipeline stage is
-# (BLOCK_M + BLOCK_N) * BLOCK_K * element size: at most 32 KiB here, so 4 stages fit an A100's 164 KiB; BLOCK_K
-# 64 is only chosen for 16-bit inputs (fp32 at 64 would need 64 KiB a stage).
+# The configurations shipped for Ampere/Hopper, keyed by (BLOCK_N, BLOCK_K): `choose_config` picks one from the
+# problem's shape and layout. All use 4 warps: an implicit-GEMM template elsewhere computed wrong results for kernels
+# larger than 1x1 at num_warps >= 8, so only configurations that the tests run explicitly (tests/test_triton_conv.py,
+# on a 3x3 stride-2 padded and a 1x1 problem, for real on a GPU) are shipped. None spills a register, and each fits
+# an A100's shared memory (163 KiB a block; an H100 has 227), in every dtype: tests/test_triton_conv_sm90.py compiles
+# them for sm_90 at ResNet-50's launches and reads ptxas' report. That caps the tiles: with the prologue, the
+# statistics epilogue and the gather's index arithmetic, 4 warps have no room for a 128x128 fp32 accumulator (128
+# registers a thread) or for BLOCK_K 64 (128x128 tiles spilled 0.1-4.4 KB a thread, 128x64x64 up to 2.3 KB, and fp32
+# at BLOCK_K 64 needed 147-230 KB of shared memory). The widest tile, 64x128x32, takes 153-252 registers.
 CONFIGS: dict[tuple[int, int], ConvConfig] = {
     (16, 16): ConvConfig(64, 16, 16, 4, 3),
     (32, 16): ConvConfig(64, 32, 16, 4, 3),
     (32, 32): ConvConfig(128, 32, 32, 4, 4),
     (64, 16): ConvConfig(128, 64, 16, 4, 4),
     (64, 32): ConvConfig(128, 64, 32, 4, 4),
-    (64, 64): ConvConfig(128, 64, 64, 4, 3),
-    (128, 32): ConvConfig(128, 128, 32, 4, 4),
-    (128, 64): ConvConfig(128, 128, 64, 4, 3),
+    (128, 32): ConvConfig(64, 128, 32, 4, 4),
+}
+
+# NCHW inputs: a tile's input channels are H*W elements apart, so its loads are single elements that Triton cannot
+# copy to shared memory asynchronously; the pipeline holds every stage's tile in registers instead, and the tiles
+# above spill (64x64x32: 0.3-0.6 KB a thread, 128x128x32: up to 4.3 KB; even 64x64x16 reaches 255 registers and
+# spills 12-24 B with a 3x3 kernel at 14x14 and a batch of 143). Tiles of 2048 outputs and BLOCK_K 16 take at most
+# 128 registers; for a group wider than 32 channels 32x64 rather than 64x32, so that the gathered input is read
+# once per 64 output channels.
+NCHW_CONFIGS: dict[tuple[int, int], ConvConfig] = {
+    (16, 16): ConvConfig(64, 16, 16, 4, 3),
+    (32, 16): ConvConfig(64, 32, 16, 4, 3),
+    (64, 16): ConvConfig(32, 64, 16, 4, 3),
 }
 
 # Under TRITON_INTERPRET=1 every program runs one after the other in numpy, and every operation costs the same
@@ -79,29 +92,29 @@ CONFIGS: dict[tuple[int, int], ConvConfig] = {
 INTERPRETER_CONFIG = ConvConfig(32, 16, 16, 4, 2)
 
 
-def choose_config(out_channels_per_group: int, in_channels_per_group: int, dtype: torch.dtype) -> ConvConfig:
+def choose_config(out_channels_per_group: int, in_channels_per_group: int, channels_last: bool) -> ConvConfig:
     """The shipped configuration for a problem, without a search.
 
-    BLOCK_N is the group's output channels rounded up to a power of two (16..128), so that narrow groups (ResNeXt:
-    4..32 channels a group) do not pay for 128-wide tiles of zeros. BLOCK_K is the group's input channels per tap
-    rounded up likewise, capped at 32 for fp32 and 64 for 16-bit inputs (both 128 bytes of a channels_last row),
-    and at most what the chosen BLOCK_N allows (narrow tiles keep a short K step to stay pipelined); a stem with
-    3 input channels takes 16. BLOCK_M is 128 (64 for the narrowest tiles, where many groups already make many
-    programs). Under the Triton interpreter: INTERPRETER_CONFIG.
+    From CONFIGS for a channels_last input, NCHW_CONFIGS for an NCHW one. BLOCK_N is the group's output channels
+    rounded up to a power of two (16 up to the table's widest), so that narrow groups (ResNeXt: 4..32 channels a
+    group) do not pay for wide tiles of zeros. BLOCK_K is the group's input channels per tap rounded up likewise,
+    up to the largest the table has for that BLOCK_N (a stem with 3 input channels takes 16). Under the Triton
+    interpreter: INTERPRETER_CONFIG.
     """
     if interpreted():
         return INTERPRETER_CONFIG
-    block_n = min(128, max(16, triton.next_power_of_2(out_channels_per_group)))
-    max_k = 64 if dtype in (torch.float16, torch.bfloat16) else 32
-    block_k = min(max_k, max(16, triton.next_power_of_2(in_channels_per_group)))
-    available_k = sorted(k for n, k in CONFIGS if n == block_n)
+    table = CONFIGS if channels_last else NCHW_CONFIGS
+    widest = max(n for n, _ in table)
+    block_n = min(widest, max(16, triton.next_power_of_2(out_channels_per_group)))
+    block_k = max(16, triton.next_power_of_2(in_channels_per_group))
+    available_k = sorted(k for n, k in table if n == block_n)
     fitting_k = [k for k in available_k if k <= block_k]
-    block_k = fitting_k[-1] if fitting_k else available_k[0]
-    return CONFIGS[(block_n, block_k)]
+    return table[(block_n, fitting_k[-1] if fitting_k else available_k[0])]
 
 
 def autotune_enabled() -> bool:
-    """FUSED_RESNET_TRITON_AUTOTUNE=1 searches CONFIGS per shape instead of taking `choose_config`'s pick."""
+    """FUSED_RESNET_TRITON_AUTOTUNE=1 searches the shipped configurations per shape and layout instead of taking
+    `choose_config`'s pick."""
     return os.environ.get(AUTOTUNE_ENV_VAR, "0") not in ("", "0")
 
 
@@ -220,19 +233,83 @@ def _interpreter_bench(kernel_call, quantiles):
     return [elapsed] * len(quantiles)
 
 
-# The opt-in search: every shipped configuration, timed once per shape and fused variant (and dtype, which
-# Triton adds to the key).
+def _triton_config(config: ConvConfig) -> triton.Config:
+    return triton.Config({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k},
+                         num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# Every shipped configuration, each once.
+SEARCHED: dict[ConvConfig, triton.Config] = {
+    c: _triton_config(c) for c in (*CONFIGS.values(), *NCHW_CONFIGS.values())}
+
+
+def _configs_of_the_layout(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The search's candidates for one launch: the table `choose_config` picks from for its input's layout (an NCHW
+    input spills with the channels_last tiles)."""
+    table = CONFIGS if is_channels_last(named_args["x_ptr"]) else NCHW_CONFIGS
+    return [SEARCHED[c] for c in table.values()]
+
+
+# The opt-in search: the shipped configurations of the input's layout, timed once per shape, layout and fused
+# variant (and dtype, which Triton adds to the key). The channel strides of the input, weight and residual tell
+# their layouts apart (NCHW's x_stride_c is H*W, channels_last's 1; a weight's w_stride_i is KH*KW, 1 or Cout), and
+# a configuration that wins on one layout may lose on another.
 _conv_kernel_autotuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
-                      num_warps=c.num_warps, num_stages=c.num_stages)
-        for c in CONFIGS.values()
-    ],
+    configs=list(SEARCHED.values()),
     key=["in_h", "in_w", "out_h", "out_w", "rows", "in_per_group", "out_channels", "out_per_group",
-         "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "KH", "KW", "HAS_BIAS", "HAS_PROLOGUE",
-         "HAS_RESIDUAL", "RELU", "STATS", "INPUT_PRECISION"],
+         "x_stride_c", "w_stride_o", "w_stride_i", "r_stride_c", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
+         "dil_w", "KH", "KW", "HAS_BIAS", "HAS_PROLOGUE", "HAS_RESIDUAL", "RELU", "STATS", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _configs_of_the_layout},
     do_bench=_interpreter_bench if interpreted() else None,
 )(_conv_kernel)
+
+
+class KernelArguments(NamedTuple):
+    """What a launch hands `_conv_kernel` besides its configuration: the arguments in order, the variant's
+    constexprs, and the output and statistics buffers among those arguments (None without `stats`)."""
+
+    args: tuple
+    flags: dict
+    y: Tensor
+    mean_partial: Tensor | None
+    m2_partial: Tensor | None
+    count_partial: Tensor | None
+
+
+def kernel_arguments(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int, int],
+                     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                     input_scale: Tensor | None, input_shift: Tensor | None, residual: Tensor | None,
+                     residual_stride: int, residual_channel_offset: int, relu: bool, stats: bool, tiles: int
+                     ) -> KernelArguments:
+    """Allocates the output (and, with `stats`, partials for `tiles` row tiles) and lays out the kernel's
+    arguments. Shared by the launch and tests/test_triton_conv_sm90.py, which compiles the kernel at the
+    specializations (integers equal to 1 or divisible by 16) that real arguments give it."""
+    batch, _, in_h, in_w = x.shape
+    out_channels, in_per_group, kh, kw = weight.shape
+    groups = x.shape[1] // in_per_group
+    out_h, out_w = out_size
+    y = empty_dense_like(x, (batch, out_channels, out_h, out_w))
+    mean_partial = m2_partial = count_partial = None
+    if stats:
+        mean_partial = torch.empty((tiles, out_channels), dtype=torch.float64, device=x.device)
+        m2_partial = torch.empty_like(mean_partial)
+        count_partial = torch.empty(tiles, dtype=torch.int32, device=x.device)
+    r = residual if residual is not None else x
+    args = (
+        x, weight, bias, input_scale, input_shift, residual, y, mean_partial, m2_partial, count_partial,
+        in_h, in_w, out_h, out_w, batch * out_h * out_w, in_per_group, out_channels, out_channels // groups,
+        *x.stride(), *weight.stride(), *r.stride(), *y.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        r.shape[1], residual_stride, residual_channel_offset,
+    )
+    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    # The interpreter keeps bfloat16 as raw uint16 bits and multiplies those as integers in tl.dot: there the
+    # operands go up to fp32 first, which is exact (a product of two bf16 values fits fp32's mantissa) and
+    # accumulates in fp32 as the tensor cores do.
+    flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_PROLOGUE=input_scale is not None,
+                 HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, INPUT_PRECISION=precision,
+                 DOT_IN_FP32=interpreted() and x.dtype == torch.bfloat16)
+    return KernelArguments(args, flags, y, mean_partial, m2_partial, count_partial)
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int, int], stride: tuple[int, int],
@@ -242,58 +319,37 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int,
             ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Runs the kernel; returns the output and, with `stats`, the per-tile (mean, M2) [T, Cout] and counts [T].
     `config` None: the heuristic's choice, or the search when FUSED_RESNET_TRITON_AUTOTUNE is set."""
-    batch, _, in_h, in_w = x.shape
-    out_channels, in_per_group, kh, kw = weight.shape
-    out_h, out_w = out_size
+    out_channels, in_per_group = weight.shape[:2]
     out_per_group = out_channels // groups
-    rows = batch * out_h * out_w
-
-    y = empty_dense_like(x, (batch, out_channels, out_h, out_w))
-    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
-
+    rows = x.shape[0] * out_size[0] * out_size[1]
     search = config is None and autotune_enabled()
     if config is None and not search:
-        config = choose_config(out_per_group, in_per_group, x.dtype)
+        config = choose_config(out_per_group, in_per_group, is_channels_last(x))
     # Partials sized for the smallest BLOCK_M a launch may use (the search tries them all); the rows past the
     # tiles of the configuration that ran are cut off below.
-    min_block_m = min(c.block_m for c in CONFIGS.values()) if config is None else config.block_m
-    max_tiles = triton.cdiv(rows, min_block_m)
-    mean_partial = m2_partial = count_partial = None
-    if stats:
-        mean_partial = torch.empty((max_tiles, out_channels), dtype=torch.float64, device=x.device)
-        m2_partial = torch.empty_like(mean_partial)
-        count_partial = torch.empty(max_tiles, dtype=torch.int32, device=x.device)
-
-    r = residual if residual is not None else x
-    args = (
-        x, weight, bias, input_scale, input_shift, residual, y, mean_partial, m2_partial, count_partial,
-        in_h, in_w, out_h, out_w, rows, in_per_group, out_channels, out_per_group,
-        *x.stride(), *weight.stride(), *r.stride(), *y.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        r.shape[1], residual_stride, residual_channel_offset,
-    )
-    # The interpreter keeps bfloat16 as raw uint16 bits and multiplies those as integers in tl.dot: there the
-    # operands go up to fp32 first, which is exact (a product of two bf16 values fits fp32's mantissa) and
-    # accumulates in fp32 as the tensor cores do.
-    flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_PROLOGUE=input_scale is not None,
-                 HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats, INPUT_PRECISION=precision,
-                 DOT_IN_FP32=interpreted() and x.dtype == torch.bfloat16)
+    min_block_m = min(c.block_m for c in SEARCHED) if config is None else config.block_m
+    launch = kernel_arguments(x, weight, bias, out_size, stride, padding, dilation, input_scale, input_shift,
+                              residual, residual_stride, residual_channel_offset, relu, stats,
+                              triton.cdiv(rows, min_block_m))
+    launched_block_m = []
 
     def grid(meta):
+        # The search evaluates the grid of each configuration it times and, last, of the one it launches: the
+        # launch itself says which BLOCK_M tiled the statistics, where the autotuner's best_config (shared by
+        # every thread) might already hold another launch's choice.
+        launched_block_m.append(meta["BLOCK_M"])
         return (triton.cdiv(rows, meta["BLOCK_M"]), groups * triton.cdiv(out_per_group, meta["BLOCK_N"]))
 
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
-            _conv_kernel_autotuned[grid](*args, **flags)
-            block_m = _conv_kernel_autotuned.best_config.kwargs["BLOCK_M"]
+            _conv_kernel_autotuned[grid](*launch.args, **launch.flags)
         else:
-            block_m = config.block_m
-            _conv_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            _conv_kernel[grid](*launch.args, **launch.flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
     if not stats:
-        return y, None, None, None
-    tiles = triton.cdiv(rows, block_m)
-    return y, mean_partial[:tiles], m2_partial[:tiles], count_partial[:tiles]
+        return launch.y, None, None, None
+    tiles = triton.cdiv(rows, launched_block_m[-1])
+    return launch.y, launch.mean_partial[:tiles], launch.m2_partial[:tiles], launch.count_partial[:tiles]
 
 
 def conv2d(
@@ -323,7 +379,7 @@ def conv2d(
     x: [N, Cin, H, W] float32/float16/bfloat16, NCHW or channels_last (the output follows); weight:
     [Cout, Cin/groups, KH, KW] in x's dtype; bias: [Cout] float32 or x's dtype; input_scale, input_shift: [Cin]
     float32. With `stats`, returns (y, mean, var): the per-channel mean and biased variance (float32) of y as
-    stored. `config` forces a launch configuration (one of CONFIGS' values, or INTERPRETER_CONFIG) instead of the
+    stored. `config` forces a launch configuration (one of SEARCHED's, or INTERPRETER_CONFIG) instead of the
     heuristic's or the search's. Forward only: no autograd graph is recorded.
 
     The arguments are trusted: this is the body of the registered op fused_resnet_triton::conv2d, which the Triton
