@@ -26,7 +26,6 @@ default for convolutions) and IEEE fp32 otherwise. The backward is not here: it 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from typing import NamedTuple
@@ -39,7 +38,7 @@ from torch import Tensor
 from ..tensors import conv_output_size, describe, empty_dense_like, is_channels_last
 from . import interpreted
 from .activation import relu
-from .stats import check_launch_device, merge_partial_stats
+from .stats import check_launch_device, launch_guard, merge_partial_stats
 
 _OP = "fused_resnet.triton.conv2d"
 AUTOTUNE_ENV_VAR = "FUSED_RESNET_TRITON_AUTOTUNE"
@@ -340,7 +339,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int,
         launched_block_m.append(meta["BLOCK_M"])
         return (triton.cdiv(rows, meta["BLOCK_M"]), groups * triton.cdiv(out_per_group, meta["BLOCK_N"]))
 
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with launch_guard(x):
         if config is None:
             _conv_kernel_autotuned[grid](*launch.args, **launch.flags)
         else:
