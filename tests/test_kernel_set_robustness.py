@@ -44,6 +44,23 @@ def test_bn_act_keeps_nan_like_torch_relu(kernels, dtype):
     assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.nan_to_num(), expected.nan_to_num())
 
 
+@parametrize_layouts
+def test_bn_act_normalizes_a_large_mean_without_cancellation(kernels, channels_last):
+    """bn_act centers before it scales, (x - mean) * scale + shift: at a mean of 1e4 and a spread of 0.1, x - mean
+    is exact (Sterbenz) and the output is within fp32 rounding of O(1) values, for the main input and a projection's
+    residual alike. Folding the mean into the shift (x * scale + (shift - mean * scale), mean * scale ~ 1e5) would be
+    off by ~4e-3, three orders above the bound."""
+    fp32 = torch.float32
+    shape = (2, 6, 5, 7)
+    x, r = activations(kernels, 2, shape, fp32, channels_last, mean=1e4, std=0.1)
+    mean, r_mean = (t.double().mean((0, 2, 3)).float() for t in (x, r))
+    scale, r_scale = (torch.rand(6, device=x.device) * 5 + 5 for _ in range(2))
+    shift, r_shift = channel_vectors(kernels, 2, 6, fp32)
+    out = kernels.ops.bn_act(x, mean, scale, shift, r, r_mean, r_scale, r_shift, False)
+    assert_close(out, primitives.bn_act(x, mean, scale, shift, r, r_mean, r_scale, r_shift, relu=False), fp32,
+                 "elementwise", "bn_act at a large mean")
+
+
 def test_backward_mask_is_threshold_backward(kernels):
     """gm = grad where output > 0: zero for output <= 0 (0 and -0 included), grad for a NaN output."""
     output = torch.tensor([float("nan"), -1.0, -0.0, 0.0, 1e-30, 3.0], device=kernels.device).view(1, 6, 1, 1)
