@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -130,14 +131,25 @@ inline bool check_padded_residual(const char* op, const at::Tensor& input, const
 }
 
 // bn_act's arguments, checked. `residual` is option A's when `padded` (read subsampled and channel-offset by the
-// kernels, no residual_scale/residual_shift then), else an identity residual shaped like `input`, or undefined.
+// kernels, no residual_mean/residual_scale/residual_shift then), else an identity residual shaped like `input`, or
+// undefined. An absent mean (residual_mean, with residual_scale) is a vector of zeros here, so that the kernels have
+// one form: a call without one (the inference fallback, where BN is folded) allocates C values.
 struct BnActInputs {
-  at::Tensor input, scale, shift, residual, residual_scale, residual_shift;
+  at::Tensor input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift;
   bool padded = false;
 };
 
-inline BnActInputs bn_act_inputs(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+// A per-channel mean, or zeros in the accumulation dtype when absent.
+inline at::Tensor channel_mean_or_zeros(const char* op, const char* name, const std::optional<at::Tensor>& mean,
+                                        const at::Tensor& input) {
+  return mean.has_value() ? channel_param_of(op, name, *mean, input)
+                          : at::zeros({input.size(1)}, input.options().dtype(accumulation_dtype(input)));
+}
+
+inline BnActInputs bn_act_inputs(const at::Tensor& input, const std::optional<at::Tensor>& mean,
+                                 const at::Tensor& scale, const at::Tensor& shift,
                                  const std::optional<at::Tensor>& residual,
+                                 const std::optional<at::Tensor>& residual_mean,
                                  const std::optional<at::Tensor>& residual_scale,
                                  const std::optional<at::Tensor>& residual_shift, int64_t residual_stride,
                                  int64_t residual_channel_offset) {
@@ -148,14 +160,20 @@ inline BnActInputs bn_act_inputs(const at::Tensor& input, const at::Tensor& scal
               ": residual_scale and residual_shift must be given together");
   TORCH_CHECK(!residual_scale.has_value() || residual.has_value(), "fused_resnet::", op,
               ": residual_scale given without a residual");
+  TORCH_CHECK(!residual_mean.has_value() || residual_scale.has_value(), "fused_resnet::", op,
+              ": residual_mean given without residual_scale and residual_shift");
   in.padded = check_padded_residual(op, in.input, residual, residual_scale.has_value(), residual_stride,
                                     residual_channel_offset);
   in.residual = in.padded ? residual->contiguous(memory_format_of(in.input))
                           : optional_activation(op, "residual", residual, in.input);
+  in.mean = channel_mean_or_zeros(op, "mean", mean, in.input);
   in.scale = channel_param_of(op, "scale", scale, in.input);
   in.shift = channel_param_of(op, "shift", shift, in.input);
-  in.residual_scale = optional_channel_param(op, "residual_scale", residual_scale, in.input);
-  in.residual_shift = optional_channel_param(op, "residual_shift", residual_shift, in.input);
+  if (residual_scale.has_value()) {
+    in.residual_mean = channel_mean_or_zeros(op, "residual_mean", residual_mean, in.input);
+    in.residual_scale = channel_param_of(op, "residual_scale", *residual_scale, in.input);
+    in.residual_shift = channel_param_of(op, "residual_shift", *residual_shift, in.input);
+  }
   return in;
 }
 

@@ -45,15 +45,23 @@ def batch_stats(x: Tensor) -> tuple[Exact, Exact]:
     return Exact(x.mean((0, 2, 3)), x.abs().mean((0, 2, 3))), Exact(var, var)
 
 
-def bn_act(x, scale, shift, residual=None, residual_scale=None, residual_shift=None, relu=True) -> Exact:
-    """[relu](x * scale + shift [+ residual [* residual_scale + residual_shift]])."""
-    terms = [x.double() * per_channel(scale), per_channel(shift).expand(x.shape)]
+def bn_act(x, mean, scale, shift, residual=None, residual_mean=None, residual_scale=None, residual_shift=None,
+           relu=True) -> Exact:
+    """[relu]((x - mean) * scale + shift [+ residual | + (residual - residual_mean) * residual_scale +
+    residual_shift]); a None mean is 0. The terms are those the kernels round: x - mean is exact in their inputs'
+    precision up to one rounding of the difference, so its magnitude is |x - mean|, not |x| + |mean|."""
+    terms = [_centered(x, mean) * per_channel(scale), per_channel(shift).expand(x.shape)]
     if residual is not None and residual_scale is not None:
-        terms += [residual.double() * per_channel(residual_scale), per_channel(residual_shift).expand(x.shape)]
+        terms += [_centered(residual, residual_mean) * per_channel(residual_scale),
+                  per_channel(residual_shift).expand(x.shape)]
     elif residual is not None:
         terms.append(residual.double())
     out = _sum_of(terms)
     return Exact(torch.relu(out.value), out.magnitude) if relu else out
+
+
+def _centered(x: Tensor, mean: Tensor | None) -> Tensor:
+    return x.double() if mean is None else x.double() - per_channel(mean)
 
 
 def zero_pad_identity(residual: Tensor, channels: int, stride: int, channels_before: int) -> Tensor:

@@ -316,12 +316,12 @@ def test_an_op_reads_each_distinct_argument_and_writes_each_result_once():
 @pytest.mark.skipif(REGISTRY["cpu"].missing is not None, reason="the compiled extension is not built")
 def test_a_custom_op_counts_its_tensors_and_a_convolution_counts_as_one():
     """fused_resnet's compiled ops are counted like aten's, by their tensors: the fused BN + residual + ReLU reads
-    y, the residual and two per-channel vectors and writes the output. Convolutions (aten's, and the Triton one
+    y, the residual and three per-channel vectors and writes the output. Convolutions (aten's, and the Triton one
     by name) are told apart from the rest."""
     y, residual = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
-    scale, shift = torch.rand(3), torch.randn(3)
-    moved = _moved(lambda: torch.ops.fused_resnet.bn_act(y, scale, shift, residual, None, None, True))
-    assert moved == {"fused_resnet::bn_act": 3 * y.nbytes + 2 * scale.nbytes}
+    mean, scale, shift = torch.randn(3), torch.rand(3), torch.randn(3)
+    moved = _moved(lambda: torch.ops.fused_resnet.bn_act(y, mean, scale, shift, residual, None, None, None, True))
+    assert moved == {"fused_resnet::bn_act": 3 * y.nbytes + 3 * scale.nbytes}
     weight = torch.randn(4, 3, 3, 3)
     with traffic.TrafficCounter() as counter:
         torch.nn.functional.conv2d(y, weight).relu()

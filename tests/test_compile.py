@@ -80,9 +80,11 @@ def op_samples(ops=None, device="cpu"):
         small = torch.randn(2, 4, 10, 8, dtype=dtype, device=device).contiguous(memory_format=fmt)
         samples += [
             (ops.batch_stats.default, (x,)),
-            (ops.bn_act.default, (x, v[0], v[1], None, None, None, True)),
-            (ops.bn_act.default, (x, v[0], v[1], r, v[2], v[3], False)),
-            (ops.bn_act.default, (x, v[0], v[1], small, None, None, True, 2, 1)),
+            (ops.bn_act.default, (x, v[0], v[1], v[2], None, None, None, None, True)),
+            (ops.bn_act.default, (x, None, v[1], v[2], r, None, None, None, False)),
+            (ops.bn_act.default, (x, v[0], v[1], v[2], r, v[3], v[4], v[5], False)),
+            (ops.bn_act.default, (x, v[0], v[1], v[2], r, None, v[4], v[5], True)),
+            (ops.bn_act.default, (x, v[0], v[1], v[2], small, None, None, None, True, 2, 1)),
             (ops.bn_act_backward_reduce.default, (r, out, x, v[0], None, None)),
             (ops.bn_act_backward_reduce.default, (r, None, x, v[0], out, v[1])),
             (ops.bn_act_backward_elemt.default, (r, out, x, v[0], v[1], v[2], v[3], None, None, None, None, None, True)),

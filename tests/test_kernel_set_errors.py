@@ -39,31 +39,39 @@ def test_cuda_kernels_built_and_registered():
 # (op, its arguments from x: a (2, 16, 4, 4) input, v: 16 ones, r: an option A residual for x, and the start of the
 # message). Built on the kernel set's device by _arguments.
 ARGUMENT_ERRORS = {
-    "input_not_4d": ("bn_act", lambda x, v, r: (x[0], v, v, None, None, None, True),
+    "input_not_4d": ("bn_act", lambda x, v, r: (x[0], v, v, v, None, None, None, None, True),
                      "fused_resnet::bn_act: expected input to be 4-D"),
-    "input_not_floating": ("bn_act", lambda x, v, r: (x.int(), v, v, None, None, None, True),
+    "input_not_floating": ("bn_act", lambda x, v, r: (x.int(), v, v, v, None, None, None, None, True),
                            "fused_resnet::bn_act: expected input to be a floating-point tensor"),
-    "input_empty": ("bn_act", lambda x, v, r: (x[:, :0], v[:0], v[:0], None, None, None, True),
+    "input_empty": ("bn_act", lambda x, v, r: (x[:, :0], v[:0], v[:0], v[:0], None, None, None, None, True),
                     "fused_resnet::bn_act: expected a non-empty input"),
-    "scale_size": ("bn_act", lambda x, v, r: (x, v[:2], v, None, None, None, True),
+    "mean_size": ("bn_act", lambda x, v, r: (x, v[:3], v, v, None, None, None, None, True),
+                  "fused_resnet::bn_act: expected mean to be a vector of 16"),
+    "scale_size": ("bn_act", lambda x, v, r: (x, v, v[:2], v, None, None, None, None, True),
                    "fused_resnet::bn_act: expected scale to be a vector of 16"),
-    "shift_size": ("bn_act", lambda x, v, r: (x, v, v[:15], None, None, None, True),
+    "shift_size": ("bn_act", lambda x, v, r: (x, v, v, v[:15], None, None, None, None, True),
                    "fused_resnet::bn_act: expected shift to be a vector of 16"),
-    "residual_dtype": ("bn_act", lambda x, v, r: (x, v, v, x.half(), None, None, True),
+    "residual_dtype": ("bn_act", lambda x, v, r: (x, v, v, v, x.half(), None, None, None, True),
                        "fused_resnet::bn_act: expected residual of dtype"),
-    "residual_batch": ("bn_act", lambda x, v, r: (x, v, v, x[:1], None, None, True),
+    "residual_batch": ("bn_act", lambda x, v, r: (x, v, v, v, x[:1], None, None, None, True),
                        "fused_resnet::bn_act: expected residual of shape"),
-    "residual_width": ("bn_act", lambda x, v, r: (x, v, v, x[..., :3], None, None, True),
+    "residual_width": ("bn_act", lambda x, v, r: (x, v, v, v, x[..., :3], None, None, None, True),
                        "fused_resnet::bn_act: expected residual of shape"),
-    "residual_affine_half": ("bn_act", lambda x, v, r: (x, v, v, x, v, None, True),
+    "residual_affine_half": ("bn_act", lambda x, v, r: (x, v, v, v, x, None, v, None, True),
                              "residual_scale and residual_shift must be given together"),
-    "residual_affine_alone": ("bn_act", lambda x, v, r: (x, v, v, None, v, v, True),
+    "residual_affine_alone": ("bn_act", lambda x, v, r: (x, v, v, v, None, None, v, v, True),
                               "residual_scale given without a residual"),
-    "padded_residual_channels": ("bn_act", lambda x, v, r: (x, v, v, r, None, None, True, 2, 10),
+    "residual_mean_alone": ("bn_act", lambda x, v, r: (x, v, v, v, x, v, None, None, True),
+                            "residual_mean given without residual_scale and residual_shift"),
+    "residual_mean_size": ("bn_act", lambda x, v, r: (x, v, v, v, x, v[:15], v, v, True),
+                           "fused_resnet::bn_act: expected residual_mean to be a vector of 16"),
+    "padded_residual_channels": ("bn_act", lambda x, v, r: (x, v, v, v, r, None, None, None, True, 2, 10),
                                  "a residual of 8 channels at residual_channel_offset 10 does not fit"),
-    "padded_residual_size": ("bn_act", lambda x, v, r: (x, v, v, r.new_ones(2, 8, 10, 8), None, None, True, 2, 4),
+    "padded_residual_size": ("bn_act",
+                             lambda x, v, r: (x, v, v, v, r.new_ones(2, 8, 10, 8), None, None, None, True, 2, 4),
                              "subsampled by 2 does not match the input of shape [2, 16, 4, 4]"),
-    "padded_residual_affine": ("bn_act", lambda x, v, r: (x, v, v, r, v, v, True, 2, 4), "takes no residual_scale"),
+    "padded_residual_affine": ("bn_act", lambda x, v, r: (x, v, v, v, r, None, v, v, True, 2, 4),
+                               "takes no residual_scale"),
     "stats_input_not_4d": ("batch_stats", lambda x, v, r: (x.view(2, 16, 16),),
                            "fused_resnet::batch_stats: expected input to be 4-D"),
     "stats_input_not_floating": ("batch_stats", lambda x, v, r: (x.int(),),
@@ -115,11 +123,11 @@ def test_tensors_on_other_devices_are_rejected(kernels):
     x = torch.randn(2, 3, 4, 4, device="cuda")
     v = torch.ones(3, device="cuda")
     with pytest.raises(RuntimeError, match=r"fused_resnet::bn_act: expected scale on cuda:0, got cpu"):
-        ops.bn_act(x, v.cpu(), v, None, None, None, True)
+        ops.bn_act(x, v, v.cpu(), v, None, None, None, None, True)
     with pytest.raises(RuntimeError, match=r"fused_resnet::bn_act: expected residual on cuda:0, got cpu"):
-        ops.bn_act(x, v, v, x.cpu(), None, None, True)
+        ops.bn_act(x, v, v, v, x.cpu(), None, None, None, True)
     with pytest.raises(RuntimeError, match=r"fused_resnet::bn_act: expected input on a CUDA device, got cpu"):
-        ops.bn_act(x.cpu(), v, v, None, None, None, True)
+        ops.bn_act(x.cpu(), v, v, v, None, None, None, None, True)
     with pytest.raises(RuntimeError, match=r"fused_resnet::bn_act_backward_reduce: expected mean on cuda:0, got cpu"):
         ops.bn_act_backward_reduce(x, None, x, v.cpu(), None, None)
     with pytest.raises(RuntimeError, match=r"fused_resnet::bn_act_backward_elemt: expected coef2_const on cuda:0"):

@@ -39,9 +39,26 @@ def test_bn_act_keeps_nan_like_torch_relu(kernels, dtype):
     x[1, 2] = torch.tensor([-1.0, -0.0, 0.0, 2.0], dtype=dtype, device=x.device)
     one = torch.ones(8, dtype=accumulation(dtype), device=x.device)
     zero = torch.zeros_like(one)
-    out = kernels.ops.bn_act(x, one, zero, None, None, None, True)
+    out = kernels.ops.bn_act(x, zero, one, zero, None, None, None, None, True)
     expected = torch.relu(x)
     assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.nan_to_num(), expected.nan_to_num())
+
+
+@parametrize_layouts
+def test_bn_act_normalizes_a_large_mean_without_cancellation(kernels, channels_last):
+    """bn_act centers before it scales, (x - mean) * scale + shift: at a mean of 1e4 and a spread of 0.1, x - mean
+    is exact (Sterbenz) and the output is within fp32 rounding of O(1) values, for the main input and a projection's
+    residual alike. Folding the mean into the shift (x * scale + (shift - mean * scale), mean * scale ~ 1e5) would be
+    off by ~4e-3, three orders above the bound."""
+    fp32 = torch.float32
+    shape = (2, 6, 5, 7)
+    x, r = activations(kernels, 2, shape, fp32, channels_last, mean=1e4, std=0.1)
+    mean, r_mean = (t.double().mean((0, 2, 3)).float() for t in (x, r))
+    scale, r_scale = (torch.rand(6, device=x.device) * 5 + 5 for _ in range(2))
+    shift, r_shift = channel_vectors(kernels, 2, 6, fp32)
+    out = kernels.ops.bn_act(x, mean, scale, shift, r, r_mean, r_scale, r_shift, False)
+    assert_close(out, primitives.bn_act(x, mean, scale, shift, r, r_mean, r_scale, r_shift, relu=False), fp32,
+                 "elementwise", "bn_act at a large mean")
 
 
 def test_backward_mask_is_threshold_backward(kernels):
@@ -93,9 +110,9 @@ def test_non_dense_inputs_are_made_dense(kernels, view):
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     out = out.relu_()
     scale, shift, mean, k_dy, k_xmu, k_0 = channel_vectors(kernels, 6, x.shape[1], fp32)
-    y = kernels.ops.bn_act(x, scale, shift, r, None, None, False)
+    y = kernels.ops.bn_act(x, mean, scale, shift, r, None, None, None, False)
     assert y.is_contiguous()
-    assert_close(y, primitives.bn_act(x, scale, shift, r, relu=False), fp32, "elementwise", "bn_act")
+    assert_close(y, primitives.bn_act(x, mean, scale, shift, r, relu=False), fp32, "elementwise", "bn_act")
     for got, exact, name in zip(kernels.ops.batch_stats(x), primitives.batch_stats(x), ["mean", "var"]):
         assert_close(got, exact, fp32, "reduction", name)
     sums = kernels.ops.bn_act_backward_reduce(g, out, x, mean, None, None)
@@ -137,9 +154,9 @@ def test_ops_read_views_at_a_storage_offset(kernels, dtype, channels_last):
     out = out.relu_()
     scale, shift, mean, k_dy, k_xmu, k_0 = channel_vectors(kernels, 6, shape[1], dtype)
     acc = accumulation(dtype)
-    y = kernels.ops.bn_act(x, scale, shift, x2, None, None, True)
+    y = kernels.ops.bn_act(x, mean, scale, shift, x2, None, None, None, True)
     assert_dense_like(y, x, dtype)
-    assert_close(y, primitives.bn_act(x, scale, shift, x2), dtype, "elementwise", "bn_act")
+    assert_close(y, primitives.bn_act(x, mean, scale, shift, x2), dtype, "elementwise", "bn_act")
     for got, exact, name in zip(kernels.ops.batch_stats(x), primitives.batch_stats(x), ["mean", "var"]):
         assert_close(got, exact, acc, "reduction", name)
     sums = kernels.ops.bn_act_backward_reduce(g, out, x, mean, x2, mean)
@@ -185,10 +202,10 @@ def test_more_than_2_31_elements(kernels, channels_last):
         pytest.skip(f"needs {need / 2**30:.0f} GiB of GPU memory")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty(shape, device="cuda", dtype=torch.float16, memory_format=fmt).normal_()
-    scale, shift = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
-    out = kernels.ops.bn_act(x, scale, shift, None, None, None, False)
+    mean, scale, shift = (torch.randn(64, device="cuda") for _ in range(3))
+    out = kernels.ops.bn_act(x, mean, scale, shift, None, None, None, None, False)
     for n in (0, 1023, 1024):
-        expected = (x[n].float() * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)).half()
+        expected = ((x[n].float() - mean.view(-1, 1, 1)) * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)).half()
         assert torch.allclose(out[n].float(), expected.float(), rtol=DTYPES[torch.float16].rounding, atol=1e-3), n
     del out
     mean, var = kernels.ops.batch_stats(x)

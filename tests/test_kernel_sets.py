@@ -43,12 +43,28 @@ def test_batch_stats(kernels, shape, input_alignment, dtype, channels_last):
 @parametrize_dtypes()
 def test_bn_act(kernels, shape, alignment, dtype, channels_last, residual, relu):
     x, r = activations(kernels, 2, shape, dtype, channels_last, alignment)
-    scale, shift, rs, rb = channel_vectors(kernels, 4, shape[1], dtype)
+    mean, scale, shift, rm, rs, rb = channel_vectors(kernels, 6, shape[1], dtype)
     r = r if residual != "none" else None
-    rs, rb = (rs, rb) if residual == "affine" else (None, None)
-    out, theirs = kernels.run("bn_act", x, scale, shift, r, rs, rb, relu)
+    rm, rs, rb = (rm, rs, rb) if residual == "affine" else (None, None, None)
+    out, theirs = kernels.run("bn_act", x, mean, scale, shift, r, rm, rs, rb, relu)
     assert_dense_like(out, x, dtype)
-    assert_close(out, primitives.bn_act(x, scale, shift, r, rs, rb, relu), dtype, "elementwise", "bn_act", theirs)
+    assert_close(out, primitives.bn_act(x, mean, scale, shift, r, rm, rs, rb, relu), dtype, "elementwise", "bn_act",
+                 theirs)
+
+
+@parametrize_layouts
+@parametrize_dtypes()
+def test_bn_act_without_means_centers_nothing(kernels, dtype, channels_last):
+    """A None mean (and residual_mean) is 0: what the inference fallback passes, its BN folded into the convolution
+    (NativeKernels.conv_bias_act). With and without the projection's affine residual in one test."""
+    shape = (2, 5, 3, 7)
+    x, r = activations(kernels, 2, shape, dtype, channels_last)
+    scale, shift, rs, rb = channel_vectors(kernels, 4, shape[1], dtype)
+    for residual, rs_, rb_ in ((None, None, None), (r, rs, rb)):
+        out, theirs = kernels.run("bn_act", x, None, scale, shift, residual, None, rs_, rb_, True)
+        assert_dense_like(out, x, dtype)
+        assert_close(out, primitives.bn_act(x, None, scale, shift, residual, None, rs_, rb_), dtype, "elementwise",
+                     f"bn_act without means, residual_scale={rs_ is not None}", theirs)
 
 
 @parametrize_layouts
@@ -60,12 +76,12 @@ def test_bn_act_with_a_zero_padded_residual(kernels, padded_residual, dtype, cha
     shape, (res_c, res_h, res_w), stride, before = padded_residual
     x = activation(kernels, shape, dtype, channels_last)
     res = activation(kernels, (shape[0], res_c, res_h, res_w), dtype, channels_last)
-    scale, shift = channel_vectors(kernels, 2, shape[1], dtype)
+    mean, scale, shift = channel_vectors(kernels, 3, shape[1], dtype)
     padded = primitives.zero_pad_identity(res, shape[1], stride, before)
     for relu in (True, False):
-        out, theirs = kernels.run("bn_act", x, scale, shift, res, None, None, relu, stride, before)
+        out, theirs = kernels.run("bn_act", x, mean, scale, shift, res, None, None, None, relu, stride, before)
         assert_dense_like(out, x, dtype)
-        assert_close(out, primitives.bn_act(x, scale, shift, padded, relu=relu), dtype, "elementwise",
+        assert_close(out, primitives.bn_act(x, mean, scale, shift, padded, relu=relu), dtype, "elementwise",
                      f"bn_act with a zero-padded residual, relu={relu}", theirs)
 
 

@@ -9,10 +9,12 @@ tests/conftest.py turns on (TRITON_INTERPRET=1) before any kernel is defined."""
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -89,19 +91,35 @@ def make_inputs(g, dtype, device, channels_last):
     return x, weight
 
 
+class Prologue(NamedTuple):
+    """A BN the prologue applies to the convolution's input: relu((x - mean) * scale + shift) per channel."""
+
+    mean: Tensor
+    scale: Tensor
+    shift: Tensor
+
+    def conv_args(self) -> dict:
+        return dict(input_mean=self.mean, input_scale=self.scale, input_shift=self.shift)
+
+    def apply(self, x64: Tensor) -> Tensor:
+        """On a float64 CPU tensor."""
+        mean, scale, shift = (v.double().cpu()[:, None, None] for v in self)
+        return torch.relu((x64 - mean) * scale + shift)
+
+
 def make_prologue(cin, device):
-    """A BN's scale and shift with both signs, so the ReLU zeroes a good part of the normalized input."""
+    """A BN's mean, scale and shift with both signs, so the ReLU zeroes a good part of the normalized input."""
+    mean = torch.randn(cin, device=device) * 0.5
     scale = torch.randn(cin, device=device) + 0.2
     shift = torch.randn(cin, device=device) * 0.5
-    return scale, shift
+    return Prologue(mean, scale, shift)
 
 
-def reference(x, weight, g, bias=None, scale=None, shift=None, residual=None, residual_stride=1, offset=0,
-              relu=False):
-    """The unfused computation in float64 on the CPU: conv(relu(x*scale + shift)) + bias + R, then ReLU."""
+def reference(x, weight, g, bias=None, prologue=None, residual=None, residual_stride=1, offset=0, relu=False):
+    """The unfused computation in float64 on the CPU: conv(relu((x - mean)*scale + shift)) + bias + R, then ReLU."""
     x64 = x.double().cpu()
-    if scale is not None:
-        x64 = torch.relu(x64 * scale.double().cpu()[:, None, None] + shift.double().cpu()[:, None, None])
+    if prologue is not None:
+        x64 = prologue.apply(x64)
     bias64 = bias.double().cpu() if bias is not None else None
     y = F.conv2d(x64, weight.double().cpu(), bias64, **g.conv_args())
     if residual is not None:
@@ -177,25 +195,27 @@ def test_fp32_ieee_when_tf32_is_off(device, monkeypatch):
 @pytest.mark.parametrize("g", [GEOMETRIES[2], GEOMETRY_3X3_S2, GEOMETRIES[5], GEOMETRIES[6]], ids=repr)
 def test_prologue(g, channels_last, dtype, device):
     x, weight = make_inputs(g, dtype, device, channels_last)
-    scale, shift = make_prologue(g.cin, device)
-    y = conv2d(x, weight, input_scale=scale, input_shift=shift, **g.conv_args())
-    check_output(y, reference(x, weight, g, scale=scale, shift=shift), x, tolerance(dtype, device), f"{g} prologue")
+    prologue = make_prologue(g.cin, device)
+    y = conv2d(x, weight, **prologue.conv_args(), **g.conv_args())
+    check_output(y, reference(x, weight, g, prologue=prologue), x, tolerance(dtype, device), f"{g} prologue")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_prologue_keeps_the_padding_zero(channels_last, device):
     """conv(relu(bn(y))) pads the normalized activation with zeros: a kernel that normalized the padded zeros
-    too would add relu(shift) > 0 around the border. With positive shifts the two differ, and the test says so."""
+    too would add relu(-mean * scale + shift) > 0 around the border. With negative means and positive scales and
+    shifts the two differ, and the test says so."""
     g = Geometry(2, 8, 7, 9, 16, 3, stride=2, padding=2)
     x, weight = make_inputs(g, torch.float32, device, channels_last)
+    mean = -torch.rand(g.cin, device=device) - 0.5
     scale = torch.rand(g.cin, device=device) + 0.5
     shift = torch.rand(g.cin, device=device) + 0.5
-    y = conv2d(x, weight, input_scale=scale, input_shift=shift, **g.conv_args())
-    expected = reference(x, weight, g, scale=scale, shift=shift)
+    prologue = Prologue(mean, scale, shift)
+    y = conv2d(x, weight, **prologue.conv_args(), **g.conv_args())
+    expected = reference(x, weight, g, prologue=prologue)
 
-    padded_then_normalized = torch.relu(F.pad(x.double().cpu(), [g.padding] * 4) * scale.double().cpu()[:, None, None]
-                                        + shift.double().cpu()[:, None, None])
+    padded_then_normalized = prologue.apply(F.pad(x.double().cpu(), [g.padding] * 4))
     wrong = F.conv2d(padded_then_normalized, weight.double().cpu(), stride=g.stride)
     border = torch.ones_like(expected, dtype=torch.bool)
     border[:, :, 1:-1, 1:-1] = False
@@ -214,9 +234,9 @@ def test_relu_keeps_nan(fusion, channels_last, device):
     x, weight = make_inputs(g, torch.float32, device, channels_last)
     x[1, 3, 2, 4] = float("nan")
     if fusion == "prologue":
-        scale, shift = make_prologue(g.cin, device)
-        y = conv2d(x, weight, input_scale=scale, input_shift=shift, **g.conv_args())
-        expected = reference(x, weight, g, scale=scale, shift=shift)
+        prologue = make_prologue(g.cin, device)
+        y = conv2d(x, weight, **prologue.conv_args(), **g.conv_args())
+        expected = reference(x, weight, g, prologue=prologue)
     else:
         y = conv2d(x, weight, relu=True, **g.conv_args())
         expected = reference(x, weight, g, relu=True)
@@ -275,12 +295,12 @@ def test_everything_fused(device):
     """Prologue, bias, option A residual, ReLU and statistics in one launch, on groups and odd channels."""
     g = Geometry(2, 6, 9, 9, 14, 3, stride=2, padding=1, groups=2)
     x, weight = make_inputs(g, torch.float32, device, True)
-    scale, shift = make_prologue(g.cin, device)
+    prologue = make_prologue(g.cin, device)
     bias = torch.randn(g.cout, device=device)
     shortcut = torch.randn(2, 5, 9, 9, device=device)
-    y, mean, var = conv2d(x, weight, bias, input_scale=scale, input_shift=shift, residual=shortcut,
-                          residual_stride=2, residual_channel_offset=4, relu=True, stats=True, **g.conv_args())
-    expected = reference(x, weight, g, bias, scale, shift, shortcut, 2, 4, relu=True)
+    y, mean, var = conv2d(x, weight, bias, **prologue.conv_args(), residual=shortcut, residual_stride=2,
+                          residual_channel_offset=4, relu=True, stats=True, **g.conv_args())
+    expected = reference(x, weight, g, bias, prologue, shortcut, 2, 4, relu=True)
     check_output(y, expected, x, tolerance(torch.float32, device), "all fusions")
     check_stats(y, mean, var, "all fusions")
 
@@ -298,12 +318,12 @@ def test_every_shipped_config(config, g, device):
     padded problem and a 1x1 one (162 rows: more than one row tile for every BLOCK_M), with every fusion on, so that
     each tile size's masks are exercised."""
     x, weight = make_inputs(g, torch.float32, device, False)
-    scale, shift = make_prologue(g.cin, device)
+    prologue = make_prologue(g.cin, device)
     bias = torch.randn(g.cout, device=device)
     residual = torch.randn(g.batch, g.cout, *g.out_size(), device=device)
-    y, mean, var = conv2d(x, weight, bias, input_scale=scale, input_shift=shift, residual=residual, relu=True,
-                          stats=True, config=config, **g.conv_args())
-    expected = reference(x, weight, g, bias, scale, shift, residual, relu=True)
+    y, mean, var = conv2d(x, weight, bias, **prologue.conv_args(), residual=residual, relu=True, stats=True,
+                          config=config, **g.conv_args())
+    expected = reference(x, weight, g, bias, prologue, residual, relu=True)
     check_output(y, expected, x, tolerance(torch.float32, device), f"{config}")
     check_stats(y, mean, var, f"{config}")
 

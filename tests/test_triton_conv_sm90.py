@@ -88,7 +88,7 @@ def launches():
             training = mode == "training"
             args = conv.kernel_arguments(
                 x, weight, None if training else torch.empty(cout, device="meta"), out_size, (stride,) * 2,
-                (pad,) * 2, (1, 1), channels if training else None, channels if training else None,
+                (pad,) * 2, (1, 1), *(channels if training else None,) * 3,
                 None if training else meta((batch, cout, *out_size), dtype, channels_last), 1, 0, not training,
                 training, 1)
             config = conv.choose_config(cout // groups, cin // groups, conv.is_channels_last(x))

@@ -93,9 +93,9 @@ def test_every_tiling_path_on_small_blocks(kernels, small_blocks, channels_last)
 
     scale, shift = channel_vectors(kernels, 2, C, fp32)
     res = activation(kernels, (3, 6, 17, 22), fp32, channels_last)
-    y = ops.bn_act(x, scale, shift, res, None, None, True, 2, 4)
+    y = ops.bn_act(x, mean, scale, shift, res, None, None, None, True, 2, 4)
     padded = primitives.zero_pad_identity(res, C, 2, 4)
-    assert_close(y, primitives.bn_act(x, scale, shift, padded), fp32, "elementwise", "bn_act")
+    assert_close(y, primitives.bn_act(x, mean, scale, shift, padded), fp32, "elementwise", "bn_act")
 
     coefs, coefs2 = channel_vectors(kernels, 3, C, fp32), channel_vectors(kernels, 3, C, fp32)
     grad_x, grad_x2 = ops.bn_act_backward_elemt(g, out, x, mean, *coefs, x2, mean2, *coefs2, False)
@@ -222,11 +222,11 @@ def test_every_launch_runs_under_the_guard_of_its_tensors_device(kernels, small_
         out.relu_()
         scale, shift, residual_scale, residual_shift, mean, mean2 = channel_vectors(kernels, 6, C, fp32)
         bn.batch_stats(x)
-        bn.bn_act(x, scale, shift, relu=False)
-        bn.bn_act(x, scale, shift, x2)
-        bn.bn_act(x, scale, shift, x2, residual_scale, residual_shift)
+        bn.bn_act(x, mean, scale, shift, relu=False)
+        bn.bn_act(x, None, scale, shift, x2)
+        bn.bn_act(x, mean, scale, shift, x2, mean2, residual_scale, residual_shift)
         padded = activation(kernels, (2, 4, 10, 14), fp32, channels_last)
-        bn.bn_act(x, scale, shift, padded, residual_stride=2, residual_channel_offset=1)
+        bn.bn_act(x, mean, scale, shift, padded, residual_stride=2, residual_channel_offset=1)
         bn.bn_act_backward_reduce(g, None, x, mean)
         bn.bn_act_backward_reduce(g, out, x, mean, x2, mean2)
         coefs, coefs2 = channel_vectors(kernels, 3, C, fp32), channel_vectors(kernels, 3, C, fp32)
@@ -457,7 +457,7 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
                            (bn._bn_act_rows_kernel, dict(BLOCK_R=16, BLOCK_C=128))):
         for residual in range(4):
             unused = {name: None for name in (["residual_ptr"] if residual == 0 else [])
-                      + (["residual_scale_ptr", "residual_shift_ptr"] if residual != 2 else [])}
+                      + (["residual_mean_ptr", "residual_scale_ptr", "residual_shift_ptr"] if residual != 2 else [])}
             compile_for_sm90(kernel, 4, RESIDUAL=residual, RELU=residual % 2 == 0, **unused, **blocks)
     for kernel, blocks in ((bn._backward_reduce_planes_kernel, dict(BLOCK_N=1, BLOCK_HW=4096)),
                            (bn._backward_reduce_rows_kernel, dict(BLOCKS_PER_TILE=16, BLOCK_R=64, BLOCK_C=64))):

@@ -33,18 +33,20 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& input_) {
   return {mean.to(accumulation_dtype(input)), var.to(accumulation_dtype(input))};
 }
 
-at::Tensor bn_act_cpu(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
-                      const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
+at::Tensor bn_act_cpu(const at::Tensor& input, const std::optional<at::Tensor>& mean, const at::Tensor& scale,
+                      const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                      const std::optional<at::Tensor>& residual_mean, const std::optional<at::Tensor>& residual_scale,
                       const std::optional<at::Tensor>& residual_shift, bool relu, int64_t residual_stride,
                       int64_t residual_channel_offset) {
-  const BnActInputs in = bn_act_inputs(input, scale, shift, residual, residual_scale, residual_shift, residual_stride,
-                                       residual_channel_offset);
+  const BnActInputs in = bn_act_inputs(input, mean, scale, shift, residual, residual_mean, residual_scale,
+                                       residual_shift, residual_stride, residual_channel_offset);
   at::Tensor out = empty_activation(in.input);
   if (in.padded) {
-    cpu_kernels().bn_act_padded(in.input, in.scale, in.shift, in.residual, residual_stride, residual_channel_offset,
-                                relu, out);
+    cpu_kernels().bn_act_padded(in.input, in.mean, in.scale, in.shift, in.residual, residual_stride,
+                                residual_channel_offset, relu, out);
   } else {
-    cpu_kernels().bn_act(in.input, in.scale, in.shift, in.residual, in.residual_scale, in.residual_shift, relu, out);
+    cpu_kernels().bn_act(in.input, in.mean, in.scale, in.shift, in.residual, in.residual_mean, in.residual_scale,
+                         in.residual_shift, relu, out);
   }
   return out;
 }

@@ -10,13 +10,16 @@ namespace fused_resnet {
 
 struct CpuKernels {
   void (*batch_stats)(const at::Tensor& input, at::Tensor& mean, at::Tensor& var);
-  void (*bn_act)(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
-                 const at::Tensor& residual, const at::Tensor& residual_scale, const at::Tensor& residual_shift,
-                 bool relu, at::Tensor& out);
+  // out = [relu]((input - mean) * scale + shift + R), R = (residual - residual_mean) * residual_scale +
+  // residual_shift (residual_scale defined), residual (defined), or nothing.
+  void (*bn_act)(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
+                 const at::Tensor& residual, const at::Tensor& residual_mean, const at::Tensor& residual_scale,
+                 const at::Tensor& residual_shift, bool relu, at::Tensor& out);
   // bn_act with an option A residual: residual[n, c - channel_offset, h * stride, w * stride] where it has
   // channel c - channel_offset, zero elsewhere; `residual` is dense in the layout of `input`.
-  void (*bn_act_padded)(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
-                        const at::Tensor& residual, int64_t stride, int64_t channel_offset, bool relu, at::Tensor& out);
+  void (*bn_act_padded)(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
+                        const at::Tensor& shift, const at::Tensor& residual, int64_t stride, int64_t channel_offset,
+                        bool relu, at::Tensor& out);
   void (*backward_reduce)(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
                           const at::Tensor& mean, const at::Tensor& input2, const at::Tensor& mean2,
                           at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& sum_dy_xmu2);

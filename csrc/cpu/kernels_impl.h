@@ -320,17 +320,38 @@ void batch_stats_rows(const scalar_t* x, const Layout& L, double* mean_out, doub
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// bn_act: out = [relu](x * scale[c] + shift[c] + residual term)
+// bn_act: out = [relu]((x - mean[c]) * scale[c] + shift[c] + residual term)
 
-enum class Residual { kNone, kIdentity, kAffine };  // none; + r; + r * residual_scale[c] + residual_shift[c]
+enum class Residual { kNone, kIdentity, kAffine };  // none; + r; + (r - mean[c]) * scale[c] + shift[c] of res_norm
 
-// One contiguous run of `len` elements: out = [relu](x * scale + shift + R), R from `res` (kIdentity: every
-// `res_step`-th element from res; kAffine: res * res_scale + res_shift). Parameters as channel_vec reads them:
-// along a row (pointers already at the run's first channel) or broadcast from channel c of a plane.
+// A BatchNorm in the centered form (x - mean[c]) * scale[c] + shift[c]: with the mean folded into the shift, a
+// large mean cancels against it (docs/design.md §4).
+template <typename acc_t>
+struct ChannelNorm {
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* shift;
+
+  ChannelNorm from_channel(int64_t c) const { return {mean + c, scale + c, shift + c}; }
+
+  template <bool kRow>
+  Vectorized<acc_t> apply(const Vectorized<acc_t>& x, int64_t c, int64_t i) const {
+    return at::vec::fmadd(x - channel_vec<kRow>(mean, c, i), channel_vec<kRow>(scale, c, i),
+                          channel_vec<kRow>(shift, c, i));
+  }
+  template <bool kRow>
+  acc_t apply(acc_t x, int64_t c, int64_t i) const {
+    return (x - channel_val<kRow>(mean, c, i)) * channel_val<kRow>(scale, c, i) + channel_val<kRow>(shift, c, i);
+  }
+};
+
+// One contiguous run of `len` elements: out = [relu](norm(x) + R), R from `res` (kIdentity: every `res_step`-th
+// element from res; kAffine: res_norm(res)). Parameters as channel_vec reads them: along a row (pointers already at
+// the run's first channel) or broadcast from channel c of a plane.
 template <typename scalar_t, Residual kResidual, bool kRelu, bool kRow>
 inline void bn_act_run(const scalar_t* x, const scalar_t* res, int64_t res_step, scalar_t* out, int64_t len,
-                       int64_t c, const acc_type<scalar_t>* scale, const acc_type<scalar_t>* shift,
-                       const acc_type<scalar_t>* res_scale, const acc_type<scalar_t>* res_shift) {
+                       int64_t c, const ChannelNorm<acc_type<scalar_t>>& norm,
+                       const ChannelNorm<acc_type<scalar_t>>& res_norm) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -350,43 +371,38 @@ inline void bn_act_run(const scalar_t* x, const scalar_t* res, int64_t res_step,
     if constexpr (kResidual == Residual::kAffine) IO::load(res + j, r);
     for (int k = 0; k < K; ++k) {
       const int64_t jk = j + k * IO::kWidth;
-      v[k] = at::vec::fmadd(v[k], channel_vec<kRow>(scale, c, jk), channel_vec<kRow>(shift, c, jk));
+      v[k] = norm.template apply<kRow>(v[k], c, jk);
       if constexpr (kResidual == Residual::kIdentity) v[k] += r[k];
-      if constexpr (kResidual == Residual::kAffine) {
-        v[k] += at::vec::fmadd(r[k], channel_vec<kRow>(res_scale, c, jk), channel_vec<kRow>(res_shift, c, jk));
-      }
+      if constexpr (kResidual == Residual::kAffine) v[k] += res_norm.template apply<kRow>(r[k], c, jk);
       if constexpr (kRelu) v[k] = relu(v[k]);
     }
     IO::store(out + j, v);
   });
   for (; i < len; ++i) {
-    acc_t v = acc_t(x[i]) * channel_val<kRow>(scale, c, i) + channel_val<kRow>(shift, c, i);
+    acc_t v = norm.template apply<kRow>(acc_t(x[i]), c, i);
     if constexpr (kResidual == Residual::kIdentity) v += acc_t(res[i * res_step]);
-    if constexpr (kResidual == Residual::kAffine) {
-      v += acc_t(res[i]) * channel_val<kRow>(res_scale, c, i) + channel_val<kRow>(res_shift, c, i);
-    }
+    if constexpr (kResidual == Residual::kAffine) v += res_norm.template apply<kRow>(acc_t(res[i]), c, i);
     if constexpr (kRelu) v = relu(v);
     out[i] = scalar_t(v);
   }
 }
 
 template <typename scalar_t, Residual kResidual, bool kRelu>
-void bn_act_kernel(const Layout& L, const scalar_t* x, const acc_type<scalar_t>* scale,
-                   const acc_type<scalar_t>* shift, const scalar_t* res, const acc_type<scalar_t>* res_scale,
-                   const acc_type<scalar_t>* res_shift, scalar_t* out) {
+void bn_act_kernel(const Layout& L, const scalar_t* x, const ChannelNorm<acc_type<scalar_t>>& norm,
+                   const scalar_t* res, const ChannelNorm<acc_type<scalar_t>>& res_norm, scalar_t* out) {
   for_each_segment(L, [&](auto row_tag, int64_t off, int64_t len, int64_t c) {
     constexpr bool kRow = decltype(row_tag)::value;
-    bn_act_run<scalar_t, kResidual, kRelu, kRow>(x + off, res ? res + off : nullptr, 1, out + off, len, c, scale,
-                                                 shift, res_scale, res_shift);
+    bn_act_run<scalar_t, kResidual, kRelu, kRow>(x + off, res ? res + off : nullptr, 1, out + off, len, c, norm,
+                                                 res_norm);
   });
 }
 
 // The residual of option A shortcuts (He et al. 2015): R[n, c, h, w] = res[n, c - offset, h * stride, w * stride]
 // for the channels res has, zero for the others, read in place: the subsampled, zero-padded tensor is never made.
 template <typename scalar_t, bool kRelu>
-void bn_act_padded_kernel(const Layout& L, const scalar_t* x, const acc_type<scalar_t>* scale,
-                          const acc_type<scalar_t>* shift, const scalar_t* res, const Layout& R, int64_t stride,
-                          int64_t offset, scalar_t* out) {
+void bn_act_padded_kernel(const Layout& L, const scalar_t* x, const ChannelNorm<acc_type<scalar_t>>& norm,
+                          const scalar_t* res, const Layout& R, int64_t stride, int64_t offset, scalar_t* out) {
+  const ChannelNorm<acc_type<scalar_t>> no_norm{};
   for_each_segment(L, [&](auto row_tag, int64_t off, int64_t len, int64_t c) {
     constexpr bool kRow = decltype(row_tag)::value;
     if constexpr (kRow) {
@@ -394,40 +410,36 @@ void bn_act_padded_kernel(const Layout& L, const scalar_t* x, const acc_type<sca
       const int64_t row = off / L.C, n = row / L.HW, h = (row % L.HW) / L.W, w = row % L.W;
       const scalar_t* res_row = res + ((n * R.H + h * stride) * R.W + w * stride) * R.C;
       const int64_t begin = offset, end = offset + R.C;
-      bn_act_run<scalar_t, Residual::kNone, kRelu, true>(x + off, nullptr, 1, out + off, begin, 0, scale, shift,
-                                                         nullptr, nullptr);
+      bn_act_run<scalar_t, Residual::kNone, kRelu, true>(x + off, nullptr, 1, out + off, begin, 0, norm, no_norm);
       bn_act_run<scalar_t, Residual::kIdentity, kRelu, true>(x + off + begin, res_row, 1, out + off + begin,
-                                                             end - begin, 0, scale + begin, shift + begin, nullptr,
-                                                             nullptr);
+                                                             end - begin, 0, norm.from_channel(begin), no_norm);
       bn_act_run<scalar_t, Residual::kNone, kRelu, true>(x + off + end, nullptr, 1, out + off + end, len - end, 0,
-                                                         scale + end, shift + end, nullptr, nullptr);
+                                                         norm.from_channel(end), no_norm);
     } else {
       // A plane (n, c): no residual outside res's channels; inside, row h reads every stride-th element of
       // residual row h * stride.
       const int64_t n = off / (L.C * L.HW), cr = c - offset;
       if (cr < 0 || cr >= R.C) {
-        bn_act_run<scalar_t, Residual::kNone, kRelu, false>(x + off, nullptr, 1, out + off, len, c, scale, shift,
-                                                            nullptr, nullptr);
+        bn_act_run<scalar_t, Residual::kNone, kRelu, false>(x + off, nullptr, 1, out + off, len, c, norm, no_norm);
         return;
       }
       const scalar_t* res_plane = res + (n * R.C + cr) * R.HW;
       for (int64_t h = 0; h < L.H; ++h) {
         bn_act_run<scalar_t, Residual::kIdentity, kRelu, false>(x + off + h * L.W, res_plane + h * stride * R.W,
-                                                                stride, out + off + h * L.W, L.W, c, scale, shift,
-                                                                nullptr, nullptr);
+                                                                stride, out + off + h * L.W, L.W, c, norm, no_norm);
       }
     }
   });
 }
 
 template <typename scalar_t, Residual kResidual>
-void bn_act_dispatch_relu(bool relu, const Layout& L, const scalar_t* x, const acc_type<scalar_t>* scale,
-                          const acc_type<scalar_t>* shift, const scalar_t* res, const acc_type<scalar_t>* res_scale,
-                          const acc_type<scalar_t>* res_shift, scalar_t* out) {
+void bn_act_dispatch_relu(bool relu, const Layout& L, const scalar_t* x,
+                          const ChannelNorm<acc_type<scalar_t>>& norm, const scalar_t* res,
+                          const ChannelNorm<acc_type<scalar_t>>& res_norm, scalar_t* out) {
   if (relu) {
-    bn_act_kernel<scalar_t, kResidual, true>(L, x, scale, shift, res, res_scale, res_shift, out);
+    bn_act_kernel<scalar_t, kResidual, true>(L, x, norm, res, res_norm, out);
   } else {
-    bn_act_kernel<scalar_t, kResidual, false>(L, x, scale, shift, res, res_scale, res_shift, out);
+    bn_act_kernel<scalar_t, kResidual, false>(L, x, norm, res, res_norm, out);
   }
 }
 
@@ -628,42 +640,43 @@ void batch_stats(const at::Tensor& input, at::Tensor& mean, at::Tensor& var) {
   });
 }
 
-void bn_act(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& residual,
-            const at::Tensor& residual_scale, const at::Tensor& residual_shift, bool relu, at::Tensor& out) {
+void bn_act(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
+            const at::Tensor& residual, const at::Tensor& residual_mean, const at::Tensor& residual_scale,
+            const at::Tensor& residual_shift, bool relu, at::Tensor& out) {
   const Layout L = layout_of(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* r = ptr_or_null<scalar_t>(residual);
-    const acc_t* s = scale.const_data_ptr<acc_t>();
-    const acc_t* b = shift.const_data_ptr<acc_t>();
-    const acc_t* rs = ptr_or_null<acc_t>(residual_scale);
-    const acc_t* rb = ptr_or_null<acc_t>(residual_shift);
+    const ChannelNorm<acc_t> norm{mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
+                                  shift.const_data_ptr<acc_t>()};
+    const ChannelNorm<acc_t> res_norm{ptr_or_null<acc_t>(residual_mean), ptr_or_null<acc_t>(residual_scale),
+                                      ptr_or_null<acc_t>(residual_shift)};
     scalar_t* o = out.data_ptr<scalar_t>();
     if (!r) {
-      bn_act_dispatch_relu<scalar_t, Residual::kNone>(relu, L, x, s, b, r, rs, rb, o);
-    } else if (!rs) {
-      bn_act_dispatch_relu<scalar_t, Residual::kIdentity>(relu, L, x, s, b, r, rs, rb, o);
+      bn_act_dispatch_relu<scalar_t, Residual::kNone>(relu, L, x, norm, r, res_norm, o);
+    } else if (!res_norm.scale) {
+      bn_act_dispatch_relu<scalar_t, Residual::kIdentity>(relu, L, x, norm, r, res_norm, o);
     } else {
-      bn_act_dispatch_relu<scalar_t, Residual::kAffine>(relu, L, x, s, b, r, rs, rb, o);
+      bn_act_dispatch_relu<scalar_t, Residual::kAffine>(relu, L, x, norm, r, res_norm, o);
     }
   });
 }
 
-void bn_act_padded(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+void bn_act_padded(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
                    const at::Tensor& residual, int64_t stride, int64_t channel_offset, bool relu, at::Tensor& out) {
   const Layout L = layout_of(input), R = layout_of(residual);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* r = residual.const_data_ptr<scalar_t>();
-    const acc_t* s = scale.const_data_ptr<acc_t>();
-    const acc_t* b = shift.const_data_ptr<acc_t>();
+    const ChannelNorm<acc_t> norm{mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
+                                  shift.const_data_ptr<acc_t>()};
     scalar_t* o = out.data_ptr<scalar_t>();
     if (relu) {
-      bn_act_padded_kernel<scalar_t, true>(L, x, s, b, r, R, stride, channel_offset, o);
+      bn_act_padded_kernel<scalar_t, true>(L, x, norm, r, R, stride, channel_offset, o);
     } else {
-      bn_act_padded_kernel<scalar_t, false>(L, x, s, b, r, R, stride, channel_offset, o);
+      bn_act_padded_kernel<scalar_t, false>(L, x, norm, r, R, stride, channel_offset, o);
     }
   });
 }

@@ -80,22 +80,25 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input_) {
   return {mean, var};
 }
 
-at::Tensor bn_act_cuda(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
-                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
+at::Tensor bn_act_cuda(const at::Tensor& input, const std::optional<at::Tensor>& mean, const at::Tensor& scale,
+                       const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                       const std::optional<at::Tensor>& residual_mean, const std::optional<at::Tensor>& residual_scale,
                        const std::optional<at::Tensor>& residual_shift, bool relu, int64_t residual_stride,
                        int64_t residual_channel_offset) {
   constexpr const char* op = "bn_act";
   check_cuda_input(op, input);
   const c10::cuda::CUDAGuard guard(input.device());
-  const BnActInputs in = bn_act_inputs(input, scale, shift, residual, residual_scale, residual_shift, residual_stride,
-                                       residual_channel_offset);
+  const BnActInputs in = bn_act_inputs(input, mean, scale, shift, residual, residual_mean, residual_scale,
+                                       residual_shift, residual_stride, residual_channel_offset);
   at::Tensor out = empty_activation(in.input);
   const kernels::DType dtype = FUSED_RESNET_KERNEL_DTYPE(in.input, "bn_act");
   kernels::BnActArgs args{};
   args.input = in.input.const_data_ptr();
+  args.mean = in.mean.const_data_ptr();
   args.scale = in.scale.const_data_ptr();
   args.shift = in.shift.const_data_ptr();
   args.residual = ptr_or_null(in.residual);
+  args.residual_mean = ptr_or_null(in.residual_mean);
   args.residual_scale = ptr_or_null(in.residual_scale);
   args.residual_shift = ptr_or_null(in.residual_shift);
   args.relu = relu;

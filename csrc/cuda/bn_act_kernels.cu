@@ -302,13 +302,15 @@ cudaError_t launch_elementwise(const Op& op, const Shape& s, int device, cudaStr
   return cudaGetLastError();
 }
 
-// bn_act: out = [relu](x * scale + shift + R).
-enum class Residual { kNone, kIdentity, kAffine };  // R = 0; residual; residual * residual_scale + residual_shift
+// bn_act: out = [relu]((x - mean) * scale + shift + R), the centered form: with the mean folded into the shift, a
+// large mean would cancel against it (docs/design.md §4).
+enum class Residual { kNone, kIdentity, kAffine };  // R = 0; residual; (residual - mean2) * scale2 + shift2
 
 template <typename T, int V, Residual kResidual>
 struct BnActOp {
   using A = acc_t<T>;
-  static constexpr int kParams = kResidual == Residual::kAffine ? 4 : 2;  // scale, shift[, res_scale, res_shift]
+  // mean, scale, shift[, residual_mean, residual_scale, residual_shift]
+  static constexpr int kParams = kResidual == Residual::kAffine ? 6 : 3;
   const T* x;
   const T* res;
   T* out;
@@ -323,9 +325,9 @@ struct BnActOp {
     if constexpr (kResidual != Residual::kNone) load<V>(res + off, r);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      A y = fmadd(v[k], ch.v[0][k], ch.v[1][k]);
+      A y = fmadd(v[k] - ch.v[0][k], ch.v[1][k], ch.v[2][k]);
       if constexpr (kResidual == Residual::kIdentity) y += r[k];
-      if constexpr (kResidual == Residual::kAffine) y += fmadd(r[k], ch.v[2][k], ch.v[3][k]);
+      if constexpr (kResidual == Residual::kAffine) y += fmadd(r[k] - ch.v[3][k], ch.v[4][k], ch.v[5][k]);
       v[k] = relu ? apply_relu(y) : y;
     }
     store<V>(out + off, v);
@@ -340,11 +342,13 @@ cudaError_t bn_act_launch(const Shape& s, const BnActArgs& a, int device, cudaSt
   op.x = static_cast<const T*>(a.input);
   op.res = static_cast<const T*>(a.residual);
   op.out = static_cast<T*>(a.out);
-  op.param[0] = static_cast<const A*>(a.scale);
-  op.param[1] = static_cast<const A*>(a.shift);
+  op.param[0] = static_cast<const A*>(a.mean);
+  op.param[1] = static_cast<const A*>(a.scale);
+  op.param[2] = static_cast<const A*>(a.shift);
   if constexpr (kResidual == Residual::kAffine) {
-    op.param[2] = static_cast<const A*>(a.residual_scale);
-    op.param[3] = static_cast<const A*>(a.residual_shift);
+    op.param[3] = static_cast<const A*>(a.residual_mean);
+    op.param[4] = static_cast<const A*>(a.residual_scale);
+    op.param[5] = static_cast<const A*>(a.residual_shift);
   }
   op.relu = a.relu;
   return launch_elementwise<V>(op, s, device, stream);
@@ -362,8 +366,9 @@ cudaError_t bn_act_typed(const Shape& s, const BnActArgs& a, int device, cudaStr
 // whose tensors are small; the decomposition of each index costs divisions, not memory traffic.
 template <typename T>
 __global__ void __launch_bounds__(kElemThreads)
-    bn_act_padded_kernel(const T* x, const acc_t<T>* scale, const acc_t<T>* shift, const T* res, T* out, int64_t N,
-                         int64_t C, int64_t H, int64_t W, PaddedResidual r, bool channels_last, bool relu) {
+    bn_act_padded_kernel(const T* x, const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* shift, const T* res,
+                         T* out, int64_t N, int64_t C, int64_t H, int64_t W, PaddedResidual r, bool channels_last,
+                         bool relu) {
   using A = acc_t<T>;
   const int64_t total = N * C * H * W;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
@@ -384,7 +389,7 @@ __global__ void __launch_bounds__(kElemThreads)
       c = rest % C;
       n = rest / C;
     }
-    A v = fmadd(to_acc(x[i]), scale[c], shift[c]);
+    A v = fmadd(to_acc(x[i]) - mean[c], scale[c], shift[c]);
     const int64_t cr = c - r.offset;
     if (cr >= 0 && cr < r.C) {
       const int64_t hr = h * r.stride, wr = w * r.stride;
@@ -404,8 +409,9 @@ cudaError_t bn_act_padded_typed(const Shape& s, int64_t H, int64_t W, const BnAc
   if (const cudaError_t err = padded_resident.get(kernel, device, resident); err != cudaSuccess) return err;
   const int64_t blocks = max64(1, min64(ceil_div(s.N * s.C * H * W, kElemThreads), resident));
   kernel<<<unsigned(blocks), kElemThreads, 0, stream>>>(
-      static_cast<const T*>(a.input), static_cast<const acc_t<T>*>(a.scale), static_cast<const acc_t<T>*>(a.shift),
-      static_cast<const T*>(a.residual), static_cast<T*>(a.out), s.N, s.C, H, W, r, s.channels_last, a.relu);
+      static_cast<const T*>(a.input), static_cast<const acc_t<T>*>(a.mean), static_cast<const acc_t<T>*>(a.scale),
+      static_cast<const acc_t<T>*>(a.shift), static_cast<const T*>(a.residual), static_cast<T*>(a.out), s.N, s.C, H,
+      W, r, s.channels_last, a.relu);
   return cudaGetLastError();
 }
 

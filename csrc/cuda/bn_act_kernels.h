@@ -43,13 +43,15 @@ size_t batch_stats_workspace_bytes(DType dtype, const Shape& shape);
 cudaError_t batch_stats(DType dtype, const Shape& shape, const void* input, void* mean, void* var, void* workspace,
                         cudaStream_t stream);
 
-// bn_act: out = [relu](input * scale + shift + R), R = residual * residual_scale + residual_shift (both given),
-// residual (neither given) or 0 (no residual).
+// bn_act: out = [relu]((input - mean) * scale + shift + R), R = (residual - residual_mean) * residual_scale +
+// residual_shift (all three given), residual (none given) or 0 (no residual).
 struct BnActArgs {
   const void* input;
+  const void* mean;
   const void* scale;
   const void* shift;
   const void* residual;
+  const void* residual_mean;
   const void* residual_scale;
   const void* residual_shift;
   bool relu;
@@ -57,7 +59,7 @@ struct BnActArgs {
 };
 cudaError_t bn_act(DType dtype, const Shape& shape, const BnActArgs& args, int device, cudaStream_t stream);
 
-// bn_act with option A's residual (args.residual_scale and residual_shift unused): R[n, c, h, w] =
+// bn_act with option A's residual (args.residual_mean, residual_scale and residual_shift unused): R[n, c, h, w] =
 // residual[n, c - offset, h * stride, w * stride] where the residual has channel c - offset, 0 elsewhere. The
 // residual (C x H x W per image) is dense in the layout of the input, whose height and width are H and W.
 struct PaddedResidual {

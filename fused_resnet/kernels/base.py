@@ -37,23 +37,26 @@ class KernelSet(abc.ABC):
     def bn_act(
         self,
         y: Tensor,
+        mean: Tensor | None,
         scale: Tensor,
         shift: Tensor,
         residual: Tensor | None = None,
+        residual_mean: Tensor | None = None,
         residual_scale: Tensor | None = None,
         residual_shift: Tensor | None = None,
         relu: bool = True,
         zero_pad: ZeroPadIdentity | None = None,
     ) -> Tensor:
-        """[relu](y * scale + shift + R); with `zero_pad`, R is option A's subsampled, zero-padded `residual`.
-        A residual in another dtype than y (the block input, under autocast) is added in y's, as torchvision's
-        in-place `out += identity` does."""
+        """[relu]((y - mean) * scale + shift + R), R = (residual - residual_mean) * residual_scale + residual_shift
+        or `residual` itself; with `zero_pad`, R is option A's subsampled, zero-padded `residual`. A None mean is 0
+        (a BN folded into the convolution). A residual in another dtype than y (the block input, under autocast) is
+        added in y's, as torchvision's in-place `out += identity` does."""
         if residual is not None:
             residual = as_dtype(residual, y.dtype)
         if zero_pad is not None:
-            return self.ops.bn_act(y, scale, shift, residual, None, None, relu, zero_pad.stride,
+            return self.ops.bn_act(y, mean, scale, shift, residual, None, None, None, relu, zero_pad.stride,
                                    zero_pad.channels_before)
-        return self.ops.bn_act(y, scale, shift, residual, residual_scale, residual_shift, relu)
+        return self.ops.bn_act(y, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, relu)
 
     def backward_reduce(
         self, grad: Tensor, output: Tensor | None, y: Tensor, mean: Tensor, y2: Tensor | None = None,
@@ -91,9 +94,9 @@ class KernelSet(abc.ABC):
 
     @abc.abstractmethod
     def bn_relu_conv(
-        self, y: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool
+        self, y: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool
     ) -> tuple[Tensor, ...]:
-        """conv(relu(y * scale + shift)) as :meth:`conv_stats` returns it."""
+        """conv(relu((y - mean) * scale + shift)) as :meth:`conv_stats` returns it."""
 
     @abc.abstractmethod
     def conv_bias_act(

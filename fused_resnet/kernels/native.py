@@ -36,10 +36,10 @@ class NativeKernels(KernelSet):
         return (y, *self.batch_stats(y)) if stats else (y,)
 
     def bn_relu_conv(
-        self, y: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool
+        self, y: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool
     ) -> tuple[Tensor, ...]:
         # The activation is a pass of its own here; the Triton set applies it while loading the convolution's input.
-        return self.conv_stats(self.bn_act(y, scale, shift, relu=True), conv, stats)
+        return self.conv_stats(self.bn_act(y, mean, scale, shift, relu=True), conv, stats)
 
     def conv_bias_act(
         self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
@@ -48,7 +48,7 @@ class NativeKernels(KernelSet):
         """Convolution, then one fused pass adding the bias (and the residual) and applying the ReLU."""
         y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         ones = torch.ones(bias.shape, dtype=accumulation_dtype(y.dtype), device=y.device)
-        return self.bn_act(y, ones, bias, residual, relu=relu, zero_pad=zero_pad)
+        return self.bn_act(y, None, ones, bias, residual, relu=relu, zero_pad=zero_pad)
 
 
 class OneDnnKernels(NativeKernels):
@@ -173,8 +173,8 @@ def _register_fake_implementations() -> None:
         return channels(input), channels(input)
 
     @torch.library.register_fake("fused_resnet::bn_act")
-    def _(input, scale, shift, residual, residual_scale, residual_shift, relu, residual_stride=1,
-          residual_channel_offset=0):
+    def _(input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, relu,
+          residual_stride=1, residual_channel_offset=0):
         return like(input)
 
     @torch.library.register_fake("fused_resnet::bn_act_backward_reduce")

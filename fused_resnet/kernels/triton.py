@@ -35,8 +35,9 @@ class TritonKernels(KernelSet):
         return x, weight
 
     def _conv2d(self, x: Tensor, conv: ConvParams, weight: Tensor | None = None, bias: Tensor | None = None,
-                scale: Tensor | None = None, shift: Tensor | None = None, residual: Tensor | None = None,
-                zero_pad: ZeroPadIdentity | None = None, relu: bool = False, stats: bool = False) -> tuple[Tensor, ...]:
+                mean: Tensor | None = None, scale: Tensor | None = None, shift: Tensor | None = None,
+                residual: Tensor | None = None, zero_pad: ZeroPadIdentity | None = None, relu: bool = False,
+                stats: bool = False) -> tuple[Tensor, ...]:
         """(y, mean, var) of the Triton convolution with its fusions; mean and var are empty unless `stats`."""
         x, weight = self._low_precision(x, conv.weight if weight is None else weight)
         if residual is not None:
@@ -44,7 +45,7 @@ class TritonKernels(KernelSet):
         to_fp32 = (lambda t: None if t is None else as_dtype(t, torch.float32))
         return torch.ops.fused_resnet_triton.conv2d(
             x, weight, conv.bias if bias is None else to_fp32(bias), list(conv.stride), list(conv.padding),
-            list(conv.dilation), conv.groups, to_fp32(scale), to_fp32(shift), residual,
+            list(conv.dilation), conv.groups, to_fp32(mean), to_fp32(scale), to_fp32(shift), residual,
             zero_pad.stride if zero_pad else 1, zero_pad.channels_before if zero_pad else 0, relu, stats)
 
     def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
@@ -55,9 +56,9 @@ class TritonKernels(KernelSet):
         return out if stats else out[:1]
 
     def bn_relu_conv(
-        self, y: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool
+        self, y: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, conv: ConvParams, stats: bool
     ) -> tuple[Tensor, ...]:
-        out = self._conv2d(y, conv, scale=scale, shift=shift, stats=stats)
+        out = self._conv2d(y, conv, mean=mean, scale=scale, shift=shift, stats=stats)
         return out if stats else out[:1]
 
     def conv_bias_act(

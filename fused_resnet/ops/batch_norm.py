@@ -1,5 +1,5 @@
-"""BatchNorm arithmetic of the autograd nodes, on per-channel vectors in the accumulation dtype: the affine form
-of a BatchNorm in forward, and the coefficients of its input gradient in backward."""
+"""BatchNorm arithmetic of the autograd nodes, on per-channel vectors in the accumulation dtype: the centered
+affine form of a BatchNorm in forward, and the coefficients of its input gradient in backward."""
 
 from __future__ import annotations
 
@@ -12,6 +12,17 @@ from ..kernels import BackwardCoefs
 from ..params import BatchNormParams
 from ..tensors import accumulation_dtype, as_dtype
 from .sync import sum_over_group
+
+
+class BatchNormAffine(NamedTuple):
+    """A BatchNorm as the kernels apply it, BN(y) = (y - mean) * scale + shift, per channel: scale = weight * invstd,
+    shift = the BN's bias. Centered rather than folded (y * scale + (bias - mean * scale)): at a mean of 1e4 and a
+    spread of ~3 the folded shift cancels to ~3e-4 on outputs of order 1 in fp32 (docs/design.md §4)."""
+
+    mean: Tensor
+    invstd: Tensor
+    scale: Tensor
+    shift: Tensor
 
 
 class BatchNormSpec(NamedTuple):
@@ -27,17 +38,17 @@ class BatchNormSpec(NamedTuple):
 
     def affine(
         self, y: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(mean, invstd, scale, shift) so that BN(y) = y * scale + shift. `mean` and `var` are the batch
-        statistics (mean, biased variance, computed where y was made, in the accumulation dtype) when the BN uses
-        them, else the running ones."""
+    ) -> BatchNormAffine:
+        """The BatchNorm of y in its centered form. `mean` and `var` are the batch statistics (mean, biased
+        variance, computed where y was made, in the accumulation dtype) when the BN uses them, else the running
+        ones."""
         acc = accumulation_dtype(y.dtype)
         if not self.use_batch_stats:
             mean, var = as_dtype(mean, acc), as_dtype(var, acc)
         invstd = torch.rsqrt(var + self.eps)
         scale = invstd * as_dtype(weight, acc) if weight is not None else invstd
-        shift = torch.addcmul(as_dtype(bias, acc), mean, scale, value=-1) if bias is not None else -mean * scale
-        return mean, invstd, scale, shift
+        shift = as_dtype(bias, acc) if bias is not None else torch.zeros_like(invstd)
+        return BatchNormAffine(mean, invstd, scale, shift)
 
     def gradients(
         self, sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None, count: int

@@ -135,7 +135,8 @@ class _BatchNormReluConvFunction(torch.autograd.Function):
         conv_weight, conv_bias = inputs.conv_weight, inputs.conv_bias
         affine = config.bn.affine(y, inputs.mean, inputs.var, weight, bias)
         out, *out_stats = config.kernels.bn_relu_conv(
-            y, affine[2], affine[3], ConvParams(conv_weight, conv_bias, *config.geometry), config.stats)
+            y, affine.mean, affine.scale, affine.shift, ConvParams(conv_weight, conv_bias, *config.geometry),
+            config.stats)
         ctx.config = config
         ctx.save_for_backward(y, *affine, weight, bias, conv_weight, conv_bias)
         return _with_stats(ctx, out, out_stats)
@@ -146,7 +147,7 @@ class _BatchNormReluConvFunction(torch.autograd.Function):
         y, mean, invstd, scale, shift, weight, bias, conv_weight, conv_bias = ctx.saved_tensors
         config, need = ctx.config, BatchNormReluConvInputs._make(ctx.needs_input_grad[1:])
         kernels = config.kernels
-        a = kernels.bn_act(y, scale, shift, relu=True)
+        a = kernels.bn_act(y, mean, scale, shift, relu=True)
         grad_a, grad_conv_weight, grad_conv_bias = kernels.conv_backward(
             grad_out, a, ConvParams(conv_weight, conv_bias, *config.geometry),
             need_input=need.y or need.weight or need.bias, need_weight=need.conv_weight, need_bias=need.conv_bias)
@@ -219,14 +220,16 @@ class _BatchNormActFunction(torch.autograd.Function):
         affine = config.bn.affine(y, inputs.mean, inputs.var, weight, bias)
         if y2 is not None:
             affine2 = config.bn2.affine(y2, inputs.mean2, inputs.var2, inputs.weight2, inputs.bias2)
-            out = kernels.bn_act(y, affine[2], affine[3], y2, affine2[2], affine2[3], config.relu)
-            second = (y2, affine2[0], affine2[1], inputs.weight2, inputs.bias2)
+            out = kernels.bn_act(y, affine.mean, affine.scale, affine.shift, y2, affine2.mean, affine2.scale,
+                                 affine2.shift, config.relu)
+            second = (y2, affine2.mean, affine2.invstd, inputs.weight2, inputs.bias2)
         else:
-            out = kernels.bn_act(y, affine[2], affine[3], residual, relu=config.relu, zero_pad=config.zero_pad)
+            out = kernels.bn_act(y, affine.mean, affine.scale, affine.shift, residual, relu=config.relu,
+                                 zero_pad=config.zero_pad)
             second = (None,) * 5
         ctx.config = config
         ctx.residual_shape = residual.shape if residual is not None else None
-        ctx.save_for_backward(y, out if config.relu else None, affine[0], affine[1], weight, bias, *second)
+        ctx.save_for_backward(y, out if config.relu else None, affine.mean, affine.invstd, weight, bias, *second)
         return out
 
     @staticmethod

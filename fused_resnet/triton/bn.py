@@ -64,7 +64,8 @@ SUM_BLOCK_T = 64
 TARGET_PROGRAMS = 1024
 MAX_BLOCKS_PER_TILE = 16
 
-# bn_act's residual term: none, + residual, + residual * residual_scale + residual_shift, option A's.
+# bn_act's residual term: none, + residual, + (residual - residual_mean) * residual_scale + residual_shift, option
+# A's.
 RESIDUAL_NONE = tl.constexpr(0)
 RESIDUAL_IDENTITY = tl.constexpr(1)
 RESIDUAL_AFFINE = tl.constexpr(2)
@@ -159,23 +160,24 @@ def _batch_stats_rows_kernel(x_ptr, mean_partial_ptr, m2_partial_ptr, count_ptr,
 
 
 @triton.jit
-def _bn_act_term(x, scale, shift, residual, residual_scale, residual_shift, RESIDUAL: tl.constexpr,
-                 RELU: tl.constexpr):
-    # `residual` is the loaded residual (option A's already zero outside its channels), unused without one.
-    v = x * scale + shift
+def _bn_act_term(x, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift,
+                 RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    # `residual` is the loaded residual (option A's already zero outside its channels), unused without one. The
+    # centered form (x - mean) * scale + shift: folding the mean into the shift would cancel at a large mean.
+    v = (x - mean) * scale + shift
     if RESIDUAL == RESIDUAL_IDENTITY or RESIDUAL == RESIDUAL_PADDED:
         v += residual
     if RESIDUAL == RESIDUAL_AFFINE:
-        v += residual * residual_scale + residual_shift
+        v += (residual - residual_mean) * residual_scale + residual_shift
     if RELU:
         v = relu(v)
     return v
 
 
 @triton.jit
-def _bn_act_planes_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_scale_ptr, residual_shift_ptr,
-                          out_ptr, planes, C, HW, W, residual_C, residual_H, residual_W, residual_stride,
-                          residual_channel_offset, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+def _bn_act_planes_kernel(x_ptr, mean_ptr, scale_ptr, shift_ptr, residual_ptr, residual_mean_ptr, residual_scale_ptr,
+                          residual_shift_ptr, out_ptr, planes, C, HW, W, residual_C, residual_H, residual_W,
+                          residual_stride, residual_channel_offset, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
     acc_dtype = scale_ptr.dtype.element_ty
     plane_ids = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -185,13 +187,16 @@ def _bn_act_planes_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_sc
     c = plane_ids % C
     offsets = plane_ids.to(tl.int64)[:, None] * HW + pixels[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    mean = tl.load(mean_ptr + c, mask=plane_mask, other=0)[:, None]
     scale = tl.load(scale_ptr + c, mask=plane_mask, other=0)[:, None]
     shift = tl.load(shift_ptr + c, mask=plane_mask, other=0)[:, None]
     residual_offsets = offsets
     residual_mask = mask
+    residual_mean = mean
     residual_scale = scale
     residual_shift = shift
     if RESIDUAL == RESIDUAL_AFFINE:
+        residual_mean = tl.load(residual_mean_ptr + c, mask=plane_mask, other=0)[:, None]
         residual_scale = tl.load(residual_scale_ptr + c, mask=plane_mask, other=0)[:, None]
         residual_shift = tl.load(residual_shift_ptr + c, mask=plane_mask, other=0)[:, None]
     if RESIDUAL == RESIDUAL_PADDED:
@@ -207,14 +212,14 @@ def _bn_act_planes_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_sc
     residual = x
     if RESIDUAL != RESIDUAL_NONE:
         residual = tl.load(residual_ptr + residual_offsets, mask=residual_mask, other=0).to(acc_dtype)
-    v = _bn_act_term(x, scale, shift, residual, residual_scale, residual_shift, RESIDUAL, RELU)
+    v = _bn_act_term(x, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, RESIDUAL, RELU)
     tl.store(out_ptr + offsets, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bn_act_rows_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_scale_ptr, residual_shift_ptr,
-                        out_ptr, rows, C, HW, W, residual_C, residual_H, residual_W, residual_stride,
-                        residual_channel_offset, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+def _bn_act_rows_kernel(x_ptr, mean_ptr, scale_ptr, shift_ptr, residual_ptr, residual_mean_ptr, residual_scale_ptr,
+                        residual_shift_ptr, out_ptr, rows, C, HW, W, residual_C, residual_H, residual_W,
+                        residual_stride, residual_channel_offset, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     acc_dtype = scale_ptr.dtype.element_ty
     row_ids = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -223,13 +228,16 @@ def _bn_act_rows_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_scal
     mask = (row_ids < rows)[:, None] & channel_mask[None, :]
     offsets = row_ids.to(tl.int64)[:, None] * C + channels[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0)[None, :]
     scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0)[None, :]
     shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0)[None, :]
     residual_offsets = offsets
     residual_mask = mask
+    residual_mean = mean
     residual_scale = scale
     residual_shift = shift
     if RESIDUAL == RESIDUAL_AFFINE:
+        residual_mean = tl.load(residual_mean_ptr + channels, mask=channel_mask, other=0)[None, :]
         residual_scale = tl.load(residual_scale_ptr + channels, mask=channel_mask, other=0)[None, :]
         residual_shift = tl.load(residual_shift_ptr + channels, mask=channel_mask, other=0)[None, :]
     if RESIDUAL == RESIDUAL_PADDED:
@@ -244,7 +252,7 @@ def _bn_act_rows_kernel(x_ptr, scale_ptr, shift_ptr, residual_ptr, residual_scal
     residual = x
     if RESIDUAL != RESIDUAL_NONE:
         residual = tl.load(residual_ptr + residual_offsets, mask=residual_mask, other=0).to(acc_dtype)
-    v = _bn_act_term(x, scale, shift, residual, residual_scale, residual_shift, RESIDUAL, RELU)
+    v = _bn_act_term(x, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, RESIDUAL, RELU)
     tl.store(out_ptr + offsets, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -532,6 +540,11 @@ def _channel_param(t: Tensor | None, a: Activation) -> Tensor | None:
     return None if t is None else t.to(a.accumulation_dtype).contiguous()
 
 
+def _channel_mean(t: Tensor | None, a: Activation) -> Tensor:
+    """A per-channel mean as _channel_param makes it, zeros for None (no centering): the kernels have one form."""
+    return torch.zeros(a.C, dtype=a.accumulation_dtype, device=a.tensor.device) if t is None else _channel_param(t, a)
+
+
 def _is_padded_residual(a: Activation, residual: Tensor | None, stride: int, offset: int) -> bool:
     """Whether bn_act's residual is option A's (subsampled, or fewer channels placed at `offset`) rather than an
     identity: the test of checks.h's check_padded_residual."""
@@ -575,20 +588,24 @@ def batch_stats(y: Tensor) -> tuple[Tensor, Tensor]:
 
 def bn_act(
     y: Tensor,
+    mean: Tensor | None,
     scale: Tensor,
     shift: Tensor,
     residual: Tensor | None = None,
+    residual_mean: Tensor | None = None,
     residual_scale: Tensor | None = None,
     residual_shift: Tensor | None = None,
     relu: bool = True,
     residual_stride: int = 1,
     residual_channel_offset: int = 0,
 ) -> Tensor:
-    """[relu](y * scale + shift + R), R = residual * residual_scale + residual_shift (a projection shortcut's BN),
-    residual, or nothing. With residual_stride > 1, residual_channel_offset > 0 or a residual with fewer channels
-    than y, R is option A's shortcut, read in place: R[n, c, h, w] = residual[n, c - residual_channel_offset,
-    h * residual_stride, w * residual_stride] where residual has that channel, 0 elsewhere."""
+    """[relu]((y - mean) * scale + shift + R), R = (residual - residual_mean) * residual_scale + residual_shift (a
+    projection shortcut's BN), residual, or nothing; a None mean (residual_mean) is 0. With residual_stride > 1,
+    residual_channel_offset > 0 or a residual with fewer channels than y, R is option A's shortcut, read in place:
+    R[n, c, h, w] = residual[n, c - residual_channel_offset, h * residual_stride, w * residual_stride] where residual
+    has that channel, 0 elsewhere."""
     a = _input("fused_resnet.triton.bn_act", y)
+    mean = _channel_mean(mean, a)
     scale = _channel_param(scale, a)
     shift = _channel_param(shift, a)
     residual_geometry = (a.C, a.H, a.W)
@@ -600,6 +617,7 @@ def bn_act(
     else:
         kind = RESIDUAL_IDENTITY if residual_scale is None else RESIDUAL_AFFINE
     residual = _activation_like(residual, a)
+    residual_mean = _channel_mean(residual_mean, a) if kind == RESIDUAL_AFFINE else None
     residual_scale = _channel_param(residual_scale, a)
     residual_shift = _channel_param(residual_shift, a)
     x = a.tensor
@@ -609,7 +627,7 @@ def bn_act(
     block_names = ("BLOCK_R", "BLOCK_C") if a.channels_last else ("BLOCK_P", "BLOCK_HW")
     with launch_guard(x):
         kernel[blocks.grid](
-            x, scale, shift, residual, residual_scale, residual_shift, out, extent, a.C, a.HW, a.W,
+            x, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, out, extent, a.C, a.HW, a.W,
             *residual_geometry, residual_stride, residual_channel_offset, RESIDUAL=kind.value, RELU=bool(relu),
             **dict(zip(block_names, (blocks.block_outer, blocks.block_inner))), num_warps=blocks.num_warps)
     return out

@@ -10,9 +10,10 @@ channels: a weight whose output channels are innermost in memory (w.permute(2, 3
 0, 1), same shape) loads it in coalesced rows, which a caller that keeps weights across calls can cache.
 
 Fusions (docs/design.md §4):
-- prologue (training: conv_{i+1} of a BN-ReLU-conv chain): each input value is replaced by relu(x*scale + shift)
-  as it is loaded, and only then are the positions that fall in the zero padding set to 0, because the padding
-  of conv(relu(bn(y))) pads the normalized activation, not y;
+- prologue (training: conv_{i+1} of a BN-ReLU-conv chain): each input value is replaced by
+  relu((x - mean)*scale + shift) as it is loaded (centered: a mean folded into the shift cancels when it is large),
+  and only then are the positions that fall in the zero padding set to 0, because the padding of conv(relu(bn(y)))
+  pads the normalized activation, not y;
 - epilogue: + bias (inference, BN folded into the weights), + residual (same shape, or option A's shortcut read
   in place: subsampled and channel-offset, zero outside its channels), then ReLU, stored in x's dtype;
 - statistics (training: conv_i): per tile and channel, the count, mean and M2 of the values as stored (rounded
@@ -119,7 +120,7 @@ def autotune_enabled() -> bool:
 
 @triton.jit
 def _conv_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, mean_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr,
     mean_partial_ptr, m2_partial_ptr, count_partial_ptr,
     in_h, in_w, out_h, out_w, rows,
     in_per_group, out_channels, out_per_group,
@@ -175,9 +176,10 @@ def _conv_kernel(
         a_ptrs = x_ptr + (x_row + ih * x_stride_h + iw * x_stride_w)[:, None] + (cin * x_stride_c)[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if HAS_PROLOGUE:
+            mean = tl.load(mean_ptr + cin, mask=k_mask, other=0.0)
             scale = tl.load(scale_ptr + cin, mask=k_mask, other=0.0)
             shift = tl.load(shift_ptr + cin, mask=k_mask, other=0.0)
-            normalized = relu(a.to(tl.float32) * scale[None, :] + shift[None, :])
+            normalized = relu((a.to(tl.float32) - mean[None, :]) * scale[None, :] + shift[None, :])
             # The zero padding (and the rows and channels past the end) must stay 0 after the transform: relu(shift)
             # is not 0. Rounded to x's dtype, as the normalized activation of the unfused path would be.
             a = tl.where(a_mask, normalized, 0.0).to(x_ptr.dtype.element_ty)
@@ -277,8 +279,9 @@ class KernelArguments(NamedTuple):
 
 def kernel_arguments(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int, int],
                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                     input_scale: Tensor | None, input_shift: Tensor | None, residual: Tensor | None,
-                     residual_stride: int, residual_channel_offset: int, relu: bool, stats: bool, tiles: int
+                     input_mean: Tensor | None, input_scale: Tensor | None, input_shift: Tensor | None,
+                     residual: Tensor | None, residual_stride: int, residual_channel_offset: int, relu: bool,
+                     stats: bool, tiles: int
                      ) -> KernelArguments:
     """Allocates the output (and, with `stats`, partials for `tiles` row tiles) and lays out the kernel's
     arguments. Shared by the launch and tests/test_triton_conv_sm90.py, which compiles the kernel at the
@@ -295,7 +298,7 @@ def kernel_arguments(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: t
         count_partial = torch.empty(tiles, dtype=torch.int32, device=x.device)
     r = residual if residual is not None else x
     args = (
-        x, weight, bias, input_scale, input_shift, residual, y, mean_partial, m2_partial, count_partial,
+        x, weight, bias, input_mean, input_scale, input_shift, residual, y, mean_partial, m2_partial, count_partial,
         in_h, in_w, out_h, out_w, batch * out_h * out_w, in_per_group, out_channels, out_channels // groups,
         *x.stride(), *weight.stride(), *r.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -312,9 +315,9 @@ def kernel_arguments(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: t
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int, int], stride: tuple[int, int],
-            padding: tuple[int, int], dilation: tuple[int, int], groups: int, input_scale: Tensor | None,
-            input_shift: Tensor | None, residual: Tensor | None, residual_stride: int, residual_channel_offset: int,
-            relu: bool, stats: bool, config: ConvConfig | None
+            padding: tuple[int, int], dilation: tuple[int, int], groups: int, input_mean: Tensor | None,
+            input_scale: Tensor | None, input_shift: Tensor | None, residual: Tensor | None, residual_stride: int,
+            residual_channel_offset: int, relu: bool, stats: bool, config: ConvConfig | None
             ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Runs the kernel; returns the output and, with `stats`, the per-tile (mean, M2) [T, Cout] and counts [T].
     `config` None: the heuristic's choice, or the search when FUSED_RESNET_TRITON_AUTOTUNE is set."""
@@ -327,8 +330,8 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out_size: tuple[int,
     # Partials sized for the smallest BLOCK_M a launch may use (the search tries them all); the rows past the
     # tiles of the configuration that ran are cut off below.
     min_block_m = min(c.block_m for c in SEARCHED) if config is None else config.block_m
-    launch = kernel_arguments(x, weight, bias, out_size, stride, padding, dilation, input_scale, input_shift,
-                              residual, residual_stride, residual_channel_offset, relu, stats,
+    launch = kernel_arguments(x, weight, bias, out_size, stride, padding, dilation, input_mean, input_scale,
+                              input_shift, residual, residual_stride, residual_channel_offset, relu, stats,
                               triton.cdiv(rows, min_block_m))
     launched_block_m = []
 
@@ -360,6 +363,7 @@ def conv2d(
     dilation: tuple[int, int] = (1, 1),
     groups: int = 1,
     *,
+    input_mean: Tensor | None = None,
     input_scale: Tensor | None = None,
     input_shift: Tensor | None = None,
     residual: Tensor | None = None,
@@ -370,16 +374,16 @@ def conv2d(
     config: ConvConfig | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """F.conv2d(p(x), weight, bias, stride, padding, dilation, groups) (+ R), then ReLU if `relu`, where
-    p(x) = relu(x * input_scale + input_shift) per input channel when those are given (else x) and R is `residual`
-    (the output's shape) or, with residual_stride/residual_channel_offset, option A's shortcut
+    p(x) = relu((x - input_mean) * input_scale + input_shift) per input channel when those are given (else x) and
+    R is `residual` (the output's shape) or, with residual_stride/residual_channel_offset, option A's shortcut
     R[n, c, h, w] = residual[n, c - residual_channel_offset, h*residual_stride, w*residual_stride] (0 outside
     residual's channels). The zero padding pads p(x).
 
     x: [N, Cin, H, W] float32/float16/bfloat16, NCHW or channels_last (the output follows); weight:
-    [Cout, Cin/groups, KH, KW] in x's dtype; bias: [Cout] float32 or x's dtype; input_scale, input_shift: [Cin]
-    float32. With `stats`, returns (y, mean, var): the per-channel mean and biased variance (float32) of y as
-    stored. `config` forces a launch configuration (one of SEARCHED's, or INTERPRETER_CONFIG) instead of the
-    heuristic's or the search's. Forward only: no autograd graph is recorded.
+    [Cout, Cin/groups, KH, KW] in x's dtype; bias: [Cout] float32 or x's dtype; input_mean, input_scale,
+    input_shift: [Cin] float32, all three or none. With `stats`, returns (y, mean, var): the per-channel mean and
+    biased variance (float32) of y as stored. `config` forces a launch configuration (one of SEARCHED's, or
+    INTERPRETER_CONFIG) instead of the heuristic's or the search's. Forward only: no autograd graph is recorded.
 
     The arguments are trusted: this is the body of the registered op fused_resnet_triton::conv2d, which the Triton
     kernel set calls with what fused_resnet.ops has checked. Only what the kernel has no version for is refused: a
@@ -391,9 +395,10 @@ def conv2d(
                         f"no fp64); got x as a {describe(x)}. Use the cpu or torch backend for float64")
     out_size = conv_output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     # The kernel indexes per-channel vectors by channel; activations and the weight it reads through their strides.
-    bias, input_scale, input_shift = (None if t is None else t.contiguous() for t in (bias, input_scale, input_shift))
+    bias, input_mean, input_scale, input_shift = (None if t is None else t.contiguous()
+                                                  for t in (bias, input_mean, input_scale, input_shift))
     y, mean_partial, m2_partial, count_partial = _launch(
-        x, weight, bias, out_size, stride, padding, dilation, groups, input_scale, input_shift, residual,
+        x, weight, bias, out_size, stride, padding, dilation, groups, input_mean, input_scale, input_shift, residual,
         residual_stride, residual_channel_offset, relu, stats, config)
     if not stats:
         return y

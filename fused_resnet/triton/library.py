@@ -38,15 +38,15 @@ def _(input):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::bn_act", mutates_args=())
-def bn_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, residual_scale: Tensor | None,
-           residual_shift: Tensor | None, relu: bool, residual_stride: int = 1,
-           residual_channel_offset: int = 0) -> Tensor:
-    return bn.bn_act(input, scale, shift, residual, residual_scale, residual_shift, relu, residual_stride,
-                     residual_channel_offset)
+def bn_act(input: Tensor, mean: Tensor | None, scale: Tensor, shift: Tensor, residual: Tensor | None,
+           residual_mean: Tensor | None, residual_scale: Tensor | None, residual_shift: Tensor | None, relu: bool,
+           residual_stride: int = 1, residual_channel_offset: int = 0) -> Tensor:
+    return bn.bn_act(input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, relu,
+                     residual_stride, residual_channel_offset)
 
 
 @bn_act.register_fake
-def _(input, scale, shift, residual, residual_scale, residual_shift, relu, residual_stride=1,
+def _(input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, relu, residual_stride=1,
       residual_channel_offset=0):
     return empty_dense_like(input)
 
@@ -83,12 +83,12 @@ def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, m
 
 @torch.library.custom_op(f"{NAMESPACE}::conv2d", mutates_args=())
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-           dilation: list[int], groups: int, input_scale: Tensor | None, input_shift: Tensor | None,
-           residual: Tensor | None, residual_stride: int, residual_channel_offset: int, relu: bool,
-           stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+           dilation: list[int], groups: int, input_mean: Tensor | None, input_scale: Tensor | None,
+           input_shift: Tensor | None, residual: Tensor | None, residual_stride: int, residual_channel_offset: int,
+           relu: bool, stats: bool) -> tuple[Tensor, Tensor, Tensor]:
     """conv.conv2d; returns (y, mean, var), the statistics empty unless `stats` (an op's outputs are fixed)."""
     out = conv.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
-                      input_scale=input_scale, input_shift=input_shift, residual=residual,
+                      input_mean=input_mean, input_scale=input_scale, input_shift=input_shift, residual=residual,
                       residual_stride=residual_stride, residual_channel_offset=residual_channel_offset, relu=relu,
                       stats=stats)
     if stats:
@@ -98,8 +98,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], pa
 
 
 @conv2d.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, input_scale, input_shift, residual, residual_stride,
-      residual_channel_offset, relu, stats):
+def _(x, weight, bias, stride, padding, dilation, groups, input_mean, input_scale, input_shift, residual,
+      residual_stride, residual_channel_offset, relu, stats):
     size = conv_output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     y = empty_dense_like(x, (x.shape[0], weight.shape[0], *size))
     vector = (weight.shape[0],) if stats else (0,)
