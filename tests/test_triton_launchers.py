@@ -25,7 +25,7 @@ import torch
 triton = pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot run")
 
 import primitives  # noqa: E402
-from fused_resnet.triton import bn, stats  # noqa: E402
+from fused_resnet.triton import bn, conv, stats  # noqa: E402
 from triton.runtime.jit import KernelInterface  # noqa: E402
 from kernel_cases import (  # noqa: E402
     activation,
@@ -180,7 +180,7 @@ def launches(monkeypatch):
             recorder.open_guards.pop()
 
     # raising=False: a launcher module without the guard still runs, and the test then fails on what it recorded.
-    for module in (bn, stats):
+    for module in (bn, conv, stats):
         monkeypatch.setattr(module, "launch_guard", recording_guard, raising=False)
     launcher_of = KernelInterface.__getitem__
 
@@ -209,11 +209,12 @@ def kernels_of(*modules) -> set[str]:
 def test_every_launch_runs_under_the_guard_of_its_tensors_device(kernels, small_blocks, launches):
     """Triton launches on the current CUDA device and its current stream, not on its arguments': a model on cuda:1
     without torch.cuda.set_device(1) would launch on cuda:0. Every launch of every launcher (batch_stats, the merge
-    of partial statistics on its own, as conv.py calls it, bn_act's residual variants, backward_reduce and its sum,
-    backward_elemt's variants, in both layouts) must run inside stats.launch_guard opened for the device of the
-    tensors it reads. Without a GPU, as with one: the guard is replaced by a recorder of the device it is opened for,
-    and every kernel[grid] launch is wrapped to record the innermost open guard and its tensor arguments' devices;
-    together with the set of kernels launched, which must be every kernel bn.py and stats.py define. What the guard
+    of partial statistics on its own, bn_act's residual variants, backward_reduce and its sum, backward_elemt's
+    variants, the convolution with its prologue and statistics and with its epilogue, in both layouts) must run
+    inside stats.launch_guard opened for the device of the tensors it reads. Without a GPU, as with one: the guard is
+    replaced by a recorder of the device it is opened for, and every kernel[grid] launch is wrapped to record the
+    innermost open guard and its tensor arguments' devices; together with the set of kernels launched, which must be
+    every kernel bn.py, conv.py and stats.py define. What the guard
     does for a CUDA tensor is test_launch_guard_makes_a_cuda_tensors_device_current's."""
     fp32 = torch.float32
     shape, C = (2, 6, 5, 7), 6
@@ -233,11 +234,14 @@ def test_every_launch_runs_under_the_guard_of_its_tensors_device(kernels, small_
         bn.bn_act_backward_elemt(g, None, x, mean, *coefs)
         bn.bn_act_backward_elemt(g, out, x, mean, *coefs, residual_grad=True)
         bn.bn_act_backward_elemt(g, out, x, mean, *coefs, x2, mean2, *coefs2)
+        weight = torch.randn(C, C, 3, 3, device=kernels.device)
+        conv.conv2d(x, weight, padding=(1, 1), input_mean=mean, input_scale=scale, input_shift=shift, stats=True)
+        conv.conv2d(x, weight, shift, padding=(1, 1), residual=x2, relu=True)
     counts = torch.randint(1, 9, (20,), dtype=torch.int32, device=kernels.device)
     stats.merge_partial_stats(torch.randn(20, C, device=kernels.device), torch.rand(20, C, device=kernels.device),
                               counts)
 
-    assert {launch.kernel for launch in launches.launches} == kernels_of(bn, stats)
+    assert {launch.kernel for launch in launches.launches} == kernels_of(bn, conv, stats)
     for launch in launches.launches:
         devices = {value.device for value in launch.args.values() if isinstance(value, torch.Tensor)}
         assert launch.guard is not None, f"{launch.kernel} was launched outside any launch guard"
