@@ -84,16 +84,26 @@ def specialization(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict,
 def compile_for_sm90(kernel, args: tuple, kwargs: dict) -> PtxasReport:
     """Compiles `kernel` for sm_90 as a launch with `args` and `kwargs` would, and returns ptxas' report of it.
     Must run where the compiler is on (see `run_compiler_script`) and the Triton cache does not hold the kernel."""
+    options, signature, constexprs, attrs = specialization(kernel, args, kwargs)
+    return compile_signature_for_sm90(kernel, signature, constexprs, attrs, options)
+
+
+def compile_signature_for_sm90(kernel, signature: dict, constexprs: dict, attrs: dict | None = None,
+                               options: dict | None = None) -> PtxasReport:
+    """Compiles `kernel` for sm_90 with an explicit Triton signature (argument name -> type such as "*fp32", "i32"
+    or "constexpr"), constexpr values, specialization attributes and compile options (num_warps...), and returns
+    ptxas' report of it. For kernels compiled over the variants a launcher can pick rather than at given launches;
+    the same conditions as :func:`compile_for_sm90`."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    options, signature, constexprs, attrs = specialization(kernel, args, kwargs)
+    source = ASTSource(kernel, signature, constexprs) if attrs is None else ASTSource(kernel, signature, constexprs,
+                                                                                      attrs)
     log = io.StringIO()
     with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
         knobs.nvidia.dump_ptxas_log = True
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget(*SM90),
-                                  options=options)
+        compiled = triton.compile(source, target=GPUTarget(*SM90), options=options or {})
     text = log.getvalue()
     properties, registers = _PROPERTIES.search(text), _REGISTERS.search(text)
     if properties is None or registers is None:

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -25,6 +21,7 @@ import torch
 triton = pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot run")
 
 import primitives  # noqa: E402
+import sm90  # noqa: E402
 from fused_resnet.triton import bn, conv, stats  # noqa: E402
 from triton.runtime.jit import KernelInterface  # noqa: E402
 from kernel_cases import (  # noqa: E402
@@ -407,19 +404,13 @@ def test_two_level_merge_is_repeatable_and_exact_across_chunk_boundaries(kernels
 
 # ---------------------------------------------------------------------------------------------------------------
 # The GPU build: the interpreter accepts programs the compiler rejects (and the reverse), so every kernel variant the
-# launchers can pick is compiled for an H100 (sm_90) here, without a GPU, by Triton's own ptxas, whose report
-# (TRITON_DUMP_PTXAS_LOG, printed as it compiles) must show no register spills.
+# launchers can pick is compiled for an H100 (sm_90) here, without a GPU, by Triton's own ptxas (tests/sm90.py),
+# whose report must show no register spills and no stack frame.
 
 COMPILE_FOR_SM90 = textwrap.dedent("""
-    import contextlib
-    import io
-    import re
-
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from fused_resnet.triton import bn, stats
+    from sm90 import compile_signature_for_sm90
 
     ACTIVATIONS = {"x_ptr", "residual_ptr", "out_ptr", "g_ptr", "output_ptr", "x2_ptr", "grad_x_ptr", "grad_other_ptr"}
 
@@ -435,12 +426,9 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
                                    else "*fp32")
             else:
                 signature[name] = "i32"
-        report = io.StringIO()
-        with contextlib.redirect_stdout(report):
-            triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=num_warps))
-        spills = [int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", report.getvalue())]
-        assert spills and not any(spills), f"{kernel.__name__} {constants} spills: {report.getvalue()}"
+        report = compile_signature_for_sm90(kernel, signature, constexprs, options=dict(num_warps=num_warps))
+        assert not (report.spill_stores or report.spill_loads or report.stack_frame), \\
+            f"{kernel.__name__} {constants}: {report}"
 
     SECOND_BN = ("x2_ptr", "mean2_ptr", "coef2_dy_ptr", "coef2_xmu_ptr", "coef2_const_ptr")
     # batch_stats and the convolution's epilogue hand float64 partials to the merge (float32 ones are accepted too);
@@ -478,12 +466,7 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
 
 
 def test_every_kernel_variant_compiles_for_an_h100(tmp_path):
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists() and not os.environ.get("TRITON_PTXAS_PATH"):
+    if sm90.ptxas_path() is None:
         pytest.skip("Triton's CUDA backend has no ptxas here: the kernels cannot be compiled for a GPU")
-    repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DUMP_PTXAS_LOG="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = sm90.run_compiler_script(COMPILE_FOR_SM90, tmp_path, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "compiled", result.stderr[-4000:]
