@@ -60,6 +60,22 @@ def randomize_batchnorms(model: nn.Module, generator: torch.Generator | None = N
     return model
 
 
+def every_unit_network() -> nn.Module:
+    """A small torchvision network with every kind of fused unit: a conv-BN-ReLU stem, an identity BasicBlock,
+    Bottlenecks with a projection and with an identity, and a classifier; BatchNorms randomized."""
+    from torchvision.models import resnet as tv_resnet
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    model = nn.Sequential(
+        Conv2dNormActivation(3, 8, stride=2),
+        tv_resnet.BasicBlock(8, 8),
+        tv_resnet.Bottleneck(8, 4, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))),
+        tv_resnet.Bottleneck(16, 4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )
+    return randomize_batchnorms(model)
+
+
 def fused_copy(module: nn.Module) -> nn.Module:
     """A converted deep copy of a torchvision module (same parameters and buffers, fused modules)."""
     return fused_resnet.convert(copy.deepcopy(module))

@@ -21,11 +21,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.models import resnet as tv_resnet
-from torchvision.ops.misc import Conv2dNormActivation
 
 import fused_resnet
-from conftest import CPU_BACKENDS, assert_rel, randomize_batchnorms, rel_err
+from conftest import CPU_BACKENDS, assert_rel, every_unit_network, rel_err
 
 pytestmark = pytest.mark.skipif(not (CPU_BACKENDS and dist.is_available() and dist.is_gloo_available()),
                                 reason="needs a fused CPU backend and torch.distributed with gloo")
@@ -36,17 +34,9 @@ STEPS = 3
 
 
 def network() -> nn.Module:
-    """A small torchvision network (float64) with every kind of fused unit: a conv-BN-ReLU stem, an identity
-    BasicBlock, Bottlenecks with a projection and with an identity, and a classifier; the same on every rank."""
+    """conftest's every_unit_network in float64, the same on every rank."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        Conv2dNormActivation(3, 8, stride=2),
-        tv_resnet.BasicBlock(8, 8),
-        tv_resnet.Bottleneck(8, 4, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))),
-        tv_resnet.Bottleneck(16, 4),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
-    )
-    return randomize_batchnorms(model).double()
+    return every_unit_network().double()
 
 
 def shard_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

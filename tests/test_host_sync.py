@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet as tv_resnet
-from torchvision.ops.misc import Conv2dNormActivation
 
 import fused_resnet
 import fused_resnet.modules
-from conftest import CPU_TENSOR_BACKENDS, randomize_batchnorms
+from conftest import CPU_TENSOR_BACKENDS, every_unit_network, randomize_batchnorms
 
 aten = torch.ops.aten
 HOST_READ_TAGS = frozenset([torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape])
@@ -53,27 +52,14 @@ class HostReadRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def network() -> nn.Module:
-    """A small torchvision network with every kind of fused unit: a conv-BN-ReLU stem, an identity BasicBlock,
-    Bottlenecks with a projection and with an identity, and a classifier."""
-    model = nn.Sequential(
-        Conv2dNormActivation(3, 8, stride=2),
-        tv_resnet.BasicBlock(8, 8),
-        tv_resnet.Bottleneck(8, 4, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))),
-        tv_resnet.Bottleneck(16, 4),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
-    )
-    return randomize_batchnorms(model)
-
-
 def resnet18() -> nn.Module:
     return randomize_batchnorms(tv_resnet.resnet18(num_classes=5))
 
 
 # Interpreted Triton runs some thousand times slower: the small network only, on 8x8 images.
 CASES = [(backend, builder, 8 if backend == "triton" else 32)
-         for backend in CPU_TENSOR_BACKENDS for builder in (network, resnet18)
-         if backend != "triton" or builder is network]
+         for backend in CPU_TENSOR_BACKENDS for builder in (every_unit_network, resnet18)
+         if backend != "triton" or builder is every_unit_network]
 FUSED_CASES = [case for case in CASES if case[0] != "torch"]
 # An op that each backend's step runs: the proof that the step ran on it.
 BACKEND_OPS = {"torch": "aten.native_batch_norm", "cpu": "fused_resnet.bn_act", "triton": "fused_resnet_triton.conv2d"}
