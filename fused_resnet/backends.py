@@ -11,28 +11,18 @@ fused_resnet.kernels.REGISTRY's to say.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import os
-from collections.abc import Iterator
-
 import torch
 
 from .kernels import REGISTRY
+from .settings import Setting
 
 BACKENDS = ("auto", *REGISTRY)
 ENV_VAR = "FUSED_RESNET_BACKEND"
+_BACKEND = Setting("backend", BACKENDS, ENV_VAR, "auto")
 
 # What `auto` runs on tensors of each device type when that backend can run (else `torch`): the compiled kernels.
 # The triton backend runs only when asked for.
 _AUTO = {"cpu": REGISTRY["cpu"], "cuda": REGISTRY["cuda"]}
-
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_resnet_backend", default=None)
-
-
-def _check_name(name: object, what: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{what}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    return name  # type: ignore[return-value]
 
 
 def backend_status() -> dict[str, str]:
@@ -45,26 +35,14 @@ def available_backends() -> list[str]:
     return [name for name, status in backend_status().items() if status == "available"]
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
+def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
     """Runs the fused ops inside the ``with`` block on backend `name` (unless an op is given one explicitly)."""
-    token = _current.set(_check_name(name, "use_backend"))
-    try:
-        yield
-    finally:
-        _current.reset(token)
+    return _BACKEND.use(name, "use_backend")
 
 
 def requested_backend(backend: str | None = None) -> str:
     """The backend asked for by argument, context or environment (possibly ``auto``)."""
-    if backend is not None:
-        return _check_name(backend, "backend argument")
-    if _current.get() is not None:
-        return _current.get()  # type: ignore[return-value]
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return _check_name(env, f"environment variable {ENV_VAR}")
-    return "auto"
+    return _BACKEND.requested(backend)
 
 
 def select_backend(device: torch.device, backend: str | None = None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .memory import check_memory_policy, set_memory_policy
 from .models import FusedStem
 from .modules import BasicBlock, conv3x3
 from .ops import FoldedWeights
@@ -23,8 +24,10 @@ class CifarResNet(nn.Module, FusedStem):
     """A 6n+2-layer CIFAR network (see the module docstring). Its stem conv1-bn1-relu runs fused, like the
     ImageNet ResNets'."""
 
-    def __init__(self, depth: int, shortcut: str = "A", num_classes: int = 10, plain: bool = False) -> None:
+    def __init__(self, depth: int, shortcut: str = "A", num_classes: int = 10, plain: bool = False, *,
+                 memory: str | None = None) -> None:
         super().__init__()
+        check_memory_policy(memory, "cifar_resnet: memory")
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"cifar_resnet: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202), got {depth}")
         if shortcut not in ("A", "B"):
@@ -54,6 +57,7 @@ class CifarResNet(nn.Module, FusedStem):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        set_memory_policy(self, memory)
 
     def forward(self, x: Tensor) -> Tensor:
         x, entry_format = self.enter_blocks(x)
@@ -62,7 +66,9 @@ class CifarResNet(nn.Module, FusedStem):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def cifar_resnet(depth: int, shortcut: str = "A", num_classes: int = 10, plain: bool = False) -> CifarResNet:
+def cifar_resnet(depth: int, shortcut: str = "A", num_classes: int = 10, plain: bool = False, *,
+                 memory: str | None = None) -> CifarResNet:
     """The paper's CIFAR ResNet of `depth` = 6n+2 layers (20, 32, 44, 56, 110, 1202); `shortcut` "A" or "B";
-    `plain=True` for the plain network of the same depth. See :class:`CifarResNet`."""
-    return CifarResNet(depth, shortcut, num_classes, plain)
+    `plain=True` for the plain network of the same depth; `memory` its memory policy (fused_resnet.memory). See
+    :class:`CifarResNet`."""
+    return CifarResNet(depth, shortcut, num_classes, plain, memory=memory)

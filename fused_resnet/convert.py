@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .fusion import Fusable
+from .memory import check_memory_policy, set_memory_policy
 from .models import FusedStem, ResNet
 from .modules import BasicBlock, Bottleneck, ConvBNReLU, TimmBasicBlock, TimmBottleneck, timm_resnet_module
 from .ops import FoldedWeights
@@ -69,7 +70,7 @@ def _fused_timm_resnet_class() -> type:
         def forward_features(self, x: torch.Tensor) -> torch.Tensor:
             # timm's forward_features with the stem fused.
             x, entry_format = self.enter_blocks(x)
-            x = self.maxpool(self.forward_stem(x))
+            x = self.forward_stem_pool(x)
             stages = [self.layer1, self.layer2, self.layer3, self.layer4]
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 return timm_resnet.checkpoint_seq(stages, x, flatten=True)
@@ -133,12 +134,17 @@ def _check_model(op: str, model: object) -> None:
                         "forward is compiled: convert the model before scripting it")
 
 
-def convert(model: nn.Module, sync_bn: bool = False, process_group: object | None = None) -> nn.Module:
+def convert(
+    model: nn.Module, sync_bn: bool = False, process_group: object | None = None, *, memory: str | None = None
+) -> nn.Module:
     """Fuses `model` in place and returns it (a new module only when `model` itself is a block).
 
     With `sync_bn`, every BatchNorm becomes an nn.SyncBatchNorm (see :func:`convert_sync_batchnorm`) whose
-    statistics the fused ops merge over `process_group` (the default group when None) in training."""
+    statistics the fused ops merge over `process_group` (the default group when None) in training. `memory` sets
+    the memory policy of training of every fused module ("default" or "min", see :mod:`fused_resnet.memory`);
+    None leaves it to the program's."""
     _check_model("convert", model)
+    check_memory_policy(memory, "convert: memory")
     if not isinstance(sync_bn, bool):
         raise TypeError(f"convert: expected sync_bn to be a bool, got {type(sync_bn).__name__}")
     if process_group is not None and not sync_bn:
@@ -182,6 +188,7 @@ def convert(model: nn.Module, sync_bn: bool = False, process_group: object | Non
             skipped["(stem)"] = reason
         else:
             model._folded = FoldedWeights()  # made here, not on the first call, which may be inside torch.compile
+    set_memory_policy(model, memory)
     if skipped:
         details = "; ".join(f"{name}: {why}" for name, why in skipped.items())
         warnings.warn(f"convert left {len(skipped)} module(s) unfused: {details}", FusionWarning, stacklevel=2)

@@ -13,8 +13,10 @@ from torch import Tensor, nn
 
 from . import ops
 from .fusion import Fusable, conv_blocker, hooks_blocker, norm_blocker, relu_blocker
+from .memory import check_memory_policy, set_memory_policy
 from .modules import BasicBlock, Bottleneck, conv1x1, conv_bn
 from .ops import FoldedWeights
+from .params import MaxPoolParams
 from .tensors import memory_format_of
 
 __all__ = [
@@ -30,6 +32,7 @@ class FusedStem(Fusable):
 
     _stem_activation = "relu"  # the attribute name of the stem's activation
     _deep_stem = False  # whether conv1 may be a deep stem (timm's)
+    memory: str | None = None  # the memory policy of the stem (fused_resnet.memory); None: the program's
 
     def _deep_stem_layers(self) -> list[tuple[tuple[str, nn.Module], ...]]:
         """The ((name, conv), (name, norm), (name, act)) triples of a deep stem: three, the last finished by bn1
@@ -73,18 +76,29 @@ class FusedStem(Fusable):
         """The last stage's features in the input's memory format (see :meth:`enter_blocks`)."""
         return x if x.dim() != 4 else x.contiguous(memory_format=entry_format)
 
+    def forward_stem_pool(self, x: Tensor) -> Tensor:
+        """maxpool(forward_stem(x)): one fused op where the pool is a plain nn.MaxPool2d after a one-convolution
+        stem, which under the "min" memory policy keeps only the convolution's output for backward (not the
+        activation and the pool's indices, together 2.5 times its size in float32)."""
+        pool = self.maxpool
+        if (type(pool) is not nn.MaxPool2d or pool.return_indices or isinstance(self.conv1, nn.Sequential)
+                or self.fusion_blocker() is not None or hooks_blocker([("maxpool", pool)]) is not None):
+            return pool(self.forward_stem(x))
+        return ops.conv_bn_relu(x, conv_bn(self.conv1, self.bn1, "conv1/bn1"), max_pool=MaxPoolParams.of(pool),
+                                folded=self._folded, memory=self.memory)
+
     def forward_stem(self, x: Tensor) -> Tensor:
         """activation(bn1(conv1(x))), as one fused op unless fusion_blocker() says otherwise."""
         if self.fusion_blocker() is not None:
             return getattr(self, self._stem_activation)(self.bn1(self.conv1(x)))
         conv1 = self.conv1
         if not isinstance(conv1, nn.Sequential):
-            return ops.conv_bn_relu(x, conv_bn(conv1, self.bn1, "conv1/bn1"), folded=self._folded)
+            return ops.conv_bn_relu(x, conv_bn(conv1, self.bn1, "conv1/bn1"), folded=self._folded, memory=self.memory)
         units = [conv_bn(conv, bn, f"{conv_name}/{bn_name}")
                  for (conv_name, conv), (bn_name, bn), _ in self._deep_stem_layers()]
         # A chain of conv-BN-ReLU units is a residual block without a shortcut: the deep stem runs as one op whose
         # normalized activations between the convolutions are recomputed in backward, never saved.
-        return ops.residual_block(x, units, None, folded=self._folded)
+        return ops.residual_block(x, units, None, folded=self._folded, memory=self.memory)
 
 
 class ResNet(nn.Module, FusedStem):
@@ -101,8 +115,11 @@ class ResNet(nn.Module, FusedStem):
         width_per_group: int = 64,
         replace_stride_with_dilation: list[bool] | None = None,
         norm_layer: Callable[..., nn.Module] | None = None,
+        *,
+        memory: str | None = None,
     ) -> None:
         super().__init__()
+        check_memory_policy(memory, "ResNet: memory")
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
         self._norm_layer = norm_layer
@@ -143,6 +160,7 @@ class ResNet(nn.Module, FusedStem):
                     nn.init.constant_(m.bn3.weight, 0)
                 elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
                     nn.init.constant_(m.bn2.weight, 0)
+        set_memory_policy(self, memory)
 
     def _make_layer(
         self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1, dilate: bool = False
@@ -167,8 +185,7 @@ class ResNet(nn.Module, FusedStem):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         x, entry_format = self.enter_blocks(x)
-        x = self.forward_stem(x)
-        x = self.maxpool(x)
+        x = self.forward_stem_pool(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import ops
 from .fusion import Fusable, conv_blocker, downsample_blocker, hooks_blocker, is_frozen_batch_norm, norm_blocker, \
     relu_blocker
+from .memory import check_memory_policy
 from .ops import FoldedWeights
 from .params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity
 
@@ -85,6 +86,8 @@ class _ResidualBlock(nn.Module, Fusable):
               (parameter-free; the paper's CIFAR networks);
       "B":    a projection (1x1 conv + norm, built here unless `downsample` is given) when the shape changes;
       "none": no shortcut (the paper's plain networks).
+    `memory` (keyword-only too) is the block's memory policy in training, "default" or "min"; None (the default)
+    follows the program's (:mod:`fused_resnet.memory`).
     """
 
     expansion: int
@@ -92,6 +95,7 @@ class _ResidualBlock(nn.Module, Fusable):
     _pairs: tuple[tuple[str, str], ...]
     # The attribute names of the ReLUs (torchvision's blocks apply one `relu` everywhere).
     _activations: tuple[str, ...] = ("relu",)
+    memory: str | None = None  # the memory policy (blocks pickled before it existed read this default)
 
     def __init__(
         self,
@@ -105,8 +109,10 @@ class _ResidualBlock(nn.Module, Fusable):
         norm_layer: Callable[..., nn.Module] | None = None,
         *,
         shortcut: str | None = None,
+        memory: str | None = None,
     ) -> None:
         super().__init__()
+        self.memory = check_memory_policy(memory, f"{type(self).__name__}: memory")
         self._folded = FoldedWeights()
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
@@ -151,6 +157,7 @@ class _ResidualBlock(nn.Module, Fusable):
         self.__dict__.update(block.__dict__)
         self._folded = FoldedWeights()
         self.shortcut, self._zero_pad = None, None
+        self.memory = None
 
     def structure_blocker(self) -> str | None:
         for conv_name, bn_name in self._pairs:
@@ -184,7 +191,8 @@ class _ResidualBlock(nn.Module, Fusable):
                                f"downsample.{last - 1}/downsample.{last}")
         elif self._zero_pad is not None:
             shortcut = self._zero_pad
-        return ops.residual_block(x, units, shortcut, shortcut_input=shortcut_input, folded=self._folded)
+        return ops.residual_block(x, units, shortcut, shortcut_input=shortcut_input, folded=self._folded,
+                                  memory=self.memory)
 
     def _unfused_forward(self, x: Tensor) -> Tensor:
         out = x

@@ -100,6 +100,29 @@ class ZeroPadIdentity(NamedTuple):
         return grad_x
 
 
+class MaxPoolParams(NamedTuple):
+    """A 2-D max pooling, as nn.MaxPool2d runs it (without returning its indices)."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    ceil_mode: bool = False
+
+    @staticmethod
+    def of(pool: torch.nn.MaxPool2d) -> MaxPoolParams:
+        stride = pool.stride if pool.stride is not None else pool.kernel_size  # nn.MaxPool2d's default
+
+        def pair(value: int | Sequence[int]) -> tuple[int, int]:
+            return (value, value) if isinstance(value, int) else (value[0], value[-1])
+
+        return MaxPoolParams(pair(pool.kernel_size), pair(stride), pair(pool.padding), pair(pool.dilation),
+                             pool.ceil_mode)
+
+    def apply(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+
 def advance_batch_count(bn: BatchNormParams, factor_like: Tensor | None = None) -> float | Tensor:
     """nn.BatchNorm2d's bookkeeping for one forward in training: bumps num_batches_tracked and returns the
     factor of the running-statistics update (0.0 when the running statistics are not updated). For momentum=None

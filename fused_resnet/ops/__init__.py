@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import select_backend
 from ..kernels import kernels_for
-from ..params import BatchNormParams, ConvBN, update_running_stats
+from ..params import BatchNormParams, ConvBN, MaxPoolParams, update_running_stats
 from .block import Shortcut, preferred_memory_format, run_block
 from .checks import check_activation, check_batch_norm, check_like
 from .folding import FoldedWeights, clear_folded_weights, fold_batch_norm
@@ -85,18 +85,24 @@ def residual_block(
     *,
     shortcut_input: Tensor | None = None,
     folded: FoldedWeights | None = None,
+    memory: str | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """``relu(F(x) + shortcut(x))``: `units` are the block's convolutions with their BatchNorms (ReLU between
     them), `shortcut` is "identity", a projection ConvBN, option A's ZeroPadIdentity, or None. The projection
     convolves `shortcut_input` when given (timm's avg_down: the average-pooled x), else x. BatchNorm running
     statistics are updated as nn.BatchNorm2d updates them. `folded` caches BN-folded weights for inference between
-    calls."""
-    return run_block("residual_block", x, units, shortcut, folded, backend, shortcut_input)
+    calls. `memory` is the memory policy of training (:mod:`fused_resnet.memory`; None: the context's)."""
+    return run_block("residual_block", x, units, shortcut, folded, backend, shortcut_input, memory)
 
 
 def conv_bn_relu(
-    x: Tensor, unit: ConvBN, *, folded: FoldedWeights | None = None, backend: str | None = None
+    x: Tensor, unit: ConvBN, *, max_pool: MaxPoolParams | None = None, folded: FoldedWeights | None = None,
+    memory: str | None = None, backend: str | None = None
 ) -> Tensor:
-    """``relu(batch_norm(conv(x)))`` with nn.BatchNorm2d's semantics (see :func:`residual_block`)."""
-    return run_block("conv_bn_relu", x, [unit], None, folded, backend)
+    """``relu(batch_norm(conv(x)))`` with nn.BatchNorm2d's semantics (see :func:`residual_block`), max-pooled
+    when `max_pool` is given: a ResNet's stem, which then keeps neither its activation nor the pool's indices for
+    backward under the "min" memory policy."""
+    if max_pool is not None and not isinstance(max_pool, MaxPoolParams):
+        raise TypeError(f"conv_bn_relu: expected max_pool to be a MaxPoolParams, got {type(max_pool).__name__}")
+    return run_block("conv_bn_relu", x, [unit], None, folded, backend, memory=memory, max_pool=max_pool)

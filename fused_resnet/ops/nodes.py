@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..kernels import KernelSet
-from ..params import BatchNormParams, ConvParams, ZeroPadIdentity
+from ..params import BatchNormParams, ConvParams, MaxPoolParams, ZeroPadIdentity
 from ..tensors import as_dtype, dense_like
 from .batch_norm import BatchNormSpec
 
@@ -43,6 +43,19 @@ def _param_grad(grad: Tensor | None, param: Tensor | None, needed: bool) -> Tens
     if not needed or grad is None or param is None:
         return None
     return as_dtype(grad, param.dtype)
+
+
+def _bn_relu_backward(
+    kernels: KernelSet, bn: BatchNormSpec, grad_a: Tensor, a: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
+    weight: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad y, grad weight, grad bias) of a = relu(bn(y)) from grad_a: BN's backward of the gradient masked
+    where a is 0."""
+    grad_a = dense_like(grad_a, a)
+    sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, a, y, mean)
+    coefs, grad_weight, grad_bias = bn.gradients(sum_dy, sum_dy_xmu, invstd, weight, y.numel() // y.shape[1])
+    grad_y, _ = kernels.backward_elemt(grad_a, a, y, mean, coefs)
+    return grad_y, grad_weight, grad_bias
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,11 +166,7 @@ class _BatchNormReluConvFunction(torch.autograd.Function):
             need_input=need.y or need.weight or need.bias, need_weight=need.conv_weight, need_bias=need.conv_bias)
         grad_y = grad_weight = grad_bias = None
         if grad_a is not None:
-            grad_a = dense_like(grad_a, a)
-            sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, a, y, mean)
-            count = y.numel() // y.shape[1]
-            coefs, grad_weight, grad_bias = config.bn.gradients(sum_dy, sum_dy_xmu, invstd, weight, count)
-            grad_y, _ = kernels.backward_elemt(grad_a, a, y, mean, coefs)
+            grad_y, grad_weight, grad_bias = _bn_relu_backward(kernels, config.bn, grad_a, a, y, mean, invstd, weight)
         return None, *BatchNormReluConvInputs(
             y=grad_y if need.y else None, weight=_param_grad(grad_weight, weight, need.weight),
             bias=_param_grad(grad_bias, bias, need.bias), conv_weight=grad_conv_weight, conv_bias=grad_conv_bias)
@@ -167,12 +176,23 @@ class _BatchNormReluConvFunction(torch.autograd.Function):
 # BN (+ residual) -> ReLU
 
 
+class Recompute(NamedTuple):
+    """The minimum-memory policy's recipe for the convolution outputs a BN-act node normalizes, which it then does
+    not keep: y = conv(relu(bn_source(source))) (a block's last unit, from the unit before it, whose node keeps
+    `source` anyway) and, for a projection shortcut, y2 = conv2(source2) (from the block input)."""
+
+    source_bn: BatchNormSpec | None  # None: y is kept, not recomputed
+    geometry: tuple | None  # the last convolution's, as in ConvConfig
+    geometry2: tuple | None  # the projection's; None: y2 (if any) is kept
+
+
 class BatchNormActConfig(NamedTuple):
     kernels: KernelSet
     bn: BatchNormSpec
     relu: bool
     zero_pad: ZeroPadIdentity | None  # option A: the residual is x, subsampled and zero-padded
     bn2: BatchNormSpec | None  # a projection shortcut's BatchNorm
+    recompute: Recompute | None = None
 
 
 class BatchNormActInputs(NamedTuple):
@@ -187,57 +207,116 @@ class BatchNormActInputs(NamedTuple):
     var: Tensor | None = None
     mean2: Tensor | None = None
     var2: Tensor | None = None
+    # The Recompute recipe's tensors (this node passes no gradient to them: the nodes that made y and y2 do):
+    source: Tensor | None = None
+    source_weight: Tensor | None = None
+    source_bias: Tensor | None = None
+    source_mean: Tensor | None = None
+    source_var: Tensor | None = None
+    conv_weight: Tensor | None = None
+    conv_bias: Tensor | None = None
+    source2: Tensor | None = None
+    conv2_weight: Tensor | None = None
+    conv2_bias: Tensor | None = None
+
+
+class RecomputeSource(NamedTuple):
+    """What run_bn_act needs to recompute y instead of keeping it: y = conv(relu(bn(source))), bn with `stats`
+    (the source's batch statistics, none when bn uses its running ones)."""
+
+    source: Tensor
+    bn: BatchNormParams
+    stats: Sequence[Tensor]
+    conv: ConvParams
 
 
 def run_bn_act(
     kernels: KernelSet, bn: BatchNormParams, y: Tensor, stats: Sequence[Tensor], relu: bool,
     residual: Tensor | None = None, zero_pad: ZeroPadIdentity | None = None,
     projection: tuple[BatchNormParams, Tensor, Sequence[Tensor]] | None = None,
+    recompute: RecomputeSource | None = None, recompute_projection: tuple[Tensor, ConvParams] | None = None,
 ) -> Tensor:
     """[relu](bn(y) + R): R is `residual` itself (option A's subsampled, zero-padded `residual` when `zero_pad`
     is given), or bn2(y2) for a `projection` (bn2, y2, y2's batch statistics), or absent. `stats` are y's batch
-    statistics (none when `bn` uses its running ones)."""
+    statistics (none when `bn` uses its running ones). With `recompute` (and `recompute_projection`: the
+    projection's input and convolution), backward recomputes y (y2) from them rather than keeping it."""
     mean, var = stats or (bn.running_mean, bn.running_var)
-    if projection is None:
-        config = BatchNormActConfig(kernels, BatchNormSpec.of(bn), relu, zero_pad, None)
-        inputs = BatchNormActInputs(y, bn.weight, bn.bias, residual, None, None, None, mean, var)
-    else:
+    inputs = BatchNormActInputs(y, bn.weight, bn.bias, residual, mean=mean, var=var)
+    bn2_spec = None
+    if projection is not None:
         bn2, y2, stats2 = projection
         mean2, var2 = stats2 or (bn2.running_mean, bn2.running_var)
-        config = BatchNormActConfig(kernels, BatchNormSpec.of(bn), relu, None, BatchNormSpec.of(bn2))
-        inputs = BatchNormActInputs(y, bn.weight, bn.bias, None, y2, bn2.weight, bn2.bias, mean, var, mean2, var2)
+        bn2_spec = BatchNormSpec.of(bn2)
+        inputs = inputs._replace(residual=None, y2=y2, weight2=bn2.weight, bias2=bn2.bias, mean2=mean2, var2=var2)
+    plan = None
+    if recompute is not None or recompute_projection is not None:
+        plan = Recompute(None, None, None)
+        if recompute is not None:
+            source_mean, source_var = recompute.stats or (recompute.bn.running_mean, recompute.bn.running_var)
+            plan = plan._replace(source_bn=BatchNormSpec.of(recompute.bn), geometry=recompute.conv[2:])
+            inputs = inputs._replace(
+                source=recompute.source, source_weight=recompute.bn.weight, source_bias=recompute.bn.bias,
+                source_mean=source_mean, source_var=source_var, conv_weight=recompute.conv.weight,
+                conv_bias=recompute.conv.bias)
+        if recompute_projection is not None:
+            source2, conv2 = recompute_projection
+            plan = plan._replace(geometry2=conv2[2:])
+            inputs = inputs._replace(source2=source2, conv2_weight=conv2.weight, conv2_bias=conv2.bias)
+    config = BatchNormActConfig(kernels, BatchNormSpec.of(bn), relu, None if projection else zero_pad, bn2_spec,
+                                plan)
     return _BatchNormActFunction.apply(config, *inputs)
 
 
 class _BatchNormActFunction(torch.autograd.Function):
-    """Saves y, the output (its ReLU mask) and, for a projection, y2."""
+    """Saves y, the output (its ReLU mask) and, for a projection, y2; under a Recompute plan, instead of y (y2)
+    what recomputes it: the source, its BatchNorm's affine vectors and the convolution's weight (the projection's
+    input and weight), all of which other nodes keep anyway."""
 
     @staticmethod
     def forward(ctx, config: BatchNormActConfig, *tensors: Tensor | None) -> Tensor:
         inputs = BatchNormActInputs._make(tensors)
         y, weight, bias, residual, y2 = inputs.y, inputs.weight, inputs.bias, inputs.residual, inputs.y2
-        kernels = config.kernels
+        kernels, plan = config.kernels, config.recompute
         affine = config.bn.affine(y, inputs.mean, inputs.var, weight, bias)
         if y2 is not None:
             affine2 = config.bn2.affine(y2, inputs.mean2, inputs.var2, inputs.weight2, inputs.bias2)
             out = kernels.bn_act(y, affine.mean, affine.scale, affine.shift, y2, affine2.mean, affine2.scale,
                                  affine2.shift, config.relu)
-            second = (y2, affine2.mean, affine2.invstd, inputs.weight2, inputs.bias2)
+            second = (affine2.mean, affine2.invstd, inputs.weight2, inputs.bias2)
         else:
             out = kernels.bn_act(y, affine.mean, affine.scale, affine.shift, residual, relu=config.relu,
                                  zero_pad=config.zero_pad)
-            second = (None,) * 5
+            second = (None,) * 4
+        source = (None,) * 6
+        if plan is not None and plan.source_bn is not None:
+            source_affine = plan.source_bn.affine(inputs.source, inputs.source_mean, inputs.source_var,
+                                                  inputs.source_weight, inputs.source_bias)
+            source = (inputs.source, source_affine.mean, source_affine.scale, source_affine.shift,
+                      inputs.conv_weight, inputs.conv_bias)
+            y = None
+        source2 = (None,) * 3
+        if plan is not None and plan.geometry2 is not None:
+            source2 = (inputs.source2, inputs.conv2_weight, inputs.conv2_bias)
+            y2 = None
         ctx.config = config
         ctx.residual_shape = residual.shape if residual is not None else None
-        ctx.save_for_backward(y, out if config.relu else None, affine.mean, affine.invstd, weight, bias, *second)
+        ctx.save_for_backward(y, out if config.relu else None, affine.mean, affine.invstd, weight, bias, y2,
+                              *second, *source, *source2)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        y, out, mean, invstd, weight, bias, y2, mean2, invstd2, weight2, bias2 = ctx.saved_tensors
+        (y, out, mean, invstd, weight, bias, y2, mean2, invstd2, weight2, bias2,
+         source, source_mean, source_scale, source_shift, conv_weight, conv_bias,
+         source2, conv2_weight, conv2_bias) = ctx.saved_tensors
         config, need = ctx.config, BatchNormActInputs._make(ctx.needs_input_grad[1:])
-        kernels = config.kernels
+        kernels, plan = config.kernels, config.recompute
+        if source is not None:
+            y = kernels.bn_relu_conv(source, source_mean, source_scale, source_shift,
+                                     ConvParams(conv_weight, conv_bias, *plan.geometry), False)[0]
+        if source2 is not None:
+            y2 = kernels.conv_stats(source2, ConvParams(conv2_weight, conv2_bias, *plan.geometry2), False)[0]
         grad_out = dense_like(grad_out, y)
         count = y.numel() // y.shape[1]
         sum_dy, sum_dy_xmu, sum_dy_xmu2 = kernels.backward_reduce(grad_out, out, y, mean, y2, mean2)
@@ -257,3 +336,60 @@ class _BatchNormActFunction(torch.autograd.Function):
             residual=grad_residual,
             y2=grad_other if y2 is not None and need.y2 else None,
             weight2=_param_grad(grad_weight2, weight2, need.weight2), bias2=_param_grad(grad_bias2, bias2, need.bias2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BN -> ReLU -> max pool (a ResNet stem under the minimum-memory policy)
+
+
+class BatchNormReluMaxPoolConfig(NamedTuple):
+    kernels: KernelSet
+    bn: BatchNormSpec
+    pool: MaxPoolParams
+
+
+class BatchNormReluMaxPoolInputs(NamedTuple):
+    y: Tensor
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    mean: Tensor | None = None  # non-differentiable, as in BatchNormReluConvInputs
+    var: Tensor | None = None
+
+
+def run_bn_relu_max_pool(
+    kernels: KernelSet, bn: BatchNormParams, y: Tensor, stats: Sequence[Tensor], pool: MaxPoolParams
+) -> Tensor:
+    """max_pool(relu(bn(y))), keeping only y for backward; `stats` as in run_bn_act."""
+    mean, var = stats or (bn.running_mean, bn.running_var)
+    config = BatchNormReluMaxPoolConfig(kernels, BatchNormSpec.of(bn), pool)
+    return _BatchNormReluMaxPoolFunction.apply(config, *BatchNormReluMaxPoolInputs(y, bn.weight, bn.bias, mean, var))
+
+
+class _BatchNormReluMaxPoolFunction(torch.autograd.Function):
+    """max_pool(relu(BN(y))): keeps y and per-channel vectors, where the separate ops keep y, the activation
+    (the ReLU's mask and the pool's input) and the pool's int64 indices; backward recomputes the activation and
+    the indices (the same kernels, so the same values) and runs the pool's and BN's backward as they would."""
+
+    @staticmethod
+    def forward(ctx, config: BatchNormReluMaxPoolConfig, *tensors: Tensor | None) -> Tensor:
+        inputs = BatchNormReluMaxPoolInputs._make(tensors)
+        affine = config.bn.affine(inputs.y, inputs.mean, inputs.var, inputs.weight, inputs.bias)
+        a = config.kernels.bn_act(inputs.y, affine.mean, affine.scale, affine.shift, relu=True)
+        ctx.config = config
+        ctx.save_for_backward(inputs.y, *affine, inputs.weight, inputs.bias)
+        return config.pool.apply(a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        y, mean, invstd, scale, shift, weight, bias = ctx.saved_tensors
+        config, need = ctx.config, BatchNormReluMaxPoolInputs._make(ctx.needs_input_grad[1:])
+        a = config.kernels.bn_act(y, mean, scale, shift, relu=True)
+        pool = config.pool
+        _, indices = torch.ops.aten.max_pool2d_with_indices(a, *pool)
+        grad_a = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, a, *pool, indices)
+        grad_y, grad_weight, grad_bias = _bn_relu_backward(config.kernels, config.bn, grad_a, a, y, mean, invstd,
+                                                           weight)
+        return None, *BatchNormReluMaxPoolInputs(
+            y=grad_y if need.y else None, weight=_param_grad(grad_weight, weight, need.weight),
+            bias=_param_grad(grad_bias, bias, need.bias))
