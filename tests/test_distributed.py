@@ -31,6 +31,8 @@ pytestmark = pytest.mark.skipif(not (CPU_BACKENDS and dist.is_available() and di
 WORLD = 2
 SHARDS = (3, 1)  # samples per rank: the merged statistics must weigh each rank by its count
 STEPS = 3
+# (SyncBatchNorm, memory policy) of the runs each rank makes
+RUNS = ((True, "default"), (True, "min"), (False, "default"))
 
 
 def network() -> nn.Module:
@@ -71,10 +73,10 @@ def _worker(rank: int, port: int, batches, out_dir: str) -> None:
     try:
         start = sum(SHARDS[:rank])
         shard = [(x[start:start + SHARDS[rank]], t[start:start + SHARDS[rank]]) for x, t in batches]
-        for sync_bn in (True, False):
+        for sync_bn, memory in RUNS:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", fused_resnet.FusionWarning)
-                model = DistributedDataParallel(fused_resnet.convert(network()))
+                model = DistributedDataParallel(fused_resnet.convert(network(), memory=memory))
             if sync_bn:
                 # DDP refuses to wrap a CPU module holding nn.SyncBatchNorm (which runs only on GPUs); the fused
                 # ops synchronize on the CPU too, so the BatchNorms become SyncBatchNorm after the wrapping (they
@@ -86,7 +88,7 @@ def _worker(rank: int, port: int, batches, out_dir: str) -> None:
                     model.module[1](shard[0][0].new_ones(1, 8, 4, 4))
             assert fused_resnet.unfused_modules(model) == {}
             result = train(model, shard, shard_loss)
-            torch.save(result, f"{out_dir}/rank{rank}-sync{sync_bn}.pt")
+            torch.save(result, f"{out_dir}/rank{rank}-sync{sync_bn}-{memory}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -95,21 +97,22 @@ def test_sync_bn_under_ddp_matches_whole_batch_batchnorm(tmp_path):
     batches = [(torch.randn(sum(SHARDS), 3, 12, 10, dtype=torch.float64), torch.randint(0, 5, (sum(SHARDS),)))
                for _ in range(STEPS)]
     mp.spawn(_worker, args=(_free_port(), batches, str(tmp_path)), nprocs=WORLD, join=True)
-    results = {(rank, sync_bn): torch.load(tmp_path / f"rank{rank}-sync{sync_bn}.pt")
-               for rank in range(WORLD) for sync_bn in (True, False)}
+    results = {(rank, sync_bn, memory): torch.load(tmp_path / f"rank{rank}-sync{sync_bn}-{memory}.pt")
+               for rank in range(WORLD) for sync_bn, memory in RUNS}
 
     expected = train(network(), batches, lambda out, target: F.cross_entropy(out, target))
-    for rank in range(WORLD):
-        got = results[(rank, True)]
-        for n, g in expected["grads"].items():
-            assert_rel(got["grads"][f"module.{n}"], g, 1e-9, f"rank {rank} grad {n}", floor=1e-6)
-        for n, t in expected["state"].items():
-            assert_rel(got["state"][f"module.{n}"], t, 1e-10, f"rank {rank} {n}", floor=1e-6)
-    # The whole batch's loss is the average of the ranks' scaled shard losses.
-    losses = sum(results[(rank, True)]["losses"] for rank in range(WORLD)) / WORLD
-    assert_rel(losses, expected["losses"], 1e-10, "losses")
+    for memory in ("default", "min"):
+        for rank in range(WORLD):
+            got = results[(rank, True, memory)]
+            for n, g in expected["grads"].items():
+                assert_rel(got["grads"][f"module.{n}"], g, 1e-9, f"rank {rank} grad {n} ({memory})", floor=1e-6)
+            for n, t in expected["state"].items():
+                assert_rel(got["state"][f"module.{n}"], t, 1e-10, f"rank {rank} {n} ({memory})", floor=1e-6)
+        # The whole batch's loss is the average of the ranks' scaled shard losses.
+        losses = sum(results[(rank, True, memory)]["losses"] for rank in range(WORLD)) / WORLD
+        assert_rel(losses, expected["losses"], 1e-10, f"losses ({memory})")
 
-    unsynced = results[(0, False)]
+    unsynced = results[(0, False, "default")]
     running = [n for n in expected["state"] if n.endswith("running_var")]
     assert max(rel_err(unsynced["state"][f"module.{n}"], expected["state"][n]) for n in running) > 1e-3
 

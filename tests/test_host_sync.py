@@ -100,6 +100,13 @@ def test_train_step_reads_nothing_back(backend, builder, size):
     assert recorder.reads == []
 
 
+@pytest.mark.parametrize("backend, builder, size", FUSED_CASES)
+def test_min_memory_train_step_reads_nothing_back(backend, builder, size):
+    """The "min" memory policy's recomputations (the last convolutions, the stem's max-pool indices) neither."""
+    recorder = train_step_reads(fused_resnet.convert(builder(), memory="min"), backend, size)
+    assert recorder.reads == []
+
+
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed's gloo")
 @pytest.mark.parametrize("backend, builder, size", FUSED_CASES)
 def test_synchronized_train_step_reads_nothing_back(backend, builder, size, one_rank_group):
