@@ -80,6 +80,22 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[harness.SESSION] = BenchSession(size, device, providers, left_out, config.getoption("--report-dir"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A provider that differs from another only in training (fused-<backend>-lowmem, a memory policy) runs the
+    training cases only: its eval and op cases would time the same code again."""
+    kept, deselected = [], []
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        provider = params.get("provider")
+        if provider is not None and provider.trains_only and params.get("mode") != "train":
+            deselected.append(item)
+        else:
+            kept.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     session = config.stash[harness.SESSION]
     counted, left_out = traffic.counted_providers(session.device)

@@ -195,11 +195,19 @@ def software_versions(device: torch.device) -> dict[str, str | None]:
 
 @dataclasses.dataclass(frozen=True)
 class Provider:
-    """One way of running a benchmark case: the torchvision reference, a fused backend, torch.compile of either."""
+    """One way of running a benchmark case: the torchvision reference, a fused backend (under the default memory
+    policy, or "min" for fused-<backend>-lowmem), torch.compile of either."""
 
     name: str
     backend: str | None = None  # the fused_resnet backend, for fused-<backend> and torch-compile-fused-<backend>
     compiled: bool = False
+    memory: str | None = None  # the fused model's memory policy (fused_resnet.memory); None: the default
+
+    @property
+    def trains_only(self) -> bool:
+        """Whether the provider differs from another only in training (a memory policy), so that only training
+        cases run it."""
+        return self.memory is not None
 
     @property
     def is_reference(self) -> bool:
@@ -234,16 +242,20 @@ class Provider:
         parameter values (a fused copy, a compiled module, or `reference` itself)."""
         if not self.is_fused:
             return self.compile(reference)
-        fused = fused_resnet.convert(copy.deepcopy(reference))
+        fused = fused_resnet.convert(copy.deepcopy(reference), memory=self.memory)
         unfused = fused_resnet.unfused_modules(fused)
         # A "fused" number measured on modules that fell back to PyTorch would be a lie.
         assert not unfused, f"{self.name}: modules run unfused after convert(): {unfused}"
         return self.compile(fused)
 
 
+LOW_MEMORY_SUFFIX = "-lowmem"  # fused-<backend>-lowmem: the "min" memory policy
+
+
 def known_providers() -> dict[str, Provider]:
     providers = [Provider("torchvision"), Provider("torch-compile", compiled=True)]
     providers += [Provider(f"fused-{name}", backend=name) for name in REGISTRY]
+    providers += [Provider(f"fused-{name}{LOW_MEMORY_SUFFIX}", backend=name, memory="min") for name in REGISTRY]
     providers += [Provider(f"torch-compile-fused-{name}", backend=name, compiled=True) for name in REGISTRY]
     return {provider.name: provider for provider in providers}
 
@@ -274,7 +286,9 @@ def select_providers(requested: list[str] | None, device: torch.device) -> tuple
         names = requested
     else:
         names = ["torchvision", *(name for name, p in known.items()
-                                  if p.is_fused and not p.compiled and p.backend != "torch")]
+                                  if p.is_fused and not p.compiled and p.backend != "torch" and not p.trains_only)]
+        # The "min" memory policy of the backend `auto` picks here: its training cost beside the default's.
+        names.append(f"fused-{device.type}{LOW_MEMORY_SUFFIX}")
         # On a GPU torch.compile is the baseline a user would otherwise reach for, so it runs by default. On a
         # CPU it is opt-in: compiling resnet18 at the smoke size took 35 s (eval) and 42 s (training) on a 2-core
         # machine, per layout: more than the whole smoke run's minute.
@@ -299,7 +313,7 @@ def select_providers(requested: list[str] | None, device: torch.device) -> tuple
         on_cpu = "on a CPU only through --providers: compiling takes minutes"
         if device.type != "cuda":
             left_out["torch-compile"] = on_cpu
-        for provider in [p for p in chosen if p.is_fused and not p.compiled]:
+        for provider in [p for p in chosen if p.is_fused and not p.compiled and not p.trains_only]:
             twin = f"torch-compile-{provider.name}"
             if twin not in names:
                 left_out[twin] = on_cpu if device.type != "cuda" else "opt in with --providers (compile time)"

@@ -180,6 +180,7 @@ class MeasureMemory:
             step()
         self.session.memory_rows.append({
             "suite": "memory", "case": case, "mode": "train", "provider": provider.name,
+            "memory_policy": (provider.memory or "default") if provider.is_fused else None,
             "is_reference": provider.is_reference, "images_per_call": x.shape[0],
             "dtype": layout.dtype_name, "memory_format": layout.memory_format_name, **(details or {}),
             **self.session.row_info,

@@ -360,7 +360,8 @@ def _panels(report: Report) -> list[_Panel]:
         panels.append(_panel(title, rows, {"parity": 1.0}, f"throughput ratio to {reference}"))
     if memory:
         panels.append(_panel("activation memory saved for backward (lower is better)", memory,
-                             {"parity": 1.0, f"target {MEMORY_TARGET}x": MEMORY_TARGET},
+                             {"parity": 1.0, **{f"target {policy} {target}x": target
+                                                for policy, target in MEMORY_TARGETS.items()}},
                              "bytes saved per image, ratio to torchvision"))
     return [panel for panel in panels if panel.bars]
 
@@ -434,7 +435,9 @@ SPEED_TARGETS = [("train_vs_eager", "train", "torchvision", 1.3), ("train_vs_com
                  ("eval_vs_eager", "eval", "torchvision", 1.3)]
 BLOCK_TARGET = 1.5  # issues 4 and 5: a ResNet-50 Bottleneck's train step against torchvision eager
 COPY_FRACTION_TARGET = 0.8  # fused memory-bound ops: GB/s against the device's plain-copy GB/s
-MEMORY_TARGET = 0.6  # resnet50 training: bytes saved for backward, fused over torchvision
+# resnet50 training: bytes saved for backward, fused over torchvision, per memory policy (issue 15: "min" at most
+# half; the default no worse than its 0.85-0.88x before the policies existed)
+MEMORY_TARGETS = {"default": 0.88, "min": 0.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,15 +558,21 @@ def _copy_checks(report: Report, in_layout: list[dict], off_card: str | None) ->
 
 
 def _memory_checks(report: Report) -> list[TargetCheck]:
-    what, target = "ResNet-50 training: bytes saved for backward vs torchvision", f"<= {MEMORY_TARGET:.2f}x"
+    what = "ResNet-50 training: bytes saved for backward vs torchvision"
     rows = [row for row in report.memory_rows
             if row.get("model") == TARGET_MODEL and row["ratio"] is not None and not row["is_reference"]]
     if not rows:
-        return [TargetCheck("memory", what, target, None, "-", "not measured", "no ResNet-50 memory rows")]
-    return [TargetCheck("memory", f"{what}, {row['provider']}", target, row["ratio"],
-                        f"{row['ratio']:.2f}x ({_number(row['saved_bytes_per_image'] / 2**20)} MiB/image)",
-                        _verdict(row["ratio"], MEMORY_TARGET, at_least=False),
-                        f"{_layout(row)}, batch {row['images_per_call']} @{row.get('resolution')}") for row in rows]
+        return [TargetCheck("memory", what, "<= " + ", ".join(f"{t:.2f}x ({p})" for p, t in MEMORY_TARGETS.items()),
+                            None, "-", "not measured", "no ResNet-50 memory rows")]
+    checks = []
+    for row in rows:
+        target = MEMORY_TARGETS[row.get("memory_policy") or "default"]
+        checks.append(TargetCheck(
+            "memory", f"{what}, {row['provider']}", f"<= {target:.2f}x", row["ratio"],
+            f"{row['ratio']:.2f}x ({_number(row['saved_bytes_per_image'] / 2**20)} MiB/image)",
+            _verdict(row["ratio"], target, at_least=False),
+            f"{_layout(row)}, batch {row['images_per_call']} @{row.get('resolution')}"))
+    return checks
 
 
 def targets_table(checks: list[TargetCheck]) -> Table:
