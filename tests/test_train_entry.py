@@ -221,15 +221,16 @@ def test_he2015_recipe_sets_the_papers_schedule_and_flags_override_it():
     assert (args.lr, args.epochs, args.iterations, args.warmup_iterations, args.momentum) == (0.05, 3, None, 10, 0.9)
 
 
-@pytest.mark.parametrize("case", ["missing", "no_val", "unknown_arch", "bad_depth"])
+@pytest.mark.parametrize("case", ["missing", "no_val", "no_cifar", "unknown_arch", "bad_depth"])
 def test_bad_data_or_arch_is_an_argparse_error(tmp_path, capsys, case):
-    """A missing --data directory, one without val/, an unknown --arch and a CIFAR depth that is not 6n+2 exit with
+    """A missing --data directory, one without val/ (or without CIFAR-10's folder), an unknown --arch and a CIFAR depth that is not 6n+2 exit with
     status 2 and a message naming the argument and what was expected, before anything is built or written."""
     images = tmp_path / "images"
     (images / "train").mkdir(parents=True)
     argv, message = {
         "missing": (["--data", str(tmp_path / "nowhere")], f"--data: expected a directory, {tmp_path / 'nowhere'}"),
         "no_val": (["--data", str(images)], "--data: expected an ImageFolder root with train/ and val/ subfolders"),
+        "no_cifar": (["--data", str(images), "--dataset", "cifar10"], "--data: expected CIFAR-10's python version"),
         "unknown_arch": (["--synthetic", "--arch", "resnet19"], "--arch: unknown architecture 'resnet19'; expected"),
         "bad_depth": (["--synthetic", "--arch", "cifar_resnet21"], "--arch cifar_resnet21: a CIFAR ResNet has 6n+2"),
     }[case]

@@ -1,5 +1,7 @@
 """What a run leaves: checkpoint.pth (rewritten every epoch, and what --resume reads) and the per-epoch log, as CSV
-(log.csv) and JSON lines (log.jsonl)."""
+(log.csv) and JSON lines (log.jsonl): the epoch, the iterations done at its end, the learning rate of its first
+step, the mean training loss, the validation loss, top-1 and top-5 accuracy (percent), the training images per
+second of all processes together, the peak memory (MiB) and the epoch's wall time (seconds)."""
 
 from __future__ import annotations
 
