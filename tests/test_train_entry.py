@@ -221,10 +221,10 @@ def test_he2015_recipe_sets_the_papers_schedule_and_flags_override_it():
     assert (args.lr, args.epochs, args.iterations, args.warmup_iterations, args.momentum) == (0.05, 3, None, 10, 0.9)
 
 
-@pytest.mark.parametrize("case", ["missing", "no_val", "no_cifar", "unknown_arch", "bad_depth"])
+@pytest.mark.parametrize("case", ["missing", "no_val", "no_cifar", "unknown_arch", "bad_depth", "bad_device"])
 def test_bad_data_or_arch_is_an_argparse_error(tmp_path, capsys, case):
-    """A missing --data directory, one without val/ (or without CIFAR-10's folder), an unknown --arch and a CIFAR depth that is not 6n+2 exit with
-    status 2 and a message naming the argument and what was expected, before anything is built or written."""
+    """A missing --data directory, one without val/ (or without CIFAR-10's folder), an unknown --arch, a CIFAR
+    depth that is not 6n+2 and an unknown --device exit with status 2 and a message naming the argument and what was expected, before anything is built or written."""
     images = tmp_path / "images"
     (images / "train").mkdir(parents=True)
     argv, message = {
@@ -233,6 +233,7 @@ def test_bad_data_or_arch_is_an_argparse_error(tmp_path, capsys, case):
         "no_cifar": (["--data", str(images), "--dataset", "cifar10"], "--data: expected CIFAR-10's python version"),
         "unknown_arch": (["--synthetic", "--arch", "resnet19"], "--arch: unknown architecture 'resnet19'; expected"),
         "bad_depth": (["--synthetic", "--arch", "cifar_resnet21"], "--arch cifar_resnet21: a CIFAR ResNet has 6n+2"),
+        "bad_device": (["--synthetic", "--device", "gpu0"], "--device: expected cpu or cuda, got 'gpu0'"),
     }[case]
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:

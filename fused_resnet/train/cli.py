@@ -152,6 +152,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--warmup-lr: expected at most --lr ({args.lr}), got {args.warmup_lr}")
     if not args.fused and args.backend not in (None, "torch"):
         parser.error(f"--backend {args.backend}: the fused ops' backend, which --no-fused does not use")
+    if args.device is not None:
+        _check_device(parser, args.device)
     if args.resume is not None and not args.resume.is_file():
         parser.error(f"--resume: expected a checkpoint file, {args.resume} is not one")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -198,6 +200,17 @@ def _check_data(parser: argparse.ArgumentParser, root: Path, dataset: str) -> No
     if missing:
         parser.error(f"--data: expected an ImageFolder root with train/ and val/ subfolders; {root} has no "
                      f"{' and no '.join(name + '/' for name in missing)}")
+
+
+def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        parser.error(f"--device: expected cpu or cuda, got {device!r}")
+    if kind not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu or cuda, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
 
 
 def _cifar_depth(arch: str) -> int:
