@@ -224,7 +224,8 @@ def test_he2015_recipe_sets_the_papers_schedule_and_flags_override_it():
 @pytest.mark.parametrize("case", ["missing", "no_val", "no_cifar", "unknown_arch", "bad_depth", "bad_device"])
 def test_bad_data_or_arch_is_an_argparse_error(tmp_path, capsys, case):
     """A missing --data directory, one without val/ (or without CIFAR-10's folder), an unknown --arch, a CIFAR
-    depth that is not 6n+2 and an unknown --device exit with status 2 and a message naming the argument and what was expected, before anything is built or written."""
+    depth that is not 6n+2 and an unknown --device exit with status 2 and a message naming the argument and what
+    was expected, before anything is built or written."""
     images = tmp_path / "images"
     (images / "train").mkdir(parents=True)
     argv, message = {
