@@ -13,6 +13,7 @@ lists the options.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import time
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def train(args, runtime: runtimes.Runtime) -> None:
+def train(args: argparse.Namespace, runtime: runtimes.Runtime) -> None:
     """Builds everything, resumes if asked, and trains to the last epoch (or iteration)."""
     torch.manual_seed(args.seed)  # the same initial model on every process
     data = build_data(args, runtime)
