@@ -144,6 +144,18 @@ def test_no_fused_trains_the_plain_model(tmp_path):
     torchvision.models.resnet18(num_classes=10).load_state_dict(checkpoint(out)["model"], strict=True)
 
 
+def test_memory_policy_reaches_every_fused_module(tmp_path, capsys):
+    """--memory min sets the policy of every fused module (torchvision's and the CIFAR networks'); with
+    --no-fused, which has no fused module, it is an argparse error."""
+    for arch in ("resnet18", "cifar_resnet20"):
+        model = build_model(parse_args(["--synthetic", "--arch", arch, "--memory", "min"]), 10)
+        assert {m.memory for m in model.modules() if hasattr(m, "memory")} == {"min"}
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--synthetic", "--memory", "min", "--no-fused"])
+    assert exit_info.value.code == 2
+    assert "--memory min: the fused model's memory policy, which --no-fused does not use" in capsys.readouterr().err
+
+
 def test_resume_continues_as_if_never_stopped(tmp_path):
     """One epoch, then --resume for a second, ends where two epochs in one run do: the model, the optimizer's
     momentum and the schedule are restored (without the optimizer's state the second epoch would start with no

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..backends import BACKENDS
+from ..memory import MEMORY_POLICIES
 
 TORCHVISION_ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "timm's own; a cifar_resnet on the pure-PyTorch reference composite (backend 'torch')")
     model.add_argument("--backend", choices=BACKENDS, default=None,
                        help="the fused ops' backend (default: FUSED_RESNET_BACKEND, else auto)")
+    model.add_argument("--memory", choices=MEMORY_POLICIES, default=None,
+                       help="the fused model's memory policy of training: min keeps under half of torchvision's "
+                            "activations for backward, at the cost of recomputing each block's last convolution "
+                            "(default: FUSED_RESNET_MEMORY, else default)")
     model.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes")
     model.add_argument("--channels-last", action="store_true", help="the model and its inputs in channels_last")
     model.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -150,6 +155,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--warmup-iterations: expected a --warmup-lr to warm up with")
     if args.warmup_lr is not None and args.warmup_lr > args.lr:
         parser.error(f"--warmup-lr: expected at most --lr ({args.lr}), got {args.warmup_lr}")
+    if not args.fused and args.memory is not None:
+        parser.error(f"--memory {args.memory}: the fused model's memory policy, which --no-fused does not use")
     if not args.fused and args.backend not in (None, "torch"):
         parser.error(f"--backend {args.backend}: the fused ops' backend, which --no-fused does not use")
     if args.device is not None:

@@ -35,7 +35,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     runs on the reference composite (see :func:`backend_for`)."""
     depth = CIFAR_ARCH.fullmatch(args.arch)
     if depth:
-        return cifar_resnet(int(depth.group(1)), num_classes=num_classes)
+        return cifar_resnet(int(depth.group(1)), num_classes=num_classes, memory=args.memory)
     if args.arch.startswith(TIMM_PREFIX):
         import timm
 
@@ -44,7 +44,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         import torchvision
 
         model = getattr(torchvision.models, args.arch)(num_classes=num_classes)
-    return convert(model) if args.fused else model
+    return convert(model, memory=args.memory) if args.fused else model
 
 
 def backend_for(args: argparse.Namespace) -> str | None:
