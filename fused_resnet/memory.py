@@ -5,7 +5,7 @@ activations between convolutions are recomputed in backward, never kept).
 ``"min"``: besides, a block's last convolution output and its projection shortcut's are recomputed in backward
 from what is kept anyway, and a ResNet's stem keeps neither its activation nor max-pool's indices (both are
 recomputed from its convolution output). That costs a second forward of those convolutions in backward; the
-outputs, gradients and running statistics are the same (docs/design.md §13).
+outputs, gradients and running statistics are the same (docs/design.md §5).
 
 A block or model takes the policy as its `memory` attribute (``fused_resnet.convert(model, memory="min")``,
 ``fused_resnet.resnet50(memory="min")``, ``Bottleneck(..., memory="min")``); where that is None, the innermost

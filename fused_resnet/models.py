@@ -79,7 +79,7 @@ class FusedStem(Fusable):
     def forward_stem_pool(self, x: Tensor) -> Tensor:
         """maxpool(forward_stem(x)): one fused op where the pool is a plain nn.MaxPool2d after a one-convolution
         stem, which under the "min" memory policy keeps only the convolution's output for backward (not the
-        activation and the pool's indices, together 2.5 times its size in float32)."""
+        activation and the pool's indices, together 1.5 times its size in float32)."""
         pool = self.maxpool
         if (type(pool) is not nn.MaxPool2d or pool.return_indices or isinstance(self.conv1, nn.Sequential)
                 or self.fusion_blocker() is not None or hooks_blocker([("maxpool", pool)]) is not None):
