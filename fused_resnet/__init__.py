@@ -11,6 +11,7 @@ from . import ops, reference
 from .backends import available_backends, backend_status, use_backend
 from .cifar import CifarResNet, cifar_resnet
 from .convert import FusionWarning, convert, convert_sync_batchnorm, unfused_modules
+from . import fx  # after .models, which it imports
 from .models import (
     ResNet,
     resnet18,
@@ -35,7 +36,8 @@ __all__ = [
     "BasicBlock", "BatchNormParams", "Bottleneck", "CifarResNet", "ConvBN", "ConvBNReLU", "ConvParams",
     "FusionWarning", "ResNet", "TimmBasicBlock", "TimmBottleneck", "WarmupReport", "ZeroPadIdentity",
     "available_backends",
-    "backend_status", "cifar_resnet", "clear_folded_weights", "convert", "convert_sync_batchnorm", "ops", "reference", "resnet18",
+    "backend_status", "cifar_resnet", "clear_folded_weights", "convert", "convert_sync_batchnorm", "fx", "ops",
+    "reference", "resnet18",
     "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
     "unfused_modules", "use_backend", "warmup", "wide_resnet50_2", "wide_resnet101_2",
 ]

@@ -12,7 +12,9 @@ therefore records itself as one call when its forward is given a Proxy, as the t
     "act1"), the name torchvision gives the stem's output in the unfused model's graph;
   * the memory-format change around the blocks (FusedStem.enter_blocks and leave_blocks): call_function nodes.
 Feature names ("layer2", "layer4.2", "relu") are therefore the unfused model's; what a fused unit computes inside
-("layer1.0.conv1", "bn1") has no node, since it is never computed apart.
+("layer1.0.conv1", "bn1") has no node, since it is never computed apart. Unlike a leaf module's, a fused
+block's own forward hooks run while it is traced (on Proxies), as those of every module traced through do, and
+again when the GraphModule calls it: a hook that replaces the output is then in the graph twice.
 """
 
 from __future__ import annotations

@@ -147,6 +147,7 @@ def test_opcheck_folded_conv_act(residual, memory_format):
     torch.library.opcheck(torch.ops.fused_resnet.folded_conv_act.default, args)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_jit_script_raises_one_clear_error_naming_what_to_use_instead():
     """torch.jit.script of a fused model, converted or the library's, or of a module holding a fused block, raises
     one RuntimeError naming torch.compile, torch.export and torch.jit.trace, the same on every try (it used to
@@ -156,30 +157,29 @@ def test_jit_script_raises_one_clear_error_naming_what_to_use_instead():
     models = [fused_resnet.convert(torchvision.models.resnet18()), fused_resnet.convert(torchvision.models.resnet18()),
               fused_resnet.cifar_resnet(8), nn.Sequential(nn.Identity(), fused_resnet.ConvBNReLU(3, 4))]
     for model in models:
-        with pytest.warns(FutureWarning), pytest.raises(RuntimeError) as error:
+        with pytest.raises(RuntimeError) as error:
             torch.jit.script(model)
         message = str(error.value)
         assert message.startswith("torch.jit.script cannot compile fused_resnet's ")
         assert all(alternative in message for alternative in ("torch.compile", "torch.export", "torch.jit.trace"))
     block = torchvision.models.resnet.BasicBlock(4, 4).eval()
-    with pytest.warns(FutureWarning):
-        scripted = torch.jit.script(block)
+    scripted = torch.jit.script(block)
     x = torch.randn(1, 4, 5, 5)
     assert_rel(scripted(x), block(x), 0)
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:FutureWarning")
 @pytest.mark.parametrize("mode", [
     "train", "eval",
     pytest.param("inference", marks=pytest.mark.xfail(
-        strict=True, reason="the cpu backend's oneDNN inference op takes a list of optional scalars, which "
+        raises=RuntimeError, strict=True, reason="the cpu backend's oneDNN inference op takes a list of optional scalars, which "
                             "torch.jit.trace cannot record: needs kernels/native.py to skip it when tracing")),
 ])
 def test_jit_trace_of_a_converted_model_matches_eager(mode):
-    """torch.jit.trace of a converted torchvision ResNet on the cpu backend: on a new input the traced module computes the
-    eager model's output, and (with gradients) its input and parameter gradients and running statistics. Traced
-    after an eager call: a first call inside the trace asks oneDNN which dtypes it fuses, a query the tracer cannot
-    record."""
+    """torch.jit.trace of a converted torchvision ResNet on the cpu backend: on a new input the traced module
+    computes the eager model's output, and (with gradients) its input and parameter gradients and running
+    statistics. Traced after an eager call: a first call inside the trace asks oneDNN which dtypes it fuses, a
+    query the tracer cannot record."""
     torchvision = pytest.importorskip("torchvision")
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("the cpu backend is not built here")
@@ -188,7 +188,7 @@ def test_jit_trace_of_a_converted_model_matches_eager(mode):
     eager = copy.deepcopy(model)
     grad = mode != "inference"
     x, new_x = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
-    with use_backend("cpu"), torch.set_grad_enabled(grad), pytest.warns(FutureWarning):
+    with use_backend("cpu"), torch.set_grad_enabled(grad):
         eager(x)
         traced = torch.jit.trace(model, x, check_trace=False)
     inputs = [new_x.clone().requires_grad_(grad) for _ in range(2)]
