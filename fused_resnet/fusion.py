@@ -46,6 +46,14 @@ class Fusable:
         or hooks. Called on every forward."""
         raise NotImplementedError(f"{type(self).__name__} must say when its forward runs unfused")
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module before compiling any (nothing is compiled or cached yet):
+        # the fused ops are Python autograd functions and kernel dispatch, which TorchScript cannot compile.
+        raise RuntimeError(
+            f"torch.jit.script cannot compile fused_resnet's {type(self).__name__}: its fused ops run Python "
+            "(autograd functions, kernel dispatch) that TorchScript does not support. Use torch.compile(model), "
+            "torch.export.export(model, (x,)) or torch.jit.trace(model, x) instead.")
+
 
 def is_frozen_batch_norm(module: nn.Module) -> bool:
     """Whether `module` is torchvision's FrozenBatchNorm2d (timm's models use the same class). Looked up without

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from . import ops
 from .fusion import Fusable, conv_blocker, hooks_blocker, norm_blocker, relu_blocker
@@ -61,11 +62,15 @@ class FusedStem(Fusable):
             [("conv1", self.conv1), ("bn1", self.bn1), (act, getattr(self, act))]
         )
 
-    def enter_blocks(self, x: Tensor) -> tuple[Tensor, torch.memory_format]:
+    @staticmethod
+    def enter_blocks(x: Tensor) -> tuple[Tensor, torch.memory_format]:
         """(x in the memory format the stem and the blocks should run in, x's own): the one the backend's
         convolutions run fastest in (an NCHW input runs channels_last on the cpu backend). The model turns its
         features back into x's format after the last stage (:meth:`leave_blocks`), so what it returns, and the
         gradient x receives, are laid out as before: one conversion at each end."""
+        if isinstance(x, Proxy):  # torch.fx traces the model: one node (fused_resnet/fx.py, which imports this)
+            from . import fx
+            return fx.traced_enter_blocks(x)
         entry_format = memory_format_of(x)
         if x.dim() != 4:
             return x, entry_format
@@ -74,6 +79,9 @@ class FusedStem(Fusable):
     @staticmethod
     def leave_blocks(x: Tensor, entry_format: torch.memory_format) -> Tensor:
         """The last stage's features in the input's memory format (see :meth:`enter_blocks`)."""
+        if isinstance(x, Proxy):  # torch.fx traces the model: one node (fused_resnet/fx.py)
+            from . import fx
+            return fx.traced_leave_blocks(x, entry_format)
         return x if x.dim() != 4 else x.contiguous(memory_format=entry_format)
 
     def forward_stem_pool(self, x: Tensor) -> Tensor:
@@ -81,7 +89,7 @@ class FusedStem(Fusable):
         stem, which under the "min" memory policy keeps only the convolution's output for backward (not the
         activation and the pool's indices, together 1.5 times its size in float32)."""
         pool = self.maxpool
-        if (type(pool) is not nn.MaxPool2d or pool.return_indices or isinstance(self.conv1, nn.Sequential)
+        if (isinstance(x, Proxy) or type(pool) is not nn.MaxPool2d or pool.return_indices or isinstance(self.conv1, nn.Sequential)
                 or self.fusion_blocker() is not None or hooks_blocker([("maxpool", pool)]) is not None):
             return pool(self.forward_stem(x))
         return ops.conv_bn_relu(x, conv_bn(self.conv1, self.bn1, "conv1/bn1"), max_pool=MaxPoolParams.of(pool),
@@ -89,6 +97,9 @@ class FusedStem(Fusable):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         """activation(bn1(conv1(x))), as one fused op unless fusion_blocker() says otherwise."""
+        if isinstance(x, Proxy):  # torch.fx traces the model: the stem is one node (fused_resnet/fx.py)
+            from . import fx
+            return fx.stem_call(self, x)
         if self.fusion_blocker() is not None:
             return getattr(self, self._stem_activation)(self.bn1(self.conv1(x)))
         conv1 = self.conv1

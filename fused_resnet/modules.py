@@ -20,6 +20,7 @@ from types import ModuleType
 
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from . import ops
 from .fusion import Fusable, conv_blocker, downsample_blocker, hooks_blocker, is_frozen_batch_norm, norm_blocker, \
@@ -176,6 +177,9 @@ class _ResidualBlock(nn.Module, Fusable):
         return self.structure_blocker() or hooks_blocker(list(self.named_children()))
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx traces the model: one call of the block (fused_resnet/fx.py)
+            from . import fx  # (which imports this module)
+            return fx.module_call(self, x)
         if self.fusion_blocker() is not None:
             return self._unfused_forward(x)
         units = [conv_bn(getattr(self, c), getattr(self, b), f"{c}/{b}") for c, b in self._pairs]
@@ -306,6 +310,9 @@ class ConvBNReLU(nn.Sequential, Fusable):
         return self.structure_blocker() or hooks_blocker(list(self.named_children()))
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx traces the model: one call of the module (fused_resnet/fx.py)
+            from . import fx  # (which imports this module)
+            return fx.module_call(self, x)
         if self.fusion_blocker() is not None:
             return super().forward(x)
         return ops.conv_bn_relu(x, conv_bn(self[0], self[1], "0/1"), folded=self._folded)

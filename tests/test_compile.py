@@ -145,3 +145,59 @@ def test_opcheck_folded_conv_act(residual, memory_format):
     args = (x, r, conv.weight.detach(), conv.bias.detach(), bn.weight.detach(), bn.bias.detach(), bn.running_mean,
             bn.running_var, bn.eps, [1, 1], [1, 1], [1, 1], 1, True, 0, 0, CPU_BACKENDS[0], folded.handle, 0)
     torch.library.opcheck(torch.ops.fused_resnet.folded_conv_act.default, args)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_jit_script_raises_one_clear_error_naming_what_to_use_instead():
+    """torch.jit.script of a fused model, converted or the library's, or of a module holding a fused block, raises
+    one RuntimeError naming torch.compile, torch.export and torch.jit.trace, the same on every try (it used to
+    fail on a missing attribute, then with "Can't redefine method: forward"), and leaves scripting of other
+    modules working."""
+    torchvision = pytest.importorskip("torchvision")
+    models = [fused_resnet.convert(torchvision.models.resnet18()), fused_resnet.convert(torchvision.models.resnet18()),
+              fused_resnet.cifar_resnet(8), nn.Sequential(nn.Identity(), fused_resnet.ConvBNReLU(3, 4))]
+    for model in models:
+        with pytest.raises(RuntimeError) as error:
+            torch.jit.script(model)
+        message = str(error.value)
+        assert message.startswith("torch.jit.script cannot compile fused_resnet's ")
+        assert all(alternative in message for alternative in ("torch.compile", "torch.export", "torch.jit.trace"))
+    block = torchvision.models.resnet.BasicBlock(4, 4).eval()
+    scripted = torch.jit.script(block)
+    x = torch.randn(1, 4, 5, 5)
+    assert_rel(scripted(x), block(x), 0)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:FutureWarning")
+@pytest.mark.parametrize("mode", [
+    "train", "eval", "inference",
+])
+def test_jit_trace_of_a_converted_model_matches_eager(mode):
+    """torch.jit.trace of a converted torchvision ResNet on the cpu backend: on a new input the traced module
+    computes the eager model's output, and (with gradients) its input and parameter gradients and running
+    statistics. Traced after an eager call: a first call inside the trace asks oneDNN which dtypes it fuses, a
+    query the tracer cannot record."""
+    torchvision = pytest.importorskip("torchvision")
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("the cpu backend is not built here")
+    reference = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5)
+    model = fused_resnet.convert(randomize_batchnorms(reference)).train(mode == "train")
+    eager = copy.deepcopy(model)
+    grad = mode != "inference"
+    x, new_x = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with use_backend("cpu"), torch.set_grad_enabled(grad):
+        eager(x)
+        traced = torch.jit.trace(model, x, check_trace=False)
+    inputs = [new_x.clone().requires_grad_(grad) for _ in range(2)]
+    with use_backend("cpu"), torch.set_grad_enabled(grad):
+        out, expected = traced(inputs[0]), eager(inputs[1])
+    assert_rel(out, expected, 1e-6, "output")
+    for name, buffer in eager.named_buffers():
+        assert_rel(dict(model.named_buffers())[name].double(), buffer.double(), 1e-6, name)
+    if grad:
+        weight = torch.randn(out.shape)
+        (out * weight).sum().backward()
+        (expected * weight).sum().backward()
+        assert_rel(inputs[0].grad, inputs[1].grad, 1e-6, "input gradient")
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            assert_rel(p.grad, q.grad, 1e-6, name)

@@ -43,7 +43,7 @@ def test_every_integration_has_a_snippet():
     assert list(snippets()) == [
         "torch.compile", "Mixed precision: autocast and GradScaler",
         "DistributedDataParallel and synchronized BatchNorm", "timm", "Detection backbones and FrozenBatchNorm2d",
-        "torch.export", "Checkpoints",
+        "Feature extraction (FX)", "torch.export", "Checkpoints",
     ]
 
 

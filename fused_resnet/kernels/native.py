@@ -61,10 +61,11 @@ class OneDnnKernels(NativeKernels):
         zero_pad: ZeroPadIdentity | None = None,
     ) -> Tensor:
         # Under torch.compile the tracer needs fake implementations, which oneDNN's fused ops lack; the compiler
-        # makes its own fusions from conv + one pass. Under autocast the convolution must run in the autocast dtype,
-        # as torchvision's does, which only F.conv2d knows to do.
-        if (zero_pad is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-                or not self._onednn_supports(x, residual)):
+        # makes its own fusions from conv + one pass. torch.jit.trace cannot record their list of optional scalars.
+        # Under autocast the convolution must run in the autocast dtype, as torchvision's does, which only F.conv2d
+        # knows to do.
+        if (zero_pad is not None or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch.is_autocast_enabled("cpu") or not self._onednn_supports(x, residual)):
             return super().conv_bias_act(x, conv, weight, bias, residual, relu, zero_pad)
         geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
         bias = as_dtype(bias, weight.dtype)
@@ -78,8 +79,10 @@ class OneDnnKernels(NativeKernels):
     def preferred_memory_format(self, x: Tensor) -> torch.memory_format:
         # oneDNN runs NCHW convolutions through reorders to and from its blocked layouts: a converted resnet50's
         # inference (batch 16, 160x160, float32) took 662 ms on NCHW input against 528 in channels_last. Inside
-        # torch.compile's trace only float32 is answered, since the dtype query would break the graph.
-        dtypes = frozenset([torch.float32]) if torch.compiler.is_compiling() else self._onednn_dtypes
+        # torch.compile's (or torch.jit.trace's) trace only float32 is answered, since the dtype query would break
+        # the graph (and its boolean result cannot be traced).
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        dtypes = frozenset([torch.float32]) if tracing else self._onednn_dtypes
         if x.device.type == "cpu" and x.dim() == 4 and x.dtype in dtypes:
             return torch.channels_last
         return super().preferred_memory_format(x)
