@@ -154,10 +154,12 @@ class _BatchNormReluConvFunction(torch.autograd.Function):
         grad_y = grad_weight = grad_bias = None
         if grad_a is not None:
             grad_a = dense_like(grad_a, a)
-            sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, a, y, mean)
+            # The ReLU mask recomputed from y with bn_act's arithmetic (a's bit for bit) rather than read from a:
+            # two fewer passes over an activation (docs/design.md §5).
+            sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, None, y, mean, mask_scale=scale, mask_shift=shift)
             count = y.numel() // y.shape[1]
             coefs, grad_weight, grad_bias = config.bn.gradients(sum_dy, sum_dy_xmu, invstd, weight, count)
-            grad_y, _ = kernels.backward_elemt(grad_a, a, y, mean, coefs)
+            grad_y, _ = kernels.backward_elemt(grad_a, None, y, mean, coefs, mask_scale=scale, mask_shift=shift)
         return None, *BatchNormReluConvInputs(
             y=grad_y if need.y else None, weight=_param_grad(grad_weight, weight, need.weight),
             bias=_param_grad(grad_bias, bias, need.bias), conv_weight=grad_conv_weight, conv_bias=grad_conv_bias)
