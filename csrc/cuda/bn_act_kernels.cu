@@ -905,20 +905,13 @@ struct ReducePointers {
   const acc_t<T>* mask_shift;
 };
 
-// One unit's per-channel values: its V channels' (or one channel's, broadcast) mean, mean2, and mask_scale and
-// mask_shift (kInputMask; unused otherwise).
-template <typename A, int V>
-struct ReduceChannels {
-  A mu[V], mu2[V], scale[V], shift[V];
-};
-
-// Adds one unit's terms to sums[s][k].
+// Adds one unit's terms to sums[s][k]; mu, mu2, scale, shift: the unit's V channels' (or one channel's, broadcast)
+// mean, mean2, and mask_scale and mask_shift (kInputMask; unused otherwise).
 template <int kSums, bool kInputMask, int V, typename T>
-__device__ __forceinline__ void add_reduce_terms(const ReducePointers<T>& p, int64_t off,
-                                                 const ReduceChannels<acc_t<T>, V>& ch, acc_t<T> (&sums)[kSums][V]) {
+__device__ __forceinline__ void add_reduce_terms(const ReducePointers<T>& p, int64_t off, const acc_t<T> (&mu)[V],
+                                                 const acc_t<T> (&mu2)[V], const acc_t<T> (&scale)[V],
+                                                 const acc_t<T> (&shift)[V], acc_t<T> (&sums)[kSums][V]) {
   using A = acc_t<T>;
-  const A(&mu)[V] = ch.mu;
-  const A(&mu2)[V] = ch.mu2;
   A gm[V];
   load<V>(p.g + off, gm);
   if (p.out != nullptr) {
@@ -931,7 +924,7 @@ __device__ __forceinline__ void add_reduce_terms(const ReducePointers<T>& p, int
   load<V>(p.x + off, v);
   if constexpr (kInputMask) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) gm[k] = input_relu_mask(gm[k], v[k], mu[k], ch.scale[k], ch.shift[k]);
+    for (int k = 0; k < V; ++k) gm[k] = input_relu_mask(gm[k], v[k], mu[k], scale[k], shift[k]);
   }
 #pragma unroll
   for (int k = 0; k < V; ++k) {
@@ -962,17 +955,17 @@ __global__ void __launch_bounds__(kReduceThreads)
   const PlaneChunk pc = plane_chunk(g, N, HW, j);
   const int64_t base = (pc.first_plane * C + c) * HW + pc.first;
   const int64_t plane_stride = C * HW;
-  ReduceChannels<A, V> ch;
+  A mu[V], mu2[V], scale[V], shift[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    ch.mu[k] = p.mean[c];
-    ch.mu2[k] = kSums == 3 ? p.mean2[c] : A(0);
-    ch.scale[k] = kInputMask ? p.mask_scale[c] : A(0);
-    ch.shift[k] = kInputMask ? p.mask_shift[c] : A(0);
+    mu[k] = p.mean[c];
+    mu2[k] = kSums == 3 ? p.mean2[c] : A(0);
+    scale[k] = kInputMask ? p.mask_scale[c] : A(0);
+    shift[k] = kInputMask ? p.mask_shift[c] : A(0);
   }
   A sums[kSums][V] = {};
   for (ChunkWalk w(pc.planes, pc.len / V); w.valid(); w.advance()) {
-    add_reduce_terms<kSums, kInputMask, V>(p, base + w.p * plane_stride + w.i * V, ch, sums);
+    add_reduce_terms<kSums, kInputMask, V>(p, base + w.p * plane_stride + w.i * V, mu, mu2, scale, shift, sums);
   }
   __shared__ A sh[kSums][kWarpsPerReduceBlock];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -994,9 +987,12 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
-// NHWC: block (j, slice) sums chunk j of the rows for the units of its slice, each thread one unit.
+// NHWC: block (j, slice) sums chunk j of the rows for the units of its slice, each thread one unit. The minimum of
+// blocks is the floor the design asks for anyway (kMinBlocksPerMultiprocessor): without it ptxas held the 16-bit
+// kernel with the mask from the input (V = 8 values each of mean, mask_scale and mask_shift live through the loop)
+// to 64 registers and spilled 10 bytes on sm_90.
 template <typename T, int V, int kSums, bool kInputMask>
-__global__ void __launch_bounds__(kReduceThreads)
+__global__ void __launch_bounds__(kReduceThreads, kMinBlocksPerMultiprocessor)
     backward_reduce_rows_kernel(const ReducePointers<T> p, int64_t rows, int64_t C, int64_t rows_per_chunk,
                                 acc_t<T>* __restrict__ part) {
   using A = acc_t<T>;
@@ -1006,16 +1002,16 @@ __global__ void __launch_bounds__(kReduceThreads)
   const int64_t row_end = min(rows, (j + 1) * rows_per_chunk);
   A sums[kSums][V] = {};
   if (u < row_units) {
-    ReduceChannels<A, V> ch;
+    A mu[V], mu2[V], scale[V], shift[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      ch.mu[k] = p.mean[u * V + k];
-      ch.mu2[k] = kSums == 3 ? p.mean2[u * V + k] : A(0);
-      ch.scale[k] = kInputMask ? p.mask_scale[u * V + k] : A(0);
-      ch.shift[k] = kInputMask ? p.mask_shift[u * V + k] : A(0);
+      mu[k] = p.mean[u * V + k];
+      mu2[k] = kSums == 3 ? p.mean2[u * V + k] : A(0);
+      scale[k] = kInputMask ? p.mask_scale[u * V + k] : A(0);
+      shift[k] = kInputMask ? p.mask_shift[u * V + k] : A(0);
     }
     for (int64_t r = j * rows_per_chunk + threadIdx.y; r < row_end; r += blockDim.y) {
-      add_reduce_terms<kSums, kInputMask, V>(p, r * C + u * V, ch, sums);
+      add_reduce_terms<kSums, kInputMask, V>(p, r * C + u * V, mu, mu2, scale, shift, sums);
     }
   }
   // Tree over threadIdx.y in shared memory, as in batch_stats_rows_kernel.
