@@ -177,17 +177,31 @@ inline BnActInputs bn_act_inputs(const at::Tensor& input, const std::optional<at
   return in;
 }
 
-// bn_act_backward_reduce's arguments, checked; input2 and mean2 are both defined or both undefined.
+// bn_act_backward_reduce's arguments, checked; input2 and mean2 are both defined or both undefined. The ReLU mask
+// comes from `output`, or from (input - mean) * mask_scale + mask_shift (both defined), or is absent (all three
+// undefined); never from both.
 struct BackwardReduceInputs {
-  at::Tensor grad_output, output, input, mean, input2, mean2;
+  at::Tensor grad_output, output, input, mean, input2, mean2, mask_scale, mask_shift;
 };
+
+// The backward ops' choice of ReLU mask: output, or mask_scale with mask_shift, or neither.
+inline void check_mask_source(const char* op, const std::optional<at::Tensor>& output,
+                              const std::optional<at::Tensor>& mask_scale,
+                              const std::optional<at::Tensor>& mask_shift) {
+  TORCH_CHECK(mask_scale.has_value() == mask_shift.has_value(), "fused_resnet::", op,
+              ": mask_scale and mask_shift must be given together");
+  TORCH_CHECK(!(mask_scale.has_value() && output.has_value()), "fused_resnet::", op,
+              ": output and mask_scale/mask_shift are exclusive (the ReLU mask comes from one or the other)");
+}
 
 // What follows `input` in both backward ops' checks, once the op has checked which optional arguments go together.
 inline BackwardReduceInputs backward_activations_and_means(const char* op, const at::Tensor& grad_output,
                                                            const std::optional<at::Tensor>& output,
                                                            const at::Tensor& dense_input, const at::Tensor& mean,
                                                            const std::optional<at::Tensor>& input2,
-                                                           const std::optional<at::Tensor>& mean2) {
+                                                           const std::optional<at::Tensor>& mean2,
+                                                           const std::optional<at::Tensor>& mask_scale,
+                                                           const std::optional<at::Tensor>& mask_shift) {
   BackwardReduceInputs in;
   in.input = dense_input;
   in.input2 = optional_activation(op, "input2", input2, in.input);
@@ -195,6 +209,8 @@ inline BackwardReduceInputs backward_activations_and_means(const char* op, const
   in.output = optional_activation(op, "output", output, in.input);
   in.mean = channel_param_of(op, "mean", mean, in.input);
   in.mean2 = optional_channel_param(op, "mean2", mean2, in.input);
+  in.mask_scale = optional_channel_param(op, "mask_scale", mask_scale, in.input);
+  in.mask_shift = optional_channel_param(op, "mask_shift", mask_shift, in.input);
   return in;
 }
 
@@ -202,12 +218,15 @@ inline BackwardReduceInputs bn_act_backward_reduce_inputs(const at::Tensor& grad
                                                           const std::optional<at::Tensor>& output,
                                                           const at::Tensor& input, const at::Tensor& mean,
                                                           const std::optional<at::Tensor>& input2,
-                                                          const std::optional<at::Tensor>& mean2) {
+                                                          const std::optional<at::Tensor>& mean2,
+                                                          const std::optional<at::Tensor>& mask_scale,
+                                                          const std::optional<at::Tensor>& mask_shift) {
   constexpr const char* op = "bn_act_backward_reduce";
   const at::Tensor dense = dense_input(op, input);
   TORCH_CHECK(input2.has_value() == mean2.has_value(), "fused_resnet::", op,
               ": input2 and mean2 must be given together");
-  return backward_activations_and_means(op, grad_output, output, dense, mean, input2, mean2);
+  check_mask_source(op, output, mask_scale, mask_shift);
+  return backward_activations_and_means(op, grad_output, output, dense, mean, input2, mean2, mask_scale, mask_shift);
 }
 
 // bn_act_backward_elemt's arguments, checked: bn_act_backward_reduce's and the coefficients. input2, mean2 and the
@@ -223,7 +242,8 @@ inline BackwardElemtInputs bn_act_backward_elemt_inputs(
     const at::Tensor& mean, const at::Tensor& coef_dy, const at::Tensor& coef_xmu, const at::Tensor& coef_const,
     const std::optional<at::Tensor>& input2, const std::optional<at::Tensor>& mean2,
     const std::optional<at::Tensor>& coef2_dy, const std::optional<at::Tensor>& coef2_xmu,
-    const std::optional<at::Tensor>& coef2_const, bool residual_grad) {
+    const std::optional<at::Tensor>& coef2_const, bool residual_grad, const std::optional<at::Tensor>& mask_scale,
+    const std::optional<at::Tensor>& mask_shift) {
   constexpr const char* op = "bn_act_backward_elemt";
   const at::Tensor dense = dense_input(op, input);
   const bool second = input2.has_value();
@@ -232,7 +252,9 @@ inline BackwardElemtInputs bn_act_backward_elemt_inputs(
               "fused_resnet::", op, ": input2, mean2 and the coef2_* tensors must be given together");
   TORCH_CHECK(!(second && residual_grad), "fused_resnet::", op,
               ": residual_grad and input2 are exclusive (the second output is one or the other)");
-  BackwardElemtInputs in{backward_activations_and_means(op, grad_output, output, dense, mean, input2, mean2)};
+  check_mask_source(op, output, mask_scale, mask_shift);
+  BackwardElemtInputs in{
+      backward_activations_and_means(op, grad_output, output, dense, mean, input2, mean2, mask_scale, mask_shift)};
   in.coef_dy = channel_param_of(op, "coef_dy", coef_dy, in.input);
   in.coef_xmu = channel_param_of(op, "coef_xmu", coef_xmu, in.input);
   in.coef_const = channel_param_of(op, "coef_const", coef_const, in.input);

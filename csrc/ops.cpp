@@ -22,17 +22,25 @@ TORCH_LIBRARY(fused_resnet, m) {
       "bn_act(Tensor input, Tensor? mean, Tensor scale, Tensor shift, Tensor? residual, Tensor? residual_mean, "
       "Tensor? residual_scale, Tensor? residual_shift, bool relu, int residual_stride=1, "
       "int residual_channel_offset=0) -> Tensor");
-  // With gm = grad_output where output > 0 (everywhere when output is None):
-  // (sum gm, sum gm * (input - mean), sum gm * (input2 - mean2) or an empty tensor).
+  // The backward ops' gm is grad_output masked by the ReLU, from one of (or none: gm = grad_output):
+  //   output                   gm = grad_output where output > 0 (or NaN), the ReLU's saved output;
+  //   mask_scale, mask_shift   gm = grad_output where (input - mean) * mask_scale + mask_shift > 0 (or NaN),
+  //                            computed as bn_act computes it, so that it is output > 0 bit for bit for
+  //                            output = bn_act(input, mean, mask_scale, mask_shift, relu=True) of the same kernels:
+  //                            the ReLU's output need not be kept or read. (In float16/bfloat16 a positive value
+  //                            that rounds to 0 in that output passes the gradient here: the exact ReLU derivative.)
+  // bn_act_backward_reduce: (sum gm, sum gm * (input - mean), sum gm * (input2 - mean2) or an empty tensor).
   m.def(
       "bn_act_backward_reduce(Tensor grad_output, Tensor? output, Tensor input, Tensor mean, Tensor? input2, "
-      "Tensor? mean2) -> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor sum_dy_xmu2)");
+      "Tensor? mean2, Tensor? mask_scale=None, Tensor? mask_shift=None) -> (Tensor sum_dy, Tensor sum_dy_xmu, "
+      "Tensor sum_dy_xmu2)");
   // grad_input = coef_dy * gm + coef_xmu * (input - mean) + coef_const; grad_other is the same for input2, or gm
   // when residual_grad (an identity residual's gradient), or an empty tensor.
   m.def(
       "bn_act_backward_elemt(Tensor grad_output, Tensor? output, Tensor input, Tensor mean, Tensor coef_dy, "
       "Tensor coef_xmu, Tensor coef_const, Tensor? input2, Tensor? mean2, Tensor? coef2_dy, Tensor? coef2_xmu, "
-      "Tensor? coef2_const, bool residual_grad) -> (Tensor grad_input, Tensor grad_other)");
+      "Tensor? coef2_const, bool residual_grad, Tensor? mask_scale=None, Tensor? mask_shift=None) -> "
+      "(Tensor grad_input, Tensor grad_other)");
 }
 
 // `import fused_resnet._C` loads this library, which registers the ops above.

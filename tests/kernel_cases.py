@@ -28,6 +28,7 @@ import fused_resnet
 import fused_resnet.triton
 from fused_resnet import _native
 from fused_resnet.tensors import memory_format_of
+import primitives
 from primitives import Exact
 
 
@@ -88,8 +89,9 @@ GPU_LARGE_MEAN_SHAPES = [(8, 16, 32, 32), (2, 67, 7, 9), (1, 3, 96, 96)]
 # CUDA kernels load 16-byte vectors only when every pointer allows, and fall back to single elements otherwise.
 # (Fresh tensors, outputs and workspaces, are always aligned; inputs here are views with a storage offset.)
 ALIGNMENTS = ["aligned", "misaligned", "one_misaligned"]
-# bn_act_backward_reduce's optional inputs: the ReLU mask (output) and the second BN (input2, mean2).
-REDUCE_INPUTS = ["plain", "masked", "second", "masked_second"]
+# bn_act_backward_reduce's optional inputs: the ReLU mask, from the output ("masked") or from the input's
+# normalization ("input_masked": mask_scale, mask_shift), and the second BN (input2, mean2).
+REDUCE_INPUTS = ["plain", "masked", "second", "masked_second", "input_masked", "input_masked_second"]
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,9 @@ class KernelSet:
     @property
     def reduce_inputs(self) -> list[str]:
         # The mask and the second BN are independent compile-time branches of the Triton kernels: under the
-        # interpreter each is on in one case and off in the other (every combination would double the slowest
-        # kernel tests here for no new path).
-        return ["plain", "masked_second"] if self.interpreted else REDUCE_INPUTS
+        # interpreter each mask source is on in one case and the second BN on in one and off in the others (every
+        # combination would double the slowest kernel tests here for no new path).
+        return ["plain", "masked_second", "input_masked"] if self.interpreted else REDUCE_INPUTS
 
     @property
     def determinism_shape(self) -> tuple[int, ...] | None:
@@ -308,6 +310,21 @@ def activations(kernels: KernelSet, count, shape, dtype, channels_last, alignmen
 def channel_vectors(kernels: KernelSet, count, C, dtype) -> list[Tensor]:
     """`count` fresh per-channel vectors in the accumulation dtype of `dtype`, as the ops take them."""
     return [torch.randn(C, dtype=accumulation(dtype), device=kernels.device) for _ in range(count)]
+
+
+# How close to 0, relative to the magnitude of its terms, a normalized value must be for its ReLU mask to be left
+# out of a comparison: far above float32's rounding (1e-7), far below the spread of the data (about 1).
+RELU_THRESHOLD_MARGIN = 1e-4
+
+
+def gradient_clear_of_relu_threshold(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """`grad`, zeroed in place where (x - mean) * scale + shift is within RELU_THRESHOLD_MARGIN of its magnitude of 0
+    (or below 1e-6: float16 rounds a positive value under 3e-8 to 0). There the kernels' mask from the input,
+    decided in float32, and the float64 formula's may differ, and a 16-bit bn_act output may have rounded a positive
+    value to 0; with a zero gradient either decision gives the same results. Fresh data has about one such element
+    in 10^4."""
+    value = primitives.bn_act(x, mean, scale, shift, relu=False)
+    return grad.masked_fill_(value.value.abs() <= RELU_THRESHOLD_MARGIN * value.magnitude + 1e-6, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

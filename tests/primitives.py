@@ -30,6 +30,16 @@ def masked(grad: Tensor, output: Tensor | None) -> Tensor:
     return g if output is None else torch.where(output.double() <= 0, torch.zeros_like(g), g)
 
 
+def relu_mask_of(grad, output, x, mean, mask_scale=None, mask_shift=None) -> Tensor:
+    """The backward ops' masked gradient: by `output` (masked), or, with mask_scale and mask_shift, by the ReLU of
+    bn_act(x, mean, mask_scale, mask_shift) decided on its float64 value; else the gradient itself. The kernels decide
+    the latter in their accumulation dtype: where the value is within its rounding of 0 the two may differ, which the
+    tests keep out of their data (kernel_cases.gradient_clear_of_relu_threshold)."""
+    if mask_scale is None:
+        return masked(grad, output)
+    return masked(grad, bn_act(x, mean, mask_scale, mask_shift, relu=False).value)
+
+
 def _sum_of(terms: list[Tensor]) -> Exact:
     return Exact(sum(terms), sum(t.abs() for t in terms))
 
@@ -70,9 +80,11 @@ def zero_pad_identity(residual: Tensor, channels: int, stride: int, channels_bef
     return torch.nn.functional.pad(r, (0, 0, 0, 0, channels_before, channels - r.shape[1] - channels_before))
 
 
-def backward_reduce(grad, output, x, mean, x2=None, mean2=None) -> tuple[Exact, Exact, Exact | None]:
-    """Per-channel (sum gm, sum gm * (x - mean), sum gm * (x2 - mean2) or None), gm = masked(grad, output)."""
-    gm = masked(grad, output)
+def backward_reduce(grad, output, x, mean, x2=None, mean2=None, mask_scale=None,
+                    mask_shift=None) -> tuple[Exact, Exact, Exact | None]:
+    """Per-channel (sum gm, sum gm * (x - mean), sum gm * (x2 - mean2) or None), gm the gradient masked by the ReLU
+    (relu_mask_of)."""
+    gm = relu_mask_of(grad, output, x, mean, mask_scale, mask_shift)
     second = _channel_sum(gm * (x2.double() - per_channel(mean2))) if x2 is not None else None
     return _channel_sum(gm), _channel_sum(gm * (x.double() - per_channel(mean))), second
 
@@ -83,10 +95,11 @@ def _elemt(gm: Tensor, x: Tensor, mean: Tensor, coefs) -> Exact:
                     per_channel(k_0).expand(gm.shape)])
 
 
-def backward_elemt(grad, output, x, mean, coefs, x2=None, mean2=None, coefs2=None,
-                   residual_grad=False) -> tuple[Exact, Exact | None]:
-    """(k_dy * gm + k_xmu * (x - mean) + k_0, and the same of the second BN, or gm when residual_grad, or None)."""
-    gm = masked(grad, output)
+def backward_elemt(grad, output, x, mean, coefs, x2=None, mean2=None, coefs2=None, residual_grad=False,
+                   mask_scale=None, mask_shift=None) -> tuple[Exact, Exact | None]:
+    """(k_dy * gm + k_xmu * (x - mean) + k_0, and the same of the second BN, or gm when residual_grad, or None), gm
+    the gradient masked by the ReLU (relu_mask_of)."""
+    gm = relu_mask_of(grad, output, x, mean, mask_scale, mask_shift)
     if x2 is not None:
         return _elemt(gm, x, mean, coefs), _elemt(gm, x2, mean2, coefs2)
     return _elemt(gm, x, mean, coefs), (Exact(gm, torch.zeros_like(gm)) if residual_grad else None)

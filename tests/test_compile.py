@@ -89,6 +89,9 @@ def op_samples(ops=None, device="cpu"):
             (ops.bn_act_backward_reduce.default, (r, None, x, v[0], out, v[1])),
             (ops.bn_act_backward_elemt.default, (r, out, x, v[0], v[1], v[2], v[3], None, None, None, None, None, True)),
             (ops.bn_act_backward_elemt.default, (r, out, x, v[0], v[1], v[2], v[3], out, v[4], v[5], v[6], v[7], False)),
+            (ops.bn_act_backward_reduce.default, (r, None, x, v[0], None, None, v[1], v[2])),
+            (ops.bn_act_backward_elemt.default,
+             (r, None, x, v[0], v[1], v[2], v[3], None, None, None, None, None, False, v[4], v[5])),
         ]
     return samples
 

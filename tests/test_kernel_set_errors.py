@@ -92,6 +92,24 @@ ARGUMENT_ERRORS = {
     "elemt_output_shape": ("bn_act_backward_elemt",
                            lambda x, v, r: (x, x[:, :2], x, v, v, v, v, None, None, None, None, None, False),
                            "fused_resnet::bn_act_backward_elemt: expected output of shape"),
+    # The mask from the input: mask_scale with mask_shift, per-channel vectors, never with output.
+    "reduce_mask_scale_alone": ("bn_act_backward_reduce", lambda x, v, r: (x, None, x, v, None, None, v, None),
+                                "fused_resnet::bn_act_backward_reduce: mask_scale and mask_shift must be given "
+                                "together"),
+    "reduce_mask_and_output": ("bn_act_backward_reduce", lambda x, v, r: (x, x, x, v, None, None, v, v),
+                               "fused_resnet::bn_act_backward_reduce: output and mask_scale/mask_shift are exclusive"),
+    "reduce_mask_shift_size": ("bn_act_backward_reduce", lambda x, v, r: (x, None, x, v, None, None, v, v[:15]),
+                               "fused_resnet::bn_act_backward_reduce: expected mask_shift to be a vector of 16"),
+    "elemt_mask_shift_alone": ("bn_act_backward_elemt",
+                               lambda x, v, r: (x, None, x, v, v, v, v, None, None, None, None, None, False, None, v),
+                               "fused_resnet::bn_act_backward_elemt: mask_scale and mask_shift must be given together"),
+    "elemt_mask_and_output": ("bn_act_backward_elemt",
+                              lambda x, v, r: (x, x, x, v, v, v, v, None, None, None, None, None, True, v, v),
+                              "fused_resnet::bn_act_backward_elemt: output and mask_scale/mask_shift are exclusive"),
+    "elemt_mask_scale_not_floating": ("bn_act_backward_elemt",
+                                      lambda x, v, r: (x, None, x, v, v, v, v, None, None, None, None, None, False,
+                                                       v.int(), v),
+                                      "fused_resnet::bn_act_backward_elemt: expected mask_scale to be floating-point"),
 }
 
 
@@ -132,3 +150,7 @@ def test_tensors_on_other_devices_are_rejected(kernels):
         ops.bn_act_backward_reduce(x, None, x, v.cpu(), None, None)
     with pytest.raises(RuntimeError, match=r"fused_resnet::bn_act_backward_elemt: expected coef2_const on cuda:0"):
         ops.bn_act_backward_elemt(x, None, x, v, v, v, v, x, v, v, v, v.cpu(), False)
+    with pytest.raises(RuntimeError, match=r"fused_resnet::bn_act_backward_reduce: expected mask_scale on cuda:0"):
+        ops.bn_act_backward_reduce(x, None, x, v, None, None, v.cpu(), v)
+    with pytest.raises(RuntimeError, match=r"fused_resnet::bn_act_backward_elemt: expected mask_shift on cuda:0"):
+        ops.bn_act_backward_elemt(x, None, x, v, v, v, v, None, None, None, None, None, False, v, v.cpu())

@@ -22,6 +22,7 @@ from kernel_cases import (
     assert_dense_like,
     assert_within,
     channel_vectors,
+    gradient_clear_of_relu_threshold,
     kernel_set_params,
     kernels,  # noqa: F401 (a fixture)
     parametrize_dtypes,
@@ -72,6 +73,21 @@ def test_backward_mask_is_threshold_backward(kernels):
     assert sum_dy.tolist() == [16.0, 0.0, 0.0, 0.0, 16.0, 16.0]
     _, gm = kernels.ops.bn_act_backward_elemt(grad, output, x, zeros, zeros, zeros, zeros, None, None, None, None, None,
                                               True)
+    assert torch.equal(gm, torch.ops.aten.threshold_backward(grad, output, 0))
+
+
+def test_backward_mask_from_the_input_is_threshold_backward(kernels):
+    """With the mask from the input (mask_scale, mask_shift), gm = grad where the normalized input > 0, as
+    threshold_backward masks by bn_act's output: zero where it is <= 0 (-0 included), grad where it is NaN or tiny."""
+    x = torch.tensor([float("nan"), -1.0, -0.0, 0.0, 1e-30, 3.0], device=kernels.device).view(1, 6, 1, 1)
+    x = x.expand(2, 6, 2, 2).contiguous()
+    grad = torch.full_like(x, 2.0)
+    zeros, ones = torch.zeros(6, device=kernels.device), torch.ones(6, device=kernels.device)
+    sum_dy, _, _ = kernels.ops.bn_act_backward_reduce(grad, None, x, zeros, None, None, ones, zeros)
+    assert sum_dy.tolist() == [16.0, 0.0, 0.0, 0.0, 16.0, 16.0]
+    _, gm = kernels.ops.bn_act_backward_elemt(grad, None, x, zeros, zeros, zeros, zeros, None, None, None, None, None,
+                                              True, ones, zeros)
+    output = kernels.ops.bn_act(x, zeros, ones, zeros, None, None, None, None, True)
     assert torch.equal(gm, torch.ops.aten.threshold_backward(grad, output, 0))
 
 
@@ -167,6 +183,16 @@ def test_ops_read_views_at_a_storage_offset(kernels, dtype, channels_last):
     exact_x, exact_x2 = primitives.backward_elemt(g, out, x, mean, (k_dy, k_xmu, k_0), x2, mean, (k_0, k_dy, k_xmu))
     assert_close(grad_x, exact_x, dtype, "elementwise", "grad_input")
     assert_close(grad_x2, exact_x2, dtype, "elementwise", "grad_input2")
+    # The mask from the input instead of the output.
+    gradient_clear_of_relu_threshold(g, x, mean, scale, shift)
+    sums = kernels.ops.bn_act_backward_reduce(g, None, x, mean, None, None, scale, shift)
+    exact_sums = primitives.backward_reduce(g, None, x, mean, mask_scale=scale, mask_shift=shift)
+    for got, exact, name in zip(sums[:2], exact_sums[:2], ["dy", "xmu"]):
+        assert_close(got, exact, acc, "reduction", f"sum_{name} masked by the input")
+    grad_x, _ = kernels.ops.bn_act_backward_elemt(g, None, x, mean, k_dy, k_xmu, k_0, None, None, None, None, None,
+                                                  False, scale, shift)
+    exact_x, _ = primitives.backward_elemt(g, None, x, mean, (k_dy, k_xmu, k_0), mask_scale=scale, mask_shift=shift)
+    assert_close(grad_x, exact_x, dtype, "elementwise", "grad_input masked by the input")
 
 
 @parametrize_layouts
@@ -183,8 +209,10 @@ def test_reductions_are_bitwise_deterministic(kernels, dtype, channels_last):
         runs = []
         for n in (1, 2, 1, 2):
             torch.set_num_threads(n)
-            # x for the ReLU's output too (the mask) and for the second BN's input: every sum the op has.
-            runs.append((*kernels.ops.batch_stats(x), *kernels.ops.bn_act_backward_reduce(g, x, x, mean, x, mean2)))
+            # x for the ReLU's output too (the mask) and for the second BN's input: every sum the op has; then the
+            # mask from the input.
+            runs.append((*kernels.ops.batch_stats(x), *kernels.ops.bn_act_backward_reduce(g, x, x, mean, x, mean2),
+                         *kernels.ops.bn_act_backward_reduce(g, None, x, mean, None, None, mean2, mean)))
     finally:
         torch.set_num_threads(threads)
     for later in runs[1:]:

@@ -28,6 +28,7 @@ from kernel_cases import (  # noqa: E402
     activation,
     assert_close,
     channel_vectors,
+    gradient_clear_of_relu_threshold,
     kernel_set_params,
     kernels,  # noqa: F401 (a fixture)
     poisoned_outputs,  # noqa: F401 (a fixture)
@@ -100,6 +101,16 @@ def test_every_tiling_path_on_small_blocks(kernels, small_blocks, channels_last)
     assert_close(grad_x, exact_x, fp32, "elementwise", "grad_input")
     assert_close(grad_x2, exact_x2, fp32, "elementwise", "grad_input2")
 
+    # The mask from the input, on the same tiles and blocks.
+    gradient_clear_of_relu_threshold(g, x, mean, scale, shift)
+    sums = ops.bn_act_backward_reduce(g, None, x, mean, None, None, scale, shift)
+    exact_sums = primitives.backward_reduce(g, None, x, mean, mask_scale=scale, mask_shift=shift)
+    for got, exact, name in zip(sums[:2], exact_sums[:2], ["dy", "xmu"]):
+        assert_close(got, exact, fp32, "reduction", f"sum_{name} masked by the input")
+    grad_x, _ = ops.bn_act_backward_elemt(g, None, x, mean, *coefs, None, None, None, None, None, False, scale, shift)
+    exact_x, _ = primitives.backward_elemt(g, None, x, mean, coefs, mask_scale=scale, mask_shift=shift)
+    assert_close(grad_x, exact_x, fp32, "elementwise", "grad_input masked by the input")
+
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @on_triton
@@ -109,7 +120,8 @@ def test_reductions_are_bitwise_deterministic_on_small_blocks(kernels, small_blo
     g = activation(kernels, (4, 6, 10, 10), torch.float32, channels_last)
     (mean,) = channel_vectors(kernels, 1, 6, torch.float32)
     ops = kernels.ops
-    runs = [(*ops.batch_stats(x), *ops.bn_act_backward_reduce(g, x, x, mean, x, mean)) for _ in range(2)]
+    runs = [(*ops.batch_stats(x), *ops.bn_act_backward_reduce(g, x, x, mean, x, mean),
+             *ops.bn_act_backward_reduce(g, None, x, mean, None, None, mean, mean)) for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
     counts = torch.randint(0, 9, (50,), device=kernels.device)
@@ -227,8 +239,10 @@ def test_every_launch_runs_under_the_guard_of_its_tensors_device(kernels, small_
         bn.bn_act(x, mean, scale, shift, padded, residual_stride=2, residual_channel_offset=1)
         bn.bn_act_backward_reduce(g, None, x, mean)
         bn.bn_act_backward_reduce(g, out, x, mean, x2, mean2)
+        bn.bn_act_backward_reduce(g, None, x, mean, mask_scale=scale, mask_shift=shift)
         coefs, coefs2 = channel_vectors(kernels, 3, C, fp32), channel_vectors(kernels, 3, C, fp32)
         bn.bn_act_backward_elemt(g, None, x, mean, *coefs)
+        bn.bn_act_backward_elemt(g, None, x, mean, *coefs, mask_scale=scale, mask_shift=shift)
         bn.bn_act_backward_elemt(g, out, x, mean, *coefs, residual_grad=True)
         bn.bn_act_backward_elemt(g, out, x, mean, *coefs, x2, mean2, *coefs2)
         weight = torch.randn(C, C, 3, 3, device=kernels.device)
@@ -431,6 +445,7 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
             f"{kernel.__name__} {constants}: {report}"
 
     SECOND_BN = ("x2_ptr", "mean2_ptr", "coef2_dy_ptr", "coef2_xmu_ptr", "coef2_const_ptr")
+    NO_MASK_INPUT = dict(mask_scale_ptr=None, mask_shift_ptr=None)  # the backward kernels' vectors of MASK == 2
     # batch_stats and the convolution's epilogue hand float64 partials to the merge (float32 ones are accepted too);
     # its first level hands float64 partials and counts to its second.
     FP64_PARTIALS = {"mean_partial_ptr": "*fp64", "m2_partial_ptr": "*fp64"}
@@ -453,14 +468,17 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
             compile_for_sm90(kernel, 4, RESIDUAL=residual, RELU=residual % 2 == 0, **unused, **blocks)
     for kernel, blocks in ((bn._backward_reduce_planes_kernel, dict(BLOCK_N=1, BLOCK_HW=4096)),
                            (bn._backward_reduce_rows_kernel, dict(BLOCKS_PER_TILE=16, BLOCK_R=64, BLOCK_C=64))):
-        compile_for_sm90(kernel, 8, MASK=False, SECOND=False, output_ptr=None, x2_ptr=None, mean2_ptr=None, **blocks)
-        compile_for_sm90(kernel, 8, MASK=True, SECOND=True, **blocks)
+        compile_for_sm90(kernel, 8, MASK=0, SECOND=False, output_ptr=None, x2_ptr=None, mean2_ptr=None, **NO_MASK_INPUT,
+                         **blocks)
+        compile_for_sm90(kernel, 8, MASK=1, SECOND=True, **NO_MASK_INPUT, **blocks)
+        compile_for_sm90(kernel, 8, MASK=2, SECOND=True, output_ptr=None, **blocks)
     for kernel, blocks in ((bn._backward_elemt_planes_kernel, dict(BLOCK_P=1, BLOCK_HW=2048)),
                            (bn._backward_elemt_rows_kernel, dict(BLOCK_R=16, BLOCK_C=128))):
-        compile_for_sm90(kernel, 4, MASK=False, OTHER=0, output_ptr=None, grad_other_ptr=None,
-                         **dict.fromkeys(SECOND_BN), **blocks)
-        compile_for_sm90(kernel, 4, MASK=True, OTHER=1, **dict.fromkeys(SECOND_BN), **blocks)
-        compile_for_sm90(kernel, 4, MASK=True, OTHER=2, **blocks)
+        compile_for_sm90(kernel, 4, MASK=0, OTHER=0, output_ptr=None, grad_other_ptr=None,
+                         **dict.fromkeys(SECOND_BN), **NO_MASK_INPUT, **blocks)
+        compile_for_sm90(kernel, 4, MASK=1, OTHER=1, **dict.fromkeys(SECOND_BN), **NO_MASK_INPUT, **blocks)
+        compile_for_sm90(kernel, 4, MASK=1, OTHER=2, **NO_MASK_INPUT, **blocks)
+        compile_for_sm90(kernel, 4, MASK=2, OTHER=2, output_ptr=None, **blocks)
     print("compiled")
 """)
 

@@ -53,14 +53,16 @@ at::Tensor bn_act_cpu(const at::Tensor& input, const std::optional<at::Tensor>& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& output, const at::Tensor& input,
-    const at::Tensor& mean, const std::optional<at::Tensor>& input2, const std::optional<at::Tensor>& mean2) {
-  const BackwardReduceInputs in = bn_act_backward_reduce_inputs(grad_output, output, input, mean, input2, mean2);
+    const at::Tensor& mean, const std::optional<at::Tensor>& input2, const std::optional<at::Tensor>& mean2,
+    const std::optional<at::Tensor>& mask_scale, const std::optional<at::Tensor>& mask_shift) {
+  const BackwardReduceInputs in =
+      bn_act_backward_reduce_inputs(grad_output, output, input, mean, input2, mean2, mask_scale, mask_shift);
   const int64_t C = in.input.size(1);
   const auto dopts = in.input.options().dtype(at::kDouble);
   at::Tensor sum_dy = at::empty({C}, dopts), sum_dy_xmu = at::empty({C}, dopts);
   at::Tensor sum_dy_xmu2 = at::empty({in.input2.defined() ? C : 0}, dopts);
-  cpu_kernels().backward_reduce(in.grad_output, in.output, in.input, in.mean, in.input2, in.mean2, sum_dy, sum_dy_xmu,
-                                sum_dy_xmu2);
+  cpu_kernels().backward_reduce(in.grad_output, in.output, in.input, in.mean, in.input2, in.mean2, in.mask_scale,
+                                in.mask_shift, sum_dy, sum_dy_xmu, sum_dy_xmu2);
   const auto acc_dtype = accumulation_dtype(in.input);
   return {sum_dy.to(acc_dtype), sum_dy_xmu.to(acc_dtype), sum_dy_xmu2.to(acc_dtype)};
 }
@@ -70,15 +72,16 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cpu(
     const at::Tensor& mean, const at::Tensor& coef_dy, const at::Tensor& coef_xmu, const at::Tensor& coef_const,
     const std::optional<at::Tensor>& input2, const std::optional<at::Tensor>& mean2,
     const std::optional<at::Tensor>& coef2_dy, const std::optional<at::Tensor>& coef2_xmu,
-    const std::optional<at::Tensor>& coef2_const, bool residual_grad) {
+    const std::optional<at::Tensor>& coef2_const, bool residual_grad, const std::optional<at::Tensor>& mask_scale,
+    const std::optional<at::Tensor>& mask_shift) {
   const BackwardElemtInputs in = bn_act_backward_elemt_inputs(grad_output, output, input, mean, coef_dy, coef_xmu,
                                                               coef_const, input2, mean2, coef2_dy, coef2_xmu,
-                                                              coef2_const, residual_grad);
+                                                              coef2_const, residual_grad, mask_scale, mask_shift);
   at::Tensor grad_input = empty_activation(in.input);
   at::Tensor grad_other = in.has_grad_other ? empty_activation(in.input) : at::Tensor();
   cpu_kernels().backward_elemt(in.grad_output, in.output, in.input, in.mean, in.coef_dy, in.coef_xmu, in.coef_const,
                                in.input2, in.mean2, in.coef2_dy, in.coef2_xmu, in.coef2_const, in.residual_grad,
-                               grad_input, grad_other);
+                               in.mask_scale, in.mask_shift, grad_input, grad_other);
   return {grad_input, output_or_empty(grad_other, in.input)};
 }
 

@@ -20,14 +20,18 @@ struct CpuKernels {
   void (*bn_act_padded)(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
                         const at::Tensor& shift, const at::Tensor& residual, int64_t stride, int64_t channel_offset,
                         bool relu, at::Tensor& out);
+  // The backward kernels' ReLU mask: from `output` (defined), from (input - mean) * mask_scale + mask_shift with
+  // bn_act's arithmetic (mask_scale defined), or none.
   void (*backward_reduce)(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
                           const at::Tensor& mean, const at::Tensor& input2, const at::Tensor& mean2,
-                          at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& sum_dy_xmu2);
+                          const at::Tensor& mask_scale, const at::Tensor& mask_shift, at::Tensor& sum_dy,
+                          at::Tensor& sum_dy_xmu, at::Tensor& sum_dy_xmu2);
   void (*backward_elemt)(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
                          const at::Tensor& mean, const at::Tensor& coef_dy, const at::Tensor& coef_xmu,
                          const at::Tensor& coef_const, const at::Tensor& input2, const at::Tensor& mean2,
                          const at::Tensor& coef2_dy, const at::Tensor& coef2_xmu, const at::Tensor& coef2_const,
-                         bool residual_grad, at::Tensor& grad_input, at::Tensor& grad_other);
+                         bool residual_grad, const at::Tensor& mask_scale, const at::Tensor& mask_shift,
+                         at::Tensor& grad_input, at::Tensor& grad_other);
 };
 
 const CpuKernels& cpu_kernels_default();

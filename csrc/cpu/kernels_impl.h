@@ -444,34 +444,46 @@ void bn_act_dispatch_relu(bool relu, const Layout& L, const scalar_t* x,
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// bn_act_backward_reduce: per channel, with gm = grad masked by relu(output):
+// The backward kernels' ReLU mask (gm = grad where the ReLU's output > 0): none; from the saved output; or from
+// the input, recomputed as input_norm(x) > 0 with bn_act's own arithmetic (ChannelNorm::apply, the same vector or
+// scalar path for the same element: both kernels walk the same segments in the same steps), so that it equals
+// the mask of bn_act's output bit for bit, without reading that output.
+enum class Mask { kNone, kOutput, kInput };
+
+// ---------------------------------------------------------------------------------------------------------
+// bn_act_backward_reduce: per channel, with gm = grad masked by the ReLU:
 //   sum(gm), sum(gm * (x - mean)) and, for a second BN sharing the gradient, sum(gm * (x2 - mean2)).
 
 // The terms one element adds to the sums: gm, gm * (x - mean) and gm * (x2 - mean2); T is a Vec or a scalar.
-template <typename scalar_t, bool kMask, bool kSecond>
+template <typename scalar_t, Mask kMask, bool kSecond>
 struct ReduceTerms {
   using acc_t = acc_type<scalar_t>;
   const scalar_t *g, *out, *x, *x2;
   const acc_t *mean, *mean2;
+  ChannelNorm<acc_t> input_norm;  // kInput: (mean, mask_scale, mask_shift)
 
   template <bool kRow>
   void vec(int64_t off, int64_t i, int64_t c, Vectorized<acc_t> (&t)[3]) const {
     using IO = VecIO<scalar_t>;
     t[0] = IO::load(g + off + i);
-    if constexpr (kMask) t[0] = relu_mask(t[0], IO::load(out + off + i));
-    t[1] = t[0] * (IO::load(x + off + i) - channel_vec<kRow>(mean, c, i));
+    if constexpr (kMask == Mask::kOutput) t[0] = relu_mask(t[0], IO::load(out + off + i));
+    const Vectorized<acc_t> xv = IO::load(x + off + i);
+    if constexpr (kMask == Mask::kInput) t[0] = relu_mask(t[0], input_norm.template apply<kRow>(xv, c, i));
+    t[1] = t[0] * (xv - channel_vec<kRow>(mean, c, i));
     if constexpr (kSecond) t[2] = t[0] * (IO::load(x2 + off + i) - channel_vec<kRow>(mean2, c, i));
   }
   template <bool kRow>
   void scalar(int64_t off, int64_t i, int64_t c, acc_t (&t)[3]) const {
     t[0] = acc_t(g[off + i]);
-    if constexpr (kMask) t[0] = relu_mask(t[0], acc_t(out[off + i]));
-    t[1] = t[0] * (acc_t(x[off + i]) - channel_val<kRow>(mean, c, i));
+    if constexpr (kMask == Mask::kOutput) t[0] = relu_mask(t[0], acc_t(out[off + i]));
+    const acc_t xv = acc_t(x[off + i]);
+    if constexpr (kMask == Mask::kInput) t[0] = relu_mask(t[0], input_norm.template apply<kRow>(xv, c, i));
+    t[1] = t[0] * (xv - channel_val<kRow>(mean, c, i));
     if constexpr (kSecond) t[2] = t[0] * (acc_t(x2[off + i]) - channel_val<kRow>(mean2, c, i));
   }
 };
 
-template <typename scalar_t, bool kMask, bool kSecond>
+template <typename scalar_t, Mask kMask, bool kSecond>
 void backward_reduce_kernel(const Layout& L, const ReduceTerms<scalar_t, kMask, kSecond>& terms,
                             double* const sums[3]) {
   using IO = VecIO<scalar_t>;
@@ -550,7 +562,7 @@ void backward_reduce_kernel(const Layout& L, const ReduceTerms<scalar_t, kMask, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// bn_act_backward_elemt: with gm = grad masked by relu(output),
+// bn_act_backward_elemt: with gm = grad masked by the ReLU (Mask),
 //   grad_input = coef_dy[c] * gm + coef_xmu[c] * (x - mean[c]) + coef_const[c]
 //   grad_other = the same for (input2, mean2, coef2_*), or gm itself (the gradient of an identity residual).
 
@@ -561,10 +573,11 @@ struct ElemtArgs {
   using acc_t = acc_type<scalar_t>;
   const scalar_t *g, *out, *x, *x2;
   const acc_t *mean, *k_dy, *k_xmu, *k_0, *mean2, *k2_dy, *k2_xmu, *k2_0;
+  ChannelNorm<acc_t> input_norm;  // Mask::kInput: (mean, mask_scale, mask_shift)
   scalar_t *grad_x, *grad_other;
 };
 
-template <typename scalar_t, bool kMask, Other kOther>
+template <typename scalar_t, Mask kMask, Other kOther>
 void backward_elemt_kernel(const Layout& L, const ElemtArgs<scalar_t>& a) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
@@ -575,12 +588,13 @@ void backward_elemt_kernel(const Layout& L, const ElemtArgs<scalar_t>& a) {
       constexpr int K = steps.value;
       Vec gm[K], o[K], xv[K], x2v[K], gx[K], g2[K];
       IO::load(a.g + off + j, gm);
-      if constexpr (kMask) IO::load(a.out + off + j, o);
+      if constexpr (kMask == Mask::kOutput) IO::load(a.out + off + j, o);
       IO::load(a.x + off + j, xv);
       if constexpr (kOther == Other::kSecondBN) IO::load(a.x2 + off + j, x2v);
       for (int k = 0; k < K; ++k) {
         const int64_t jk = j + k * IO::kWidth;
-        if constexpr (kMask) gm[k] = relu_mask(gm[k], o[k]);
+        if constexpr (kMask == Mask::kOutput) gm[k] = relu_mask(gm[k], o[k]);
+        if constexpr (kMask == Mask::kInput) gm[k] = relu_mask(gm[k], a.input_norm.template apply<kRow>(xv[k], c, jk));
         const Vec xmu = xv[k] - channel_vec<kRow>(a.mean, c, jk);
         gx[k] = at::vec::fmadd(channel_vec<kRow>(a.k_dy, c, jk), gm[k],
                                at::vec::fmadd(channel_vec<kRow>(a.k_xmu, c, jk), xmu, channel_vec<kRow>(a.k_0, c, jk)));
@@ -597,8 +611,10 @@ void backward_elemt_kernel(const Layout& L, const ElemtArgs<scalar_t>& a) {
     });
     for (; i < len; ++i) {
       acc_t gm = acc_t(a.g[off + i]);
-      if constexpr (kMask) gm = relu_mask(gm, acc_t(a.out[off + i]));
-      const acc_t xmu = acc_t(a.x[off + i]) - channel_val<kRow>(a.mean, c, i);
+      if constexpr (kMask == Mask::kOutput) gm = relu_mask(gm, acc_t(a.out[off + i]));
+      const acc_t xv = acc_t(a.x[off + i]);
+      if constexpr (kMask == Mask::kInput) gm = relu_mask(gm, a.input_norm.template apply<kRow>(xv, c, i));
+      const acc_t xmu = xv - channel_val<kRow>(a.mean, c, i);
       a.grad_x[off + i] = scalar_t(channel_val<kRow>(a.k_dy, c, i) * gm + channel_val<kRow>(a.k_xmu, c, i) * xmu +
                                    channel_val<kRow>(a.k_0, c, i));
       if constexpr (kOther == Other::kMaskedGrad) a.grad_other[off + i] = scalar_t(gm);
@@ -612,12 +628,20 @@ void backward_elemt_kernel(const Layout& L, const ElemtArgs<scalar_t>& a) {
 }
 
 template <typename scalar_t, Other kOther>
-void backward_elemt_dispatch_mask(bool mask, const Layout& L, const ElemtArgs<scalar_t>& a) {
-  if (mask) {
-    backward_elemt_kernel<scalar_t, true, kOther>(L, a);
-  } else {
-    backward_elemt_kernel<scalar_t, false, kOther>(L, a);
+void backward_elemt_dispatch_mask(Mask mask, const Layout& L, const ElemtArgs<scalar_t>& a) {
+  switch (mask) {
+    case Mask::kOutput:
+      return backward_elemt_kernel<scalar_t, Mask::kOutput, kOther>(L, a);
+    case Mask::kInput:
+      return backward_elemt_kernel<scalar_t, Mask::kInput, kOther>(L, a);
+    case Mask::kNone:
+      return backward_elemt_kernel<scalar_t, Mask::kNone, kOther>(L, a);
   }
+}
+
+// Which mask the backward kernels apply: the output's, the input's (mask_scale defined), or none.
+inline Mask mask_of(const at::Tensor& output, const at::Tensor& mask_scale) {
+  return output.defined() ? Mask::kOutput : mask_scale.defined() ? Mask::kInput : Mask::kNone;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -681,8 +705,22 @@ void bn_act_padded(const at::Tensor& input, const at::Tensor& mean, const at::Te
   });
 }
 
+// Runs backward_reduce_kernel with the terms' mask and second-BN branches chosen at compile time.
+template <typename scalar_t, Mask kMask>
+void backward_reduce_dispatch_second(const Layout& L, const ReduceTerms<scalar_t, kMask, false>& terms,
+                                     double* const sums[3]) {
+  if (terms.x2) {
+    backward_reduce_kernel(L, ReduceTerms<scalar_t, kMask, true>{terms.g, terms.out, terms.x, terms.x2, terms.mean,
+                                                                 terms.mean2, terms.input_norm},
+                           sums);
+  } else {
+    backward_reduce_kernel(L, terms, sums);
+  }
+}
+
 void backward_reduce(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
-                     const at::Tensor& mean, const at::Tensor& input2, const at::Tensor& mean2, at::Tensor& sum_dy,
+                     const at::Tensor& mean, const at::Tensor& input2, const at::Tensor& mean2,
+                     const at::Tensor& mask_scale, const at::Tensor& mask_shift, at::Tensor& sum_dy,
                      at::Tensor& sum_dy_xmu, at::Tensor& sum_dy_xmu2) {
   const Layout L = layout_of(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act_backward_reduce", [&] {
@@ -695,10 +733,18 @@ void backward_reduce(const at::Tensor& grad_output, const at::Tensor& output, co
     const acc_t* m2 = ptr_or_null<acc_t>(mean2);
     double* const sums[3] = {sum_dy.data_ptr<double>(), sum_dy_xmu.data_ptr<double>(),
                              x2 ? sum_dy_xmu2.data_ptr<double>() : nullptr};
-    if (o && x2) backward_reduce_kernel(L, ReduceTerms<scalar_t, true, true>{g, o, x, x2, m, m2}, sums);
-    else if (o) backward_reduce_kernel(L, ReduceTerms<scalar_t, true, false>{g, o, x, x2, m, m2}, sums);
-    else if (x2) backward_reduce_kernel(L, ReduceTerms<scalar_t, false, true>{g, o, x, x2, m, m2}, sums);
-    else backward_reduce_kernel(L, ReduceTerms<scalar_t, false, false>{g, o, x, x2, m, m2}, sums);
+    const ChannelNorm<acc_t> input_norm{m, ptr_or_null<acc_t>(mask_scale), ptr_or_null<acc_t>(mask_shift)};
+    switch (mask_of(output, mask_scale)) {
+      case Mask::kOutput:
+        return backward_reduce_dispatch_second<scalar_t, Mask::kOutput>(
+            L, ReduceTerms<scalar_t, Mask::kOutput, false>{g, o, x, x2, m, m2, input_norm}, sums);
+      case Mask::kInput:
+        return backward_reduce_dispatch_second<scalar_t, Mask::kInput>(
+            L, ReduceTerms<scalar_t, Mask::kInput, false>{g, o, x, x2, m, m2, input_norm}, sums);
+      case Mask::kNone:
+        return backward_reduce_dispatch_second<scalar_t, Mask::kNone>(
+            L, ReduceTerms<scalar_t, Mask::kNone, false>{g, o, x, x2, m, m2, input_norm}, sums);
+    }
   });
 }
 
@@ -706,7 +752,8 @@ void backward_elemt(const at::Tensor& grad_output, const at::Tensor& output, con
                     const at::Tensor& mean, const at::Tensor& coef_dy, const at::Tensor& coef_xmu,
                     const at::Tensor& coef_const, const at::Tensor& input2, const at::Tensor& mean2,
                     const at::Tensor& coef2_dy, const at::Tensor& coef2_xmu, const at::Tensor& coef2_const,
-                    bool residual_grad, at::Tensor& grad_input, at::Tensor& grad_other) {
+                    bool residual_grad, const at::Tensor& mask_scale, const at::Tensor& mask_shift,
+                    at::Tensor& grad_input, at::Tensor& grad_other) {
   const Layout L = layout_of(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_act_backward_elemt", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -722,9 +769,11 @@ void backward_elemt(const at::Tensor& grad_output, const at::Tensor& output, con
                                 ptr_or_null<acc_t>(coef2_dy),
                                 ptr_or_null<acc_t>(coef2_xmu),
                                 ptr_or_null<acc_t>(coef2_const),
+                                {mean.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(mask_scale),
+                                 ptr_or_null<acc_t>(mask_shift)},
                                 grad_input.data_ptr<scalar_t>(),
                                 grad_other.defined() ? grad_other.data_ptr<scalar_t>() : nullptr};
-    const bool mask = output.defined();
+    const Mask mask = mask_of(output, mask_scale);
     if (input2.defined()) backward_elemt_dispatch_mask<scalar_t, Other::kSecondBN>(mask, L, a);
     else if (residual_grad) backward_elemt_dispatch_mask<scalar_t, Other::kMaskedGrad>(mask, L, a);
     else backward_elemt_dispatch_mask<scalar_t, Other::kNone>(mask, L, a);

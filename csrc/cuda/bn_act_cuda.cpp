@@ -118,11 +118,13 @@ at::Tensor bn_act_cuda(const at::Tensor& input, const std::optional<at::Tensor>&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& output, const at::Tensor& input,
-    const at::Tensor& mean, const std::optional<at::Tensor>& input2, const std::optional<at::Tensor>& mean2) {
+    const at::Tensor& mean, const std::optional<at::Tensor>& input2, const std::optional<at::Tensor>& mean2,
+    const std::optional<at::Tensor>& mask_scale, const std::optional<at::Tensor>& mask_shift) {
   constexpr const char* op = "bn_act_backward_reduce";
   check_cuda_input(op, input);
   const c10::cuda::CUDAGuard guard(input.device());
-  const BackwardReduceInputs in = bn_act_backward_reduce_inputs(grad_output, output, input, mean, input2, mean2);
+  const BackwardReduceInputs in =
+      bn_act_backward_reduce_inputs(grad_output, output, input, mean, input2, mean2, mask_scale, mask_shift);
   const int64_t C = in.input.size(1);
   const auto acc_options = in.input.options().dtype(accumulation_dtype(in.input));
   at::Tensor sum_dy = at::empty({C}, acc_options), sum_dy_xmu = at::empty({C}, acc_options);
@@ -138,6 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
   args.mean = in.mean.const_data_ptr();
   args.input2 = ptr_or_null(in.input2);
   args.mean2 = ptr_or_null(in.mean2);
+  args.mask_scale = ptr_or_null(in.mask_scale);
+  args.mask_shift = ptr_or_null(in.mask_shift);
   args.sum_dy = sum_dy.mutable_data_ptr();
   args.sum_dy_xmu = sum_dy_xmu.mutable_data_ptr();
   args.sum_dy_xmu2 = in.input2.defined() ? sum_dy_xmu2.mutable_data_ptr() : nullptr;
@@ -150,13 +154,14 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(
     const at::Tensor& mean, const at::Tensor& coef_dy, const at::Tensor& coef_xmu, const at::Tensor& coef_const,
     const std::optional<at::Tensor>& input2, const std::optional<at::Tensor>& mean2,
     const std::optional<at::Tensor>& coef2_dy, const std::optional<at::Tensor>& coef2_xmu,
-    const std::optional<at::Tensor>& coef2_const, bool residual_grad) {
+    const std::optional<at::Tensor>& coef2_const, bool residual_grad, const std::optional<at::Tensor>& mask_scale,
+    const std::optional<at::Tensor>& mask_shift) {
   constexpr const char* op = "bn_act_backward_elemt";
   check_cuda_input(op, input);
   const c10::cuda::CUDAGuard guard(input.device());
   const BackwardElemtInputs in = bn_act_backward_elemt_inputs(grad_output, output, input, mean, coef_dy, coef_xmu,
                                                               coef_const, input2, mean2, coef2_dy, coef2_xmu,
-                                                              coef2_const, residual_grad);
+                                                              coef2_const, residual_grad, mask_scale, mask_shift);
   at::Tensor grad_input = empty_activation(in.input);
   at::Tensor grad_other = in.has_grad_other ? empty_activation(in.input) : at::Tensor();
   const kernels::DType dtype = FUSED_RESNET_KERNEL_DTYPE(in.input, "bn_act_backward_elemt");
@@ -174,6 +179,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(
   args.coef2_xmu = ptr_or_null(in.coef2_xmu);
   args.coef2_const = ptr_or_null(in.coef2_const);
   args.residual_grad = in.residual_grad;
+  args.mask_scale = ptr_or_null(in.mask_scale);
+  args.mask_shift = ptr_or_null(in.mask_shift);
   args.grad_input = grad_input.mutable_data_ptr();
   args.grad_other = grad_other.defined() ? grad_other.mutable_data_ptr() : nullptr;
   check_launch(op, kernels::backward_elemt(dtype, shape_of(in.input), args, in.input.get_device(),

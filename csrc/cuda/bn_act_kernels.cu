@@ -118,6 +118,13 @@ __device__ __forceinline__ A relu_mask(A grad, A out) {
   return out <= A(0) ? A(0) : grad;
 }
 
+// The backward kernels' mask from the input (kInputMask): relu_mask on (x - mean) * scale + shift computed as
+// BnActOp computes it (one fmadd), so that it is the mask of bn_act's output bit for bit without reading it.
+template <typename A>
+__device__ __forceinline__ A input_relu_mask(A grad, A x, A mean, A scale, A shift) {
+  return relu_mask(grad, fmadd(x - mean, scale, shift));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Host helpers.
 
@@ -418,11 +425,12 @@ cudaError_t bn_act_padded_typed(const Shape& s, int64_t H, int64_t W, const BnAc
 // backward_elemt: grad_input = coef_dy * gm + coef_xmu * (x - mean) + coef_const, and grad_other.
 enum class Other { kNone, kMaskedGrad, kSecondBN };  // no grad_other; gm; the same formula for input2
 
-template <typename T, int V, Other kOther>
+// kInputMask: gm masked by input_relu_mask (`out` null), the last two parameters being mask_scale and mask_shift.
+template <typename T, int V, Other kOther, bool kInputMask>
 struct ElemtOp {
   using A = acc_t<T>;
-  // mean, coef_dy, coef_xmu, coef_const[, mean2, coef2_dy, coef2_xmu, coef2_const]
-  static constexpr int kParams = kOther == Other::kSecondBN ? 8 : 4;
+  // mean, coef_dy, coef_xmu, coef_const[, mean2, coef2_dy, coef2_xmu, coef2_const][, mask_scale, mask_shift]
+  static constexpr int kParams = (kOther == Other::kSecondBN ? 8 : 4) + (kInputMask ? 2 : 0);
   const T* g;
   const T* out;  // null: no relu mask
   const T* x;
@@ -443,6 +451,12 @@ struct ElemtOp {
     }
     A v[V];
     load<V>(x + off, v);
+    if constexpr (kInputMask) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        gm[k] = input_relu_mask(gm[k], v[k], ch.v[0][k], ch.v[kParams - 2][k], ch.v[kParams - 1][k]);
+      }
+    }
 #pragma unroll
     for (int k = 0; k < V; ++k) v[k] = fmadd(ch.v[1][k], gm[k], fmadd(ch.v[2][k], v[k] - ch.v[0][k], ch.v[3][k]));
     store<V>(grad_x + off, v);
@@ -456,9 +470,9 @@ struct ElemtOp {
   }
 };
 
-template <typename T, Other kOther, int V>
+template <typename T, Other kOther, bool kInputMask, int V>
 cudaError_t backward_elemt_launch(const Shape& s, const ElemtArgs& a, int device, cudaStream_t stream) {
-  using Op = ElemtOp<T, V, kOther>;
+  using Op = ElemtOp<T, V, kOther, kInputMask>;
   using A = acc_t<T>;
   Op op;
   op.g = static_cast<const T*>(a.grad_output);
@@ -477,15 +491,27 @@ cudaError_t backward_elemt_launch(const Shape& s, const ElemtArgs& a, int device
     op.param[6] = static_cast<const A*>(a.coef2_xmu);
     op.param[7] = static_cast<const A*>(a.coef2_const);
   }
+  if constexpr (kInputMask) {
+    op.param[Op::kParams - 2] = static_cast<const A*>(a.mask_scale);
+    op.param[Op::kParams - 1] = static_cast<const A*>(a.mask_shift);
+  }
   return launch_elementwise<V>(op, s, device, stream);
 }
 
-template <typename T, Other kOther>
-cudaError_t backward_elemt_typed(const Shape& s, const ElemtArgs& a, int device, cudaStream_t stream) {
+template <typename T, Other kOther, bool kInputMask>
+cudaError_t backward_elemt_masked(const Shape& s, const ElemtArgs& a, int device, cudaStream_t stream) {
   const void* const pointers[] = {a.grad_output, a.output, a.input, a.input2, a.grad_input, a.grad_other};
   return vectorizable<T>(s, pointers)
-             ? backward_elemt_launch<T, kOther, kVecWidth<T>>(s, a, device, stream)
-             : backward_elemt_launch<T, kOther, 1>(s, a, device, stream);
+             ? backward_elemt_launch<T, kOther, kInputMask, kVecWidth<T>>(s, a, device, stream)
+             : backward_elemt_launch<T, kOther, kInputMask, 1>(s, a, device, stream);
+}
+
+// The mask from the input is a template branch (its two extra parameters stay out of the other kernels'
+// registers); the one from the output a runtime test of its pointer, as before there was another.
+template <typename T, Other kOther>
+cudaError_t backward_elemt_typed(const Shape& s, const ElemtArgs& a, int device, cudaStream_t stream) {
+  return a.mask_scale != nullptr ? backward_elemt_masked<T, kOther, true>(s, a, device, stream)
+                                 : backward_elemt_masked<T, kOther, false>(s, a, device, stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -875,12 +901,16 @@ struct ReducePointers {
   const T* x2;
   const acc_t<T>* mean;
   const acc_t<T>* mean2;
+  const acc_t<T>* mask_scale;  // with mask_shift: the mask from the input (kInputMask; out is null then)
+  const acc_t<T>* mask_shift;
 };
 
-// Adds one unit's terms to sums[s][k]; mu, mu2: the means of the unit's V channels (or one channel broadcast).
-template <int kSums, int V, typename T>
+// Adds one unit's terms to sums[s][k]; mu, mu2, scale, shift: the unit's V channels' (or one channel's, broadcast)
+// mean, mean2, and mask_scale and mask_shift (kInputMask; unused otherwise).
+template <int kSums, bool kInputMask, int V, typename T>
 __device__ __forceinline__ void add_reduce_terms(const ReducePointers<T>& p, int64_t off, const acc_t<T> (&mu)[V],
-                                                 const acc_t<T> (&mu2)[V], acc_t<T> (&sums)[kSums][V]) {
+                                                 const acc_t<T> (&mu2)[V], const acc_t<T> (&scale)[V],
+                                                 const acc_t<T> (&shift)[V], acc_t<T> (&sums)[kSums][V]) {
   using A = acc_t<T>;
   A gm[V];
   load<V>(p.g + off, gm);
@@ -892,6 +922,10 @@ __device__ __forceinline__ void add_reduce_terms(const ReducePointers<T>& p, int
   }
   A v[V];
   load<V>(p.x + off, v);
+  if constexpr (kInputMask) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) gm[k] = input_relu_mask(gm[k], v[k], mu[k], scale[k], shift[k]);
+  }
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     sums[0][k] += gm[k];
@@ -912,7 +946,7 @@ __device__ __forceinline__ A warp_sum(A v) {
 }
 
 // NCHW: block (c, j) sums channel c over chunk j into partials (s * C + c) * chunks + j.
-template <typename T, int V, int kSums>
+template <typename T, int V, int kSums, bool kInputMask>
 __global__ void __launch_bounds__(kReduceThreads)
     backward_reduce_planes_kernel(const ReducePointers<T> p, int64_t N, int64_t C, int64_t HW, PlanesGeometry g,
                                   acc_t<T>* __restrict__ part) {
@@ -921,15 +955,17 @@ __global__ void __launch_bounds__(kReduceThreads)
   const PlaneChunk pc = plane_chunk(g, N, HW, j);
   const int64_t base = (pc.first_plane * C + c) * HW + pc.first;
   const int64_t plane_stride = C * HW;
-  A mu[V], mu2[V];
+  A mu[V], mu2[V], scale[V], shift[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     mu[k] = p.mean[c];
     mu2[k] = kSums == 3 ? p.mean2[c] : A(0);
+    scale[k] = kInputMask ? p.mask_scale[c] : A(0);
+    shift[k] = kInputMask ? p.mask_shift[c] : A(0);
   }
   A sums[kSums][V] = {};
   for (ChunkWalk w(pc.planes, pc.len / V); w.valid(); w.advance()) {
-    add_reduce_terms<kSums, V>(p, base + w.p * plane_stride + w.i * V, mu, mu2, sums);
+    add_reduce_terms<kSums, kInputMask, V>(p, base + w.p * plane_stride + w.i * V, mu, mu2, scale, shift, sums);
   }
   __shared__ A sh[kSums][kWarpsPerReduceBlock];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -951,9 +987,12 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
-// NHWC: block (j, slice) sums chunk j of the rows for the units of its slice, each thread one unit.
-template <typename T, int V, int kSums>
-__global__ void __launch_bounds__(kReduceThreads)
+// NHWC: block (j, slice) sums chunk j of the rows for the units of its slice, each thread one unit. The minimum of
+// blocks is the floor the design asks for anyway (kMinBlocksPerMultiprocessor): without it ptxas held the 16-bit
+// kernel with the mask from the input (V = 8 values each of mean, mask_scale and mask_shift live through the loop)
+// to 64 registers and spilled 10 bytes on sm_90.
+template <typename T, int V, int kSums, bool kInputMask>
+__global__ void __launch_bounds__(kReduceThreads, kMinBlocksPerMultiprocessor)
     backward_reduce_rows_kernel(const ReducePointers<T> p, int64_t rows, int64_t C, int64_t rows_per_chunk,
                                 acc_t<T>* __restrict__ part) {
   using A = acc_t<T>;
@@ -963,14 +1002,16 @@ __global__ void __launch_bounds__(kReduceThreads)
   const int64_t row_end = min(rows, (j + 1) * rows_per_chunk);
   A sums[kSums][V] = {};
   if (u < row_units) {
-    A mu[V], mu2[V];
+    A mu[V], mu2[V], scale[V], shift[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       mu[k] = p.mean[u * V + k];
       mu2[k] = kSums == 3 ? p.mean2[u * V + k] : A(0);
+      scale[k] = kInputMask ? p.mask_scale[u * V + k] : A(0);
+      shift[k] = kInputMask ? p.mask_shift[u * V + k] : A(0);
     }
     for (int64_t r = j * rows_per_chunk + threadIdx.y; r < row_end; r += blockDim.y) {
-      add_reduce_terms<kSums, V>(p, r * C + u * V, mu, mu2, sums);
+      add_reduce_terms<kSums, kInputMask, V>(p, r * C + u * V, mu, mu2, scale, shift, sums);
     }
   }
   // Tree over threadIdx.y in shared memory, as in batch_stats_rows_kernel.
@@ -1025,7 +1066,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
 }
 
-template <typename T, int V, int kSums>
+template <typename T, int V, int kSums, bool kInputMask>
 cudaError_t backward_reduce_partials(const Shape& s, const ReducePointers<T>& p, acc_t<T>* part,
                                      cudaStream_t stream) {
   if (s.channels_last) {
@@ -1033,22 +1074,30 @@ cudaError_t backward_reduce_partials(const Shape& s, const ReducePointers<T>& p,
     const dim3 block = rows_block(s.C / V);
     const int64_t slices = ceil_div(s.C / V, block.x);
     if (g.chunks > kMaxGridX || slices > kMaxGridY) return cudaErrorInvalidConfiguration;
-    backward_reduce_rows_kernel<T, V, kSums><<<dim3(unsigned(g.chunks), unsigned(slices)), block, 0, stream>>>(
-        p, s.N * s.HW, s.C, g.rows_per_chunk, part);
+    backward_reduce_rows_kernel<T, V, kSums, kInputMask>
+        <<<dim3(unsigned(g.chunks), unsigned(slices)), block, 0, stream>>>(p, s.N * s.HW, s.C, g.rows_per_chunk, part);
   } else {
     const PlanesGeometry g = planes_geometry(s);
     if (s.C * g.chunks > kMaxGridX) return cudaErrorInvalidConfiguration;
-    backward_reduce_planes_kernel<T, V, kSums><<<unsigned(s.C * g.chunks), kReduceThreads, 0, stream>>>(
+    backward_reduce_planes_kernel<T, V, kSums, kInputMask><<<unsigned(s.C * g.chunks), kReduceThreads, 0, stream>>>(
         p, s.N, s.C, s.HW, g, part);
   }
   return cudaGetLastError();
 }
 
+template <typename T, int kSums, bool kInputMask>
+cudaError_t backward_reduce_masked(const Shape& s, const ReducePointers<T>& p, acc_t<T>* part, cudaStream_t stream) {
+  const void* const pointers[] = {p.g, p.out, p.x, p.x2};
+  return vectorizable<T>(s, pointers)
+             ? backward_reduce_partials<T, kVecWidth<T>, kSums, kInputMask>(s, p, part, stream)
+             : backward_reduce_partials<T, 1, kSums, kInputMask>(s, p, part, stream);
+}
+
+// The mask from the input is a template branch, as in backward_elemt_typed.
 template <typename T, int kSums>
 cudaError_t backward_reduce_sums(const Shape& s, const ReducePointers<T>& p, acc_t<T>* part, cudaStream_t stream) {
-  const void* const pointers[] = {p.g, p.out, p.x, p.x2};
-  return vectorizable<T>(s, pointers) ? backward_reduce_partials<T, kVecWidth<T>, kSums>(s, p, part, stream)
-                                      : backward_reduce_partials<T, 1, kSums>(s, p, part, stream);
+  return p.mask_scale != nullptr ? backward_reduce_masked<T, kSums, true>(s, p, part, stream)
+                                 : backward_reduce_masked<T, kSums, false>(s, p, part, stream);
 }
 
 template <typename T>
@@ -1056,7 +1105,8 @@ cudaError_t backward_reduce_typed(const Shape& s, const ReduceArgs& a, void* wor
   using A = acc_t<T>;
   const ReducePointers<T> p{static_cast<const T*>(a.grad_output), static_cast<const T*>(a.output),
                             static_cast<const T*>(a.input),       static_cast<const T*>(a.input2),
-                            static_cast<const A*>(a.mean),        static_cast<const A*>(a.mean2)};
+                            static_cast<const A*>(a.mean),        static_cast<const A*>(a.mean2),
+                            static_cast<const A*>(a.mask_scale),  static_cast<const A*>(a.mask_shift)};
   A* part = static_cast<A*>(workspace);
   const int sums = p.x2 != nullptr ? 3 : 2;
   const cudaError_t err = sums == 3 ? backward_reduce_sums<T, 3>(s, p, part, stream)

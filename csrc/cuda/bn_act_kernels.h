@@ -69,9 +69,11 @@ struct PaddedResidual {
 cudaError_t bn_act_padded(DType dtype, const Shape& shape, int64_t H, int64_t W, const BnActArgs& args,
                           const PaddedResidual& residual, int device, cudaStream_t stream);
 
-// bn_act_backward_reduce: with gm = grad_output, zeroed where output <= 0 when output is given,
-// sum_dy = sum gm, sum_dy_xmu = sum gm * (input - mean), sum_dy_xmu2 = sum gm * (input2 - mean2) when input2 is
-// given. `workspace`: backward_reduce_workspace_bytes(dtype, shape, input2 given) bytes, aligned as above.
+// bn_act_backward_reduce: with gm = grad_output, zeroed where output <= 0 when output is given, or where
+// (input - mean) * mask_scale + mask_shift <= 0 (bn_act's arithmetic: its output's mask bit for bit) when
+// mask_scale and mask_shift are given (never both sources): sum_dy = sum gm, sum_dy_xmu = sum gm * (input - mean),
+// sum_dy_xmu2 = sum gm * (input2 - mean2) when input2 is given. `workspace`:
+// backward_reduce_workspace_bytes(dtype, shape, input2 given) bytes, aligned as above.
 struct ReduceArgs {
   const void* grad_output;
   const void* output;
@@ -79,6 +81,8 @@ struct ReduceArgs {
   const void* mean;
   const void* input2;
   const void* mean2;
+  const void* mask_scale;
+  const void* mask_shift;
   void* sum_dy;
   void* sum_dy_xmu;
   void* sum_dy_xmu2;
@@ -105,6 +109,8 @@ struct ElemtArgs {
   const void* coef2_xmu;
   const void* coef2_const;
   bool residual_grad;
+  const void* mask_scale;
+  const void* mask_shift;
   void* grad_input;
   void* grad_other;
 };

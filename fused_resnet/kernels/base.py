@@ -58,20 +58,24 @@ class KernelSet(abc.ABC):
                                    zero_pad.channels_before)
         return self.ops.bn_act(y, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, relu)
 
+    # The backward passes' ReLU mask: `output > 0` (the ReLU's saved output), or with mask_scale and mask_shift
+    # (output None) `(y - mean) * mask_scale + mask_shift > 0` recomputed as bn_act computes it, bit for bit the
+    # mask of bn_act(y, mean, mask_scale, mask_shift)'s output without reading it; or none.
+
     def backward_reduce(
         self, grad: Tensor, output: Tensor | None, y: Tensor, mean: Tensor, y2: Tensor | None = None,
-        mean2: Tensor | None = None,
+        mean2: Tensor | None = None, mask_scale: Tensor | None = None, mask_shift: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return self.ops.bn_act_backward_reduce(grad, output, y, mean, y2, mean2)
+        return self.ops.bn_act_backward_reduce(grad, output, y, mean, y2, mean2, mask_scale, mask_shift)
 
     def backward_elemt(
         self, grad: Tensor, output: Tensor | None, y: Tensor, mean: Tensor, coefs: BackwardCoefs,
         y2: Tensor | None = None, mean2: Tensor | None = None, coefs2: BackwardCoefs | None = None,
-        residual_grad: bool = False,
+        residual_grad: bool = False, mask_scale: Tensor | None = None, mask_shift: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         k2 = coefs2 if coefs2 is not None else (None, None, None)
         grad_y, grad_other = self.ops.bn_act_backward_elemt(
-            grad, output, y, mean, *coefs, y2, mean2, *k2, residual_grad
+            grad, output, y, mean, *coefs, y2, mean2, *k2, residual_grad, mask_scale, mask_shift
         )
         return grad_y, (grad_other if (y2 is not None or residual_grad) else None)
 

@@ -181,13 +181,13 @@ def _register_fake_implementations() -> None:
         return like(input)
 
     @torch.library.register_fake("fused_resnet::bn_act_backward_reduce")
-    def _(grad_output, output, input, mean, input2, mean2):
+    def _(grad_output, output, input, mean, input2, mean2, mask_scale=None, mask_shift=None):
         third = channels(input) if input2 is not None else input.new_empty((0,), dtype=accumulation_dtype(input.dtype))
         return channels(input), channels(input), third
 
     @torch.library.register_fake("fused_resnet::bn_act_backward_elemt")
     def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,
-          coef2_const, residual_grad):
+          coef2_const, residual_grad, mask_scale=None, mask_shift=None):
         other = like(input) if (input2 is not None or residual_grad) else input.new_empty((0,))
         return like(input), other
 

@@ -46,15 +46,16 @@ def _param_grad(grad: Tensor | None, param: Tensor | None, needed: bool) -> Tens
 
 
 def _bn_relu_backward(
-    kernels: KernelSet, bn: BatchNormSpec, grad_a: Tensor, a: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
-    weight: Tensor | None,
+    kernels: KernelSet, bn: BatchNormSpec, grad_a: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor,
+    shift: Tensor, weight: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad y, grad weight, grad bias) of a = relu(bn(y)) from grad_a: BN's backward of the gradient masked
-    where a is 0."""
-    grad_a = dense_like(grad_a, a)
-    sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, a, y, mean)
+    """(grad y, grad weight, grad bias) of a = relu((y - mean) * scale + shift) from grad_a: BN's backward of the
+    gradient masked where a is 0. The mask is recomputed from y with bn_act's arithmetic (a's bit for bit) rather
+    than read from a: two fewer passes over an activation (docs/design.md §5)."""
+    grad_a = dense_like(grad_a, y)
+    sum_dy, sum_dy_xmu, _ = kernels.backward_reduce(grad_a, None, y, mean, mask_scale=scale, mask_shift=shift)
     coefs, grad_weight, grad_bias = bn.gradients(sum_dy, sum_dy_xmu, invstd, weight, y.numel() // y.shape[1])
-    grad_y, _ = kernels.backward_elemt(grad_a, a, y, mean, coefs)
+    grad_y, _ = kernels.backward_elemt(grad_a, None, y, mean, coefs, mask_scale=scale, mask_shift=shift)
     return grad_y, grad_weight, grad_bias
 
 
@@ -166,7 +167,8 @@ class _BatchNormReluConvFunction(torch.autograd.Function):
             need_input=need.y or need.weight or need.bias, need_weight=need.conv_weight, need_bias=need.conv_bias)
         grad_y = grad_weight = grad_bias = None
         if grad_a is not None:
-            grad_y, grad_weight, grad_bias = _bn_relu_backward(kernels, config.bn, grad_a, a, y, mean, invstd, weight)
+            grad_y, grad_weight, grad_bias = _bn_relu_backward(kernels, config.bn, grad_a, y, mean, invstd, scale,
+                                                               shift, weight)
         return None, *BatchNormReluConvInputs(
             y=grad_y if need.y else None, weight=_param_grad(grad_weight, weight, need.weight),
             bias=_param_grad(grad_bias, bias, need.bias), conv_weight=grad_conv_weight, conv_bias=grad_conv_bias)
@@ -388,8 +390,8 @@ class _BatchNormReluMaxPoolFunction(torch.autograd.Function):
         pool = config.pool
         _, indices = torch.ops.aten.max_pool2d_with_indices(a, *pool)
         grad_a = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, a, *pool, indices)
-        grad_y, grad_weight, grad_bias = _bn_relu_backward(config.kernels, config.bn, grad_a, a, y, mean, invstd,
-                                                           weight)
+        grad_y, grad_weight, grad_bias = _bn_relu_backward(config.kernels, config.bn, grad_a, y, mean, invstd, scale,
+                                                           shift, weight)
         return None, *BatchNormReluMaxPoolInputs(
             y=grad_y if need.y else None, weight=_param_grad(grad_weight, weight, need.weight),
             bias=_param_grad(grad_bias, bias, need.bias))

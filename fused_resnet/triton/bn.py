@@ -70,6 +70,11 @@ RESIDUAL_NONE = tl.constexpr(0)
 RESIDUAL_IDENTITY = tl.constexpr(1)
 RESIDUAL_AFFINE = tl.constexpr(2)
 RESIDUAL_PADDED = tl.constexpr(3)
+# The backward kernels' ReLU mask (csrc/ops.cpp): none, from the saved output, or from the input's normalization
+# (mask_scale and mask_shift).
+MASK_NONE = tl.constexpr(0)
+MASK_OUTPUT = tl.constexpr(1)
+MASK_INPUT = tl.constexpr(2)
 # bn_act_backward_elemt's second output: none, the masked gradient (an identity residual's), a second BN's input grad.
 OTHER_NONE = tl.constexpr(0)
 OTHER_MASKED_GRAD = tl.constexpr(1)
@@ -84,6 +89,20 @@ OTHER_SECOND_BN = tl.constexpr(2)
 def _mask_by_output(grad, output):
     # threshold_backward: the gradient passes unless output <= 0 (a NaN output passes it, as in PyTorch).
     return tl.where(output <= 0, 0.0, grad)
+
+
+@triton.jit
+def _normalize(x, mean, scale, shift):
+    # The centered form (x - mean) * scale + shift: folding the mean into the shift would cancel at a large mean.
+    # bn_act and the backward kernels' mask from the input share it, so that the compiler makes the same arithmetic
+    # (fused multiply-add or not) of both and the mask is bn_act's output's bit for bit.
+    return (x - mean) * scale + shift
+
+
+@triton.jit
+def _mask_by_input(grad, x, mean, mask_scale, mask_shift):
+    # MASK_INPUT: the mask of bn_act's output, recomputed from its input with its arithmetic (_normalize).
+    return _mask_by_output(grad, _normalize(x, mean, mask_scale, mask_shift))
 
 
 @triton.jit
@@ -162,9 +181,8 @@ def _batch_stats_rows_kernel(x_ptr, mean_partial_ptr, m2_partial_ptr, count_ptr,
 @triton.jit
 def _bn_act_term(x, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift,
                  RESIDUAL: tl.constexpr, RELU: tl.constexpr):
-    # `residual` is the loaded residual (option A's already zero outside its channels), unused without one. The
-    # centered form (x - mean) * scale + shift: folding the mean into the shift would cancel at a large mean.
-    v = (x - mean) * scale + shift
+    # `residual` is the loaded residual (option A's already zero outside its channels), unused without one.
+    v = _normalize(x, mean, scale, shift)
     if RESIDUAL == RESIDUAL_IDENTITY or RESIDUAL == RESIDUAL_PADDED:
         v += residual
     if RESIDUAL == RESIDUAL_AFFINE:
@@ -267,9 +285,9 @@ def _reduce_terms(gm, x, x2, mask, mean, mean2, SECOND: tl.constexpr):
 
 
 @triton.jit
-def _backward_reduce_planes_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, x2_ptr, mean2_ptr, partial_ptr, N, C, HW,
-                                   hw_blocks, MASK: tl.constexpr, SECOND: tl.constexpr, BLOCK_N: tl.constexpr,
-                                   BLOCK_HW: tl.constexpr):
+def _backward_reduce_planes_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, x2_ptr, mean2_ptr, mask_scale_ptr,
+                                   mask_shift_ptr, partial_ptr, N, C, HW, hw_blocks, MASK: tl.constexpr,
+                                   SECOND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
     # The tiles of _batch_stats_planes_kernel; partial is [tiles, sums, C].
     tile = tl.program_id(0)
     c = tl.program_id(1)
@@ -284,9 +302,11 @@ def _backward_reduce_planes_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, x2_ptr, m
     if SECOND:
         mean2 = tl.load(mean2_ptr + c).to(acc_dtype)
     gm = tl.load(g_ptr + offsets, mask=mask, other=0).to(acc_dtype)
-    if MASK:
+    if MASK == MASK_OUTPUT:
         gm = _mask_by_output(gm, tl.load(output_ptr + offsets, mask=mask, other=0).to(acc_dtype))
     x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+    if MASK == MASK_INPUT:
+        gm = _mask_by_input(gm, x, mean, tl.load(mask_scale_ptr + c), tl.load(mask_shift_ptr + c))
     x2 = x
     if SECOND:
         x2 = tl.load(x2_ptr + offsets, mask=mask, other=0).to(acc_dtype)
@@ -300,9 +320,9 @@ def _backward_reduce_planes_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, x2_ptr, m
 
 
 @triton.jit
-def _backward_reduce_rows_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, x2_ptr, mean2_ptr, partial_ptr, rows, C,
-                                 MASK: tl.constexpr, SECOND: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _backward_reduce_rows_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, x2_ptr, mean2_ptr, mask_scale_ptr,
+                                 mask_shift_ptr, partial_ptr, rows, C, MASK: tl.constexpr, SECOND: tl.constexpr,
+                                 BLOCKS_PER_TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # The tiles of _batch_stats_rows_kernel; partial is [tiles, sums, C].
     tile = tl.program_id(0)
     acc_dtype = partial_ptr.dtype.element_ty
@@ -312,6 +332,11 @@ def _backward_reduce_rows_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, x2_ptr, mea
     mean2 = mean
     if SECOND:
         mean2 = tl.load(mean2_ptr + channels, mask=channel_mask, other=0).to(acc_dtype)[None, :]
+    mask_scale = mean
+    mask_shift = mean
+    if MASK == MASK_INPUT:
+        mask_scale = tl.load(mask_scale_ptr + channels, mask=channel_mask, other=0)[None, :]
+        mask_shift = tl.load(mask_shift_ptr + channels, mask=channel_mask, other=0)[None, :]
     sum_dy = tl.zeros([BLOCK_C], dtype=acc_dtype)
     sum_dy_xmu = tl.zeros([BLOCK_C], dtype=acc_dtype)
     sum_dy_xmu2 = tl.zeros([BLOCK_C], dtype=acc_dtype)
@@ -320,9 +345,11 @@ def _backward_reduce_rows_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, x2_ptr, mea
         mask = (row_ids < rows)[:, None] & channel_mask[None, :]
         offsets = row_ids.to(tl.int64)[:, None] * C + channels[None, :]
         gm = tl.load(g_ptr + offsets, mask=mask, other=0).to(acc_dtype)
-        if MASK:
+        if MASK == MASK_OUTPUT:
             gm = _mask_by_output(gm, tl.load(output_ptr + offsets, mask=mask, other=0).to(acc_dtype))
         x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
+        if MASK == MASK_INPUT:
+            gm = _mask_by_input(gm, x, mean, mask_scale, mask_shift)
         x2 = x
         if SECOND:
             x2 = tl.load(x2_ptr + offsets, mask=mask, other=0).to(acc_dtype)
@@ -360,9 +387,9 @@ def _backward_elemt_term(gm, x, mean, coef_dy, coef_xmu, coef_const):
 
 @triton.jit
 def _backward_elemt_planes_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, coef_dy_ptr, coef_xmu_ptr, coef_const_ptr,
-                                  x2_ptr, mean2_ptr, coef2_dy_ptr, coef2_xmu_ptr, coef2_const_ptr, grad_x_ptr,
-                                  grad_other_ptr, planes, C, HW, MASK: tl.constexpr, OTHER: tl.constexpr,
-                                  BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+                                  x2_ptr, mean2_ptr, coef2_dy_ptr, coef2_xmu_ptr, coef2_const_ptr, mask_scale_ptr,
+                                  mask_shift_ptr, grad_x_ptr, grad_other_ptr, planes, C, HW, MASK: tl.constexpr,
+                                  OTHER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
     acc_dtype = mean_ptr.dtype.element_ty
     plane_ids = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pixels = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -371,10 +398,14 @@ def _backward_elemt_planes_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, coef_dy_pt
     c = plane_ids % C
     offsets = plane_ids.to(tl.int64)[:, None] * HW + pixels[None, :]
     gm = tl.load(g_ptr + offsets, mask=mask, other=0).to(acc_dtype)
-    if MASK:
+    if MASK == MASK_OUTPUT:
         gm = _mask_by_output(gm, tl.load(output_ptr + offsets, mask=mask, other=0).to(acc_dtype))
     x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
-    grad_x = _backward_elemt_term(gm, x, tl.load(mean_ptr + c, mask=plane_mask, other=0)[:, None],
+    mean = tl.load(mean_ptr + c, mask=plane_mask, other=0)[:, None]
+    if MASK == MASK_INPUT:
+        gm = _mask_by_input(gm, x, mean, tl.load(mask_scale_ptr + c, mask=plane_mask, other=0)[:, None],
+                            tl.load(mask_shift_ptr + c, mask=plane_mask, other=0)[:, None])
+    grad_x = _backward_elemt_term(gm, x, mean,
                                   tl.load(coef_dy_ptr + c, mask=plane_mask, other=0)[:, None],
                                   tl.load(coef_xmu_ptr + c, mask=plane_mask, other=0)[:, None],
                                   tl.load(coef_const_ptr + c, mask=plane_mask, other=0)[:, None])
@@ -392,9 +423,9 @@ def _backward_elemt_planes_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, coef_dy_pt
 
 @triton.jit
 def _backward_elemt_rows_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, coef_dy_ptr, coef_xmu_ptr, coef_const_ptr,
-                                x2_ptr, mean2_ptr, coef2_dy_ptr, coef2_xmu_ptr, coef2_const_ptr, grad_x_ptr,
-                                grad_other_ptr, rows, C, MASK: tl.constexpr, OTHER: tl.constexpr,
-                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                                x2_ptr, mean2_ptr, coef2_dy_ptr, coef2_xmu_ptr, coef2_const_ptr, mask_scale_ptr,
+                                mask_shift_ptr, grad_x_ptr, grad_other_ptr, rows, C, MASK: tl.constexpr,
+                                OTHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     acc_dtype = mean_ptr.dtype.element_ty
     row_ids = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -402,10 +433,14 @@ def _backward_elemt_rows_kernel(g_ptr, output_ptr, x_ptr, mean_ptr, coef_dy_ptr,
     mask = (row_ids < rows)[:, None] & channel_mask[None, :]
     offsets = row_ids.to(tl.int64)[:, None] * C + channels[None, :]
     gm = tl.load(g_ptr + offsets, mask=mask, other=0).to(acc_dtype)
-    if MASK:
+    if MASK == MASK_OUTPUT:
         gm = _mask_by_output(gm, tl.load(output_ptr + offsets, mask=mask, other=0).to(acc_dtype))
     x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_dtype)
-    grad_x = _backward_elemt_term(gm, x, tl.load(mean_ptr + channels, mask=channel_mask, other=0)[None, :],
+    mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0)[None, :]
+    if MASK == MASK_INPUT:
+        gm = _mask_by_input(gm, x, mean, tl.load(mask_scale_ptr + channels, mask=channel_mask, other=0)[None, :],
+                            tl.load(mask_shift_ptr + channels, mask=channel_mask, other=0)[None, :])
+    grad_x = _backward_elemt_term(gm, x, mean,
                                   tl.load(coef_dy_ptr + channels, mask=channel_mask, other=0)[None, :],
                                   tl.load(coef_xmu_ptr + channels, mask=channel_mask, other=0)[None, :],
                                   tl.load(coef_const_ptr + channels, mask=channel_mask, other=0)[None, :])
@@ -646,11 +681,17 @@ def _sum_partials(partial: Tensor, sums: int, channels: int, dtype: torch.dtype)
     return list(out.unbind(0))
 
 
+def _mask_kind(output: Tensor | None, mask_scale: Tensor | None) -> tl.constexpr:
+    """The backward kernels' MASK for a call: from its output, from its input (mask_scale given), or none."""
+    return MASK_OUTPUT if output is not None else MASK_INPUT if mask_scale is not None else MASK_NONE
+
+
 def bn_act_backward_reduce(
     grad_output: Tensor, output: Tensor | None, input: Tensor, mean: Tensor, input2: Tensor | None = None,
-    mean2: Tensor | None = None,
+    mean2: Tensor | None = None, mask_scale: Tensor | None = None, mask_shift: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """With gm = grad_output where output > 0 (everywhere when output is None), per channel: (sum gm,
+    """With gm = grad_output masked by the ReLU (where output > 0, or where (input - mean) * mask_scale + mask_shift
+    > 0 computed as bn_act computes it, or everywhere when neither is given), per channel: (sum gm,
     sum gm * (input - mean), sum gm * (input2 - mean2) or an empty tensor), in the accumulation dtype."""
     a = _input("fused_resnet.triton.bn_act_backward_reduce", input)
     second = input2 is not None
@@ -660,21 +701,23 @@ def bn_act_backward_reduce(
     x2 = _activation_like(input2, a)
     mean = _channel_param(mean, a)
     mean2 = _channel_param(mean2, a)
+    mask_vectors = [_channel_param(mask_scale, a), _channel_param(mask_shift, a)]
     acc = a.accumulation_dtype
     sums = 3 if second else 2
-    flags = dict(MASK=out is not None, SECOND=second)
+    flags = dict(MASK=_mask_kind(out, mask_scale).value, SECOND=second)
     with launch_guard(x):
         if a.channels_last:
             tiles = RowTiles.of(a)
             partial = torch.empty((tiles.count, sums, a.C), dtype=acc, device=x.device)
             _backward_reduce_rows_kernel[(tiles.count, tiles.channel_blocks)](
-                g, out, x, mean, x2, mean2, partial, a.rows, a.C, **flags, BLOCKS_PER_TILE=tiles.blocks_per_tile,
-                BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c, num_warps=_num_warps(tiles.block_r * tiles.block_c))
+                g, out, x, mean, x2, mean2, *mask_vectors, partial, a.rows, a.C, **flags,
+                BLOCKS_PER_TILE=tiles.blocks_per_tile, BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c,
+                num_warps=_num_warps(tiles.block_r * tiles.block_c))
         else:
             plane_tiles = PlaneTiles.of(a)
             partial = torch.empty((plane_tiles.count, sums, a.C), dtype=acc, device=x.device)
             _backward_reduce_planes_kernel[(plane_tiles.count, a.C)](
-                g, out, x, mean, x2, mean2, partial, a.N, a.C, a.HW, plane_tiles.hw_blocks, **flags,
+                g, out, x, mean, x2, mean2, *mask_vectors, partial, a.N, a.C, a.HW, plane_tiles.hw_blocks, **flags,
                 BLOCK_N=plane_tiles.block_n, BLOCK_HW=plane_tiles.block_hw,
                 num_warps=_num_warps(plane_tiles.block_n * plane_tiles.block_hw))
         totals = _sum_partials(partial, sums, a.C, acc)
@@ -687,9 +730,10 @@ def bn_act_backward_elemt(
     grad_output: Tensor, output: Tensor | None, input: Tensor, mean: Tensor, coef_dy: Tensor, coef_xmu: Tensor,
     coef_const: Tensor, input2: Tensor | None = None, mean2: Tensor | None = None, coef2_dy: Tensor | None = None,
     coef2_xmu: Tensor | None = None, coef2_const: Tensor | None = None, residual_grad: bool = False,
+    mask_scale: Tensor | None = None, mask_shift: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """grad_input = coef_dy * gm + coef_xmu * (input - mean) + coef_const, gm = grad_output where output > 0
-    (everywhere when output is None); grad_other is the same for input2 with mean2 and the coef2_* vectors, or gm
+    """grad_input = coef_dy * gm + coef_xmu * (input - mean) + coef_const, gm = grad_output masked by the ReLU as in
+    bn_act_backward_reduce; grad_other is the same for input2 with mean2 and the coef2_* vectors, or gm
     itself when residual_grad (an identity residual's gradient), or an empty tensor."""
     a = _input("fused_resnet.triton.bn_act_backward_elemt", input)
     second = input2 is not None
@@ -699,6 +743,7 @@ def bn_act_backward_elemt(
     x2 = _activation_like(input2, a)
     params = [_channel_param(t, a) for t in (mean, coef_dy, coef_xmu, coef_const)]
     params2 = [_channel_param(t, a) for t in (mean2, coef2_dy, coef2_xmu, coef2_const)]
+    mask_vectors = [_channel_param(mask_scale, a), _channel_param(mask_shift, a)]
     grad_input = torch.empty_like(x)
     other = OTHER_SECOND_BN if second else OTHER_MASKED_GRAD if residual_grad else OTHER_NONE
     grad_other = torch.empty_like(x) if other != OTHER_NONE else None
@@ -709,8 +754,8 @@ def bn_act_backward_elemt(
         kernel, extent, block_names = _backward_elemt_planes_kernel, a.N * a.C, ("BLOCK_P", "BLOCK_HW")
     with launch_guard(x):
         kernel[blocks.grid](
-            g, out, x, *params, x2, *params2, grad_input, grad_other, extent,
-            *((a.C,) if a.channels_last else (a.C, a.HW)), MASK=out is not None, OTHER=other.value,
+            g, out, x, *params, x2, *params2, *mask_vectors, grad_input, grad_other, extent,
+            *((a.C,) if a.channels_last else (a.C, a.HW)), MASK=_mask_kind(out, mask_scale).value, OTHER=other.value,
             **dict(zip(block_names, (blocks.block_outer, blocks.block_inner))), num_warps=blocks.num_warps)
     if grad_other is None:
         grad_other = torch.empty(0, dtype=x.dtype, device=x.device)

@@ -53,14 +53,15 @@ def _(input, mean, scale, shift, residual, residual_mean, residual_scale, residu
 
 @torch.library.custom_op(f"{NAMESPACE}::bn_act_backward_reduce", mutates_args=())
 def bn_act_backward_reduce(grad_output: Tensor, output: Tensor | None, input: Tensor, mean: Tensor,
-                           input2: Tensor | None, mean2: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                           input2: Tensor | None, mean2: Tensor | None, mask_scale: Tensor | None = None,
+                           mask_shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     # The launcher returns views of one buffer; a custom op's outputs may not alias one another.
-    sums = bn.bn_act_backward_reduce(grad_output, output, input, mean, input2, mean2)
+    sums = bn.bn_act_backward_reduce(grad_output, output, input, mean, input2, mean2, mask_scale, mask_shift)
     return tuple(s.clone() for s in sums)
 
 
 @bn_act_backward_reduce.register_fake
-def _(grad_output, output, input, mean, input2, mean2):
+def _(grad_output, output, input, mean, input2, mean2, mask_scale=None, mask_shift=None):
     third = _channels(input) if input2 is not None else input.new_empty((0,), dtype=accumulation_dtype(input.dtype))
     return _channels(input), _channels(input), third
 
@@ -69,14 +70,15 @@ def _(grad_output, output, input, mean, input2, mean2):
 def bn_act_backward_elemt(grad_output: Tensor, output: Tensor | None, input: Tensor, mean: Tensor, coef_dy: Tensor,
                           coef_xmu: Tensor, coef_const: Tensor, input2: Tensor | None, mean2: Tensor | None,
                           coef2_dy: Tensor | None, coef2_xmu: Tensor | None, coef2_const: Tensor | None,
-                          residual_grad: bool) -> tuple[Tensor, Tensor]:
+                          residual_grad: bool, mask_scale: Tensor | None = None,
+                          mask_shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return bn.bn_act_backward_elemt(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2,
-                                    coef2_dy, coef2_xmu, coef2_const, residual_grad)
+                                    coef2_dy, coef2_xmu, coef2_const, residual_grad, mask_scale, mask_shift)
 
 
 @bn_act_backward_elemt.register_fake
 def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,
-      coef2_const, residual_grad):
+      coef2_const, residual_grad, mask_scale=None, mask_shift=None):
     other = empty_dense_like(input) if (input2 is not None or residual_grad) else input.new_empty((0,))
     return empty_dense_like(input), other
 
