@@ -25,9 +25,9 @@ from benchmarks.measure import Measure, MeasureMemory, keep_freed_cpu_memory  # 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fused_resnet benchmarks")
     group.addoption("--size", choices=sorted(SIZES), default="default",
-                    help="smoke: ~1 min on a CPU; default: a CPU-sized run (~5 min on 2 cores; bf16 only where "
-                         "the device computes it natively); full: the GPU configuration (batch 256, 224x224, bf16, "
-                         "channels_last). Default: default")
+                    help="smoke: ~1 min on a CPU; default: a CPU-sized run (2-4 min on 2 shared cores; bf16 only "
+                         "where the device computes it natively); full: the GPU configuration (batch 256, 224x224, "
+                         "bf16, channels_last). Default: default")
     group.addoption("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto: cuda if available, else cpu")
     group.addoption("--dtype", choices=sorted(DTYPES), default=None,

@@ -1,6 +1,6 @@
 """The fused_resnet benchmarks' set-up: sizes, layouts, providers, and the run's session and report.
 
-    pytest benchmarks/                      # CPU: about 5 minutes on 2 cores; on a GPU use --size full
+    pytest benchmarks/                      # CPU: 2-4 minutes on 2 shared cores; on a GPU use --size full
     pytest benchmarks/ --size smoke         # about a minute on a small CPU: does everything run?
     pytest benchmarks/ --size full          # the GPU configuration: batch 256, 224x224, bf16, channels_last
 
@@ -23,11 +23,11 @@ Every case runs once per *provider*, side by side in one run:
 Every compiled provider compiles each case afresh (see :meth:`Provider.compile`).
 
 Each case also runs in every *layout* (dtype and memory format) of the size; the default size measures a
-low-precision dtype only where the device computes it natively (see :func:`native_low_precision`), float32
-instead elsewhere. The memory suite measures the bytes
-autograd keeps for backward per image instead of time (benchmarks/measure.py). After the run, tables (images/s and
-the ratio to torchvision per provider, GB/s of the memory-bound ops, activation memory) are printed, and the report
-is written to ``benchmarks/out/report.json`` with a chart of the speedups next to it (``--report-dir`` moves both).
+low-precision dtype only where the device computes it natively (see :func:`native_low_precision`), float32 instead
+elsewhere. The memory suite measures the bytes autograd keeps for backward per image instead of time
+(benchmarks/measure.py). After the run, tables (images/s and the ratio to torchvision per provider, GB/s of the
+memory-bound ops, activation memory) are printed, and the report is written to ``benchmarks/out/report.json`` with a
+chart of the speedups next to it (``--report-dir`` moves both).
 
 benchmarks/conftest.py turns the command line into these objects and hands them to the tests as fixtures.
 """
@@ -501,8 +501,9 @@ class BenchSession:
         elapsed = time.monotonic() - progress.started
         done = sum(progress.expected_s.get(t) or 0.0 for t in progress.finished)
         left = sum(s or 0.0 for t, s in progress.expected_s.items() if t not in progress.finished)
-        where = f"[{len(progress.finished):>{len(str(len(progress.expected_s)))}}/{len(progress.expected_s)} "
-        where += _minutes(elapsed) + (f", ~{_minutes(left * elapsed / done)} left]" if done and left else "]")
+        total = len(progress.expected_s)
+        where = f"[{len(progress.finished):>{len(str(total))}}/{total} {_minutes(elapsed)}"
+        where += f", ~{_minutes(left * elapsed / done)} left]" if done and left else "]"
         lines = []
         for row in new_rows:
             layout = f"{row['dtype']} {row['memory_format']}"
