@@ -26,9 +26,15 @@ $(INSTALLED): $(PY) Makefile
 	$(PY) -m pip install $(DEPS)
 	touch $@
 
-# An editable install: ninja rebuilds only what changed. MAX_JOBS bounds parallel compiles (default 2).
+# The extension is built in place (fused_resnet/_C*.so) with its objects kept in build/, so that ninja recompiles only
+# the translation units whose source, headers or flags changed: with nothing changed this takes seconds (pip's
+# editable install compiles in a fresh temporary directory each time: the whole extension, ~4 minutes on 2 cores).
+# A path file in the environment then imports this checkout's fused_resnet from any directory, as an editable
+# install does. MAX_JOBS bounds parallel compiles (default 2).
 build: $(INSTALLED)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e .
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py build_ext --inplace
+	$(PY) -c "import pathlib, sysconfig; \
+	          pathlib.Path(sysconfig.get_path('purelib'), 'fused_resnet.pth').write_text('$(CURDIR)\n')"
 
 test: build
 	$(PY) -m pytest tests

@@ -25,12 +25,13 @@ from benchmarks.measure import Measure, MeasureMemory, keep_freed_cpu_memory  # 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fused_resnet benchmarks")
     group.addoption("--size", choices=sorted(SIZES), default="default",
-                    help="smoke: ~1 min on a CPU; default: a CPU-sized run; full: the GPU configuration "
-                         "(batch 256, 224x224, bf16, channels_last). Default: default")
+                    help="smoke: ~1 min on a CPU; default: a CPU-sized run (2-4 min on 2 shared cores; bf16 only "
+                         "where the device computes it natively); full: the GPU configuration (batch 256, 224x224, "
+                         "bf16, channels_last). Default: default")
     group.addoption("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto: cuda if available, else cpu")
     group.addoption("--dtype", choices=sorted(DTYPES), default=None,
-                    help="runs every layout of the size in this dtype instead")
+                    help="runs every layout of the size in this dtype instead, natively computed or not")
     group.addoption("--channels-last", dest="channels_last", action="store_true", default=None,
                     help="runs every layout of the size in channels_last instead")
     group.addoption("--no-channels-last", dest="channels_last", action="store_false")
@@ -76,8 +77,41 @@ def pytest_configure(config: pytest.Config) -> None:
     size = harness.size_config(config.getoption("--size"), DTYPES.get(config.getoption("--dtype")),
                                config.getoption("channels_last"), tuple(models) if models is not None else None,
                                config.getoption("--rounds"), config.getoption("--batch"),
-                               config.getoption("--resolution"))
+                               config.getoption("--resolution"), native=harness.native_low_precision(device))
     config.stash[harness.SESSION] = BenchSession(size, device, providers, left_out, config.getoption("--report-dir"))
+    config.pluginmanager.register(ProgressLines(config.stash[harness.SESSION], config), "fused_resnet_progress")
+
+
+class ProgressLines:
+    """The run's progress, in the terminal: the number of cases and the expected time once they are collected, then
+    a line per finished case (harness.BenchSession.plan and .finish say what the lines hold) instead of its dot."""
+
+    def __init__(self, session: BenchSession, config: pytest.Config):
+        self.session = session
+        self.config = config
+
+    def _write(self, line: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            # Without the file names pytest would write before each test again after a line of ours (as with -q).
+            reporter.showfspath = False
+            reporter.write_line(line)
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        tests = [(item.nodeid, getattr(item, "originalname", item.name)) for item in session.items]
+        self._write(self.session.plan(tests))
+
+    def pytest_report_teststatus(self, report: pytest.TestReport) -> tuple[str, str, str] | None:
+        """No dot for a passed test whose measurement gets its line."""
+        if report.when == "call" and report.passed and self.session.has_unshown_rows():
+            return "passed", "", "PASSED"
+        return None
+
+    @pytest.hookimpl(trylast=True)  # after pytest's own report of the test, so that each line is a line of its own
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "teardown":
+            for line in self.session.finish(report.nodeid):
+                self._write(line)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,6 +1,6 @@
 """The fused_resnet benchmarks' set-up: sizes, layouts, providers, and the run's session and report.
 
-    pytest benchmarks/                      # CPU: a few minutes; on a GPU use --size full
+    pytest benchmarks/                      # CPU: 2-4 minutes on 2 shared cores; on a GPU use --size full
     pytest benchmarks/ --size smoke         # about a minute on a small CPU: does everything run?
     pytest benchmarks/ --size full          # the GPU configuration: batch 256, 224x224, bf16, channels_last
 
@@ -22,10 +22,12 @@ Every case runs once per *provider*, side by side in one run:
 
 Every compiled provider compiles each case afresh (see :meth:`Provider.compile`).
 
-Each case also runs in every *layout* (dtype and memory format) of the size. The memory suite measures the bytes
-autograd keeps for backward per image instead of time (benchmarks/measure.py). After the run, tables (images/s and
-the ratio to torchvision per provider, GB/s of the memory-bound ops, activation memory) are printed, and the report
-is written to ``benchmarks/out/report.json`` with a chart of the speedups next to it (``--report-dir`` moves both).
+Each case also runs in every *layout* (dtype and memory format) of the size; the default size measures a
+low-precision dtype only where the device computes it natively (see :func:`native_low_precision`), float32 instead
+elsewhere. The memory suite measures the bytes autograd keeps for backward per image instead of time
+(benchmarks/measure.py). After the run, tables (images/s and the ratio to torchvision per provider, GB/s of the
+memory-bound ops, activation memory) are printed, and the report is written to ``benchmarks/out/report.json`` with a
+chart of the speedups next to it (``--report-dir`` moves both).
 
 benchmarks/conftest.py turns the command line into these objects and hands them to the tests as fixtures.
 """
@@ -38,6 +40,7 @@ import dataclasses
 import datetime
 import functools
 import importlib.metadata
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,6 +108,10 @@ class SizeConfig:
     layouts: tuple[Layout, ...]  # of the block and op benchmarks
     model_layouts: tuple[Layout, ...]  # of the whole-model benchmarks
     models: tuple[str, ...]  # torchvision model names of the whole-model benchmarks
+    # Whether a low-precision layout runs in float32 on a device that does not compute its dtype natively (a
+    # measurement of emulated arithmetic says nothing about fusing, and takes many times as long).
+    low_precision_only_if_native: bool = False
+    emulated_dtypes: tuple[torch.dtype, ...] = ()  # the dtypes this run measures in float32 instead, for that reason
 
     def __post_init__(self) -> None:
         # The warm-up rounds run the very step that is then timed (Measure: pytest-benchmark's pedantic), train or
@@ -121,12 +128,15 @@ SIZES = {
     "smoke": SizeConfig("smoke", block_batch=2, model_batch=2, model_resolution=64, op_shape=(4, 64, 28, 28),
                         rounds=3, warmup_rounds=1, op_rounds=5, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
                         model_layouts=(FP32_NCHW, BF16_CHANNELS_LAST), models=("resnet18",)),
-    # A CPU-sized measurement: the models in all four layouts, the blocks and ops in two. About 2 minutes on an
-    # idle 2-core machine (OpenMP threads sharing their cores with another process make it many times longer).
+    # A CPU-sized measurement: the models in all four layouts, the blocks and ops in two, each in bf16 only where the
+    # device computes it natively (float32 instead: a CPU with AVX2 alone, like this project's, runs 143 cases in
+    # float32). About 4 minutes on the 2-core EPYC here, shared at a load average of ~5: a resnet50 training step
+    # takes 2-11 s there, so each median is of 3 timed calls (at 15 rounds and 3 warm-up calls, and with every bf16
+    # convolution emulated, the run took over 30 minutes).
     "default": SizeConfig("default", block_batch=8, model_batch=4, model_resolution=128, op_shape=(16, 64, 56, 56),
-                          rounds=15, warmup_rounds=3, op_rounds=40, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
+                          rounds=3, warmup_rounds=1, op_rounds=20, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
                           model_layouts=(FP32_NCHW, FP32_CHANNELS_LAST, BF16_NCHW, BF16_CHANNELS_LAST),
-                          models=("resnet18", "resnet50")),
+                          models=("resnet18", "resnet50"), low_precision_only_if_native=True),
     # The GPU configuration of docs/design.md §7: bf16 channels_last, the models in all four layouts. The op shape is
     # the largest BN+add+ReLU of ResNet-50 (stage 1).
     "full": SizeConfig("full", block_batch=256, model_batch=256, model_resolution=224, op_shape=(256, 256, 56, 56),
@@ -135,23 +145,68 @@ SIZES = {
                        models=("resnet18", "resnet50")),
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# The CPU feature flags (x86: /proc/cpuinfo's "flags"; aarch64: its "Features") of instructions that compute in a
+# low-precision dtype. Without any of them PyTorch and oneDNN convert to float32 and back around every convolution:
+# on the 2-core AVX2 EPYC here (load average ~4) a resnet50 training step at the default size (batch 4 at 128x128,
+# NCHW) took 13 s in bf16 against 2.2 s in float32 fused (cpu backend), 15 s against 10.5 s in torchvision, and the
+# default run with its bf16 layouts took over 30 minutes.
+NATIVE_LOW_PRECISION_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16"),
+                              torch.float16: ("avx512fp16", "amx_fp16", "asimdhp")}
 
 
-def _overridden(layouts: tuple[Layout, ...], dtype: torch.dtype | None, channels_last: bool | None) -> tuple:
-    """`layouts` with the command line's dtype and memory format, each distinct layout once, in order."""
-    chosen = [Layout(dtype or layout.dtype, layout.channels_last if channels_last is None else channels_last)
-              for layout in layouts]
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags: the first "flags" (x86) or "Features" (aarch64) line of /proc/cpuinfo, whose text
+    `cpuinfo` is (None: read it); empty where there is none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_low_precision(device: torch.device, flags: frozenset[str] | None = None) -> frozenset[torch.dtype]:
+    """The low-precision dtypes `device` computes natively: on a GPU float16, and bfloat16 from Ampere on; on a CPU
+    those its feature flags (`flags`, None: this CPU's) give instructions for (NATIVE_LOW_PRECISION_FLAGS)."""
+    if device.type == "cuda":
+        return frozenset({torch.float16} | ({torch.bfloat16} if torch.cuda.is_bf16_supported(False) else set()))
+    flags = cpu_flags() if flags is None else flags
+    return frozenset(dtype for dtype, names in NATIVE_LOW_PRECISION_FLAGS.items() if flags.intersection(names))
+
+
+def _overridden(layouts: tuple[Layout, ...], dtype: torch.dtype | None, channels_last: bool | None,
+                emulated: tuple[torch.dtype, ...]) -> tuple:
+    """`layouts` with the command line's dtype and memory format, the `emulated` dtypes' in float32, each distinct
+    layout once, in order."""
+    chosen = []
+    for layout in layouts:
+        chosen_dtype = dtype or (torch.float32 if layout.dtype in emulated else layout.dtype)
+        chosen.append(Layout(chosen_dtype, layout.channels_last if channels_last is None else channels_last))
     return tuple(dict.fromkeys(chosen))
 
 
 def size_config(size_name: str, dtype: torch.dtype | None = None, channels_last: bool | None = None,
                 models: tuple[str, ...] | None = None, rounds: int | None = None, model_batch: int | None = None,
-                model_resolution: int | None = None) -> SizeConfig:
-    """The size `size_name` with what the command line overrides (None: the size's own)."""
+                model_resolution: int | None = None,
+                native: frozenset[torch.dtype] | None = None) -> SizeConfig:
+    """The size `size_name` with what the command line overrides (None: the size's own). `native`: the
+    low-precision dtypes the device computes natively (None: as if all); a size that measures low precision only
+    where it is native runs its other low-precision layouts in float32, unless `dtype` asks for one."""
     size = SIZES[size_name]
-    overrides: dict = {"layouts": _overridden(size.layouts, dtype, channels_last),
-                       "model_layouts": _overridden(size.model_layouts, dtype, channels_last)}
+    emulated = ()
+    if native is not None and dtype is None and size.low_precision_only_if_native:
+        low_precision = [layout.dtype for layout in size.layouts + size.model_layouts if layout.dtype != torch.float32]
+        emulated = tuple(d for d in dict.fromkeys(low_precision) if d not in native)
+    overrides: dict = {"layouts": _overridden(size.layouts, dtype, channels_last, emulated),
+                       "model_layouts": _overridden(size.model_layouts, dtype, channels_last, emulated),
+                       "emulated_dtypes": emulated}
     if models is not None:
         overrides["models"] = models
     if model_batch:
@@ -321,6 +376,66 @@ def select_providers(requested: list[str] | None, device: torch.device) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Progress: the expected time before the run, a line per finished case during it
+
+# What one test of each benchmark function costs, for the estimate printed before a run: which of the size's round
+# counts it times (its warm-up rounds come on top; None: it measures once, untimed), and its seconds per call at each
+# CPU size: a test's whole duration (building and converting its module included) over its calls, averaged over the
+# size's cases, float32 and bf16 as the size runs them here, measured with pytest --durations on the 2-core AVX2
+# EPYC of this project at a load average of ~5 (so on an idle machine a run takes less).
+CALL_COSTS: dict[str, tuple[str | None, dict[str, float]]] = {
+    "test_block": ("rounds", {"smoke": 0.37, "default": 0.36}),
+    "test_model": ("rounds", {"smoke": 1.3, "default": 1.6}),
+    "test_bn_add_relu": ("op_rounds", {"smoke": 0.026, "default": 0.057}),
+    "test_device_copy": ("op_rounds", {"smoke": 0.002, "default": 0.007}),
+    "test_copy_bandwidth": ("op_rounds", {"smoke": 0.13, "default": 0.09}),
+    "test_block_memory": (None, {"smoke": 0.23, "default": 0.36}),
+    "test_model_memory": (None, {"smoke": 1.24, "default": 1.7}),
+    "test_traffic": (None, {"smoke": 0.3, "default": 0.67}),
+}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def _reference_of(row: dict, rows: list[dict]) -> dict | None:
+    """The reference provider's row of `row`'s case among `rows`, or None (not measured yet, or `row` is it)."""
+    if row["is_reference"]:
+        return None
+    key = report._case_key(row)
+    return next((other for other in rows if other["is_reference"] and report._case_key(other) == key), None)
+
+
+# What a progress line shows of a row, by suite: (the row's field, its unit's size, the unit); images/s elsewhere.
+_SHOWN = {"traffic": ("other_bytes_per_image", 1e6, "MB/image moved"),
+          "memory": ("saved_bytes_per_image", 2**20, "MiB/image saved"),
+          "copy": ("gb_per_s", 1, "GB/s"), "bandwidth": ("gb_per_s", 1, "GB/s")}
+
+
+def progress_value(row: dict, rows: list[dict]) -> str:
+    """What a finished case measured, as its progress line shows it, with the ratio to the reference provider of
+    the same case measured earlier in the run (`rows`: the rows of its kind recorded so far)."""
+    field, unit_size, unit = _SHOWN.get(row["suite"], ("images_per_s", 1, "images/s"))
+    shown = f"{report._number(row[field] / unit_size)} {unit}"
+    reference = _reference_of(row, rows)
+    if reference is not None and reference[field]:
+        shown += f", {row[field] / reference[field]:.2f}x {reference['provider']}"
+    return shown
+
+
+@dataclasses.dataclass
+class Progress:
+    """How far a run is: its tests' estimated seconds (see CALL_COSTS), those finished, the rows already shown."""
+
+    expected_s: dict[str, float | None] = dataclasses.field(default_factory=dict)  # by test id, None: unknown
+    finished: set[str] = dataclasses.field(default_factory=set)
+    started: float = 0.0  # time.monotonic() when the run's tests started
+    rows_shown: int = 0
+    memory_rows_shown: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The session and its report
 
 
@@ -335,6 +450,7 @@ class BenchSession:
     report_dir: Path
     rows: list[dict] = dataclasses.field(default_factory=list)  # timed: one per case, layout and provider
     memory_rows: list[dict] = dataclasses.field(default_factory=list)  # activation memory, likewise
+    progress: Progress = dataclasses.field(default_factory=Progress)
 
     @functools.cached_property
     def row_info(self) -> dict:
@@ -351,9 +467,63 @@ class BenchSession:
             f"providers: {', '.join(p.name for p in self.providers)}"
             + "".join(f"; {name} left out: {why}" for name, why in self.left_out.items()),
         ]
+        if self.size.emulated_dtypes:
+            names = ", ".join(Layout(dtype, False).dtype_name for dtype in self.size.emulated_dtypes)
+            capability = (f" ({torch.backends.cpu.get_cpu_capability()})" if self.device.type == "cpu" else "")
+            lines.append(f"{names} layouts run in float32: this {self.device.type}{capability} does not compute "
+                         f"{names} natively, so it would time emulation (--dtype {names} runs it anyway)")
         if self.size.name == "full" and self.device.type == "cpu":
             lines.append("warning: --size full is the GPU configuration (batch 256 at 224x224); on a CPU it takes "
                          "hours")
+        return lines
+
+    def expected_seconds(self, function_name: str) -> float | None:
+        """The estimated seconds of one test of the benchmark function `function_name` in this run: its calls
+        (the size's warm-up and timed rounds, or 1) times its seconds per call (CALL_COSTS); None where no cost was
+        measured (a GPU, the full size, an unknown function)."""
+        rounds, seconds_per_call = CALL_COSTS.get(function_name, (None, {}))
+        if self.device.type != "cpu" or self.size.name not in seconds_per_call:
+            return None
+        calls = self.size.warmup_rounds + getattr(self.size, rounds) if rounds else 1
+        return calls * seconds_per_call[self.size.name]
+
+    def plan(self, tests: list[tuple[str, str]]) -> str:
+        """Starts the clock on the run of `tests` ((test id, function name) each); returns the line announcing it:
+        how many cases and how long they are expected to take."""
+        self.progress = Progress({test_id: self.expected_seconds(name) for test_id, name in tests},
+                                 started=time.monotonic())
+        known = [seconds for seconds in self.progress.expected_s.values() if seconds is not None]
+        line = f"fused_resnet benchmarks: {len(tests)} cases"
+        if not known:
+            return line + f"; no time estimate ({self.device.type}, size {self.size.name}: no measured call costs)"
+        line += (f", expected to take about {_minutes(sum(known))} (min:s): each case's warm-up and timed calls at "
+                 f"the seconds per call measured on a 2-core AVX2 CPU (harness.CALL_COSTS)")
+        unknown = len(tests) - len(known)
+        return line + (f", {unknown} cases not counted" if unknown else "")
+
+    def has_unshown_rows(self) -> bool:
+        return (len(self.rows), len(self.memory_rows)) != (self.progress.rows_shown, self.progress.memory_rows_shown)
+
+    def finish(self, test_id: str) -> list[str]:
+        """Marks the test `test_id` finished; returns a progress line for each row it recorded: how far the run
+        is (tests finished, time elapsed, the estimate of what is left scaled by how the estimate fared so far),
+        the case, the provider and what it measured."""
+        progress = self.progress
+        progress.finished.add(test_id)
+        new_rows = self.rows[progress.rows_shown:] + self.memory_rows[progress.memory_rows_shown:]
+        progress.rows_shown, progress.memory_rows_shown = len(self.rows), len(self.memory_rows)
+        elapsed = time.monotonic() - progress.started
+        done = sum(progress.expected_s.get(t) or 0.0 for t in progress.finished)
+        left = sum(s or 0.0 for t, s in progress.expected_s.items() if t not in progress.finished)
+        total = len(progress.expected_s)
+        where = f"[{len(progress.finished):>{len(str(total))}}/{total} {_minutes(elapsed)}"
+        where += f", ~{_minutes(left * elapsed / done)} left]" if done and left else "]"
+        lines = []
+        for row in new_rows:
+            layout = f"{row['dtype']} {row['memory_format']}"
+            rows = self.memory_rows if row["suite"] == "memory" else self.rows
+            lines.append(f"{where} {row['suite']} {row['case']} {row['mode']} {layout}: {row['provider']} "
+                         f"{progress_value(row, rows)}")
         return lines
 
     def report(self) -> report.Report | None:

@@ -5,6 +5,7 @@ count."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -289,6 +290,114 @@ def test_saved_bytes_count_each_storage_once_and_leave_parameters_out():
         return hidden[:2] * hidden[2:]  # two views of relu's output: the same storage again
 
     assert saved_for_backward_bytes(linear, forward) == x.nbytes + 4 * 8 * 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes for the machine
+
+
+@pytest.mark.parametrize("cpuinfo, native", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx f16c fma avx2\nprocessor\t: 1\n", set()),  # f16c only converts
+    ("flags\t\t: avx2 avx512f avx512bw avx512vl\n", set()),  # AVX-512 without its bf16 instructions
+    ("flags\t\t: avx2 avx512f avx512bw avx512_bf16\n", {torch.bfloat16}),
+    ("flags\t\t: avx512f amx_tile amx_bf16 avx512fp16\n", {torch.bfloat16, torch.float16}),
+    ("Features\t: fp asimd fphp asimdhp bf16\n", {torch.bfloat16, torch.float16}),  # aarch64
+    ("", set()),
+], ids=["avx2", "avx512-without-bf16", "avx512-bf16", "amx-and-avx512-fp16", "aarch64", "no-cpuinfo"])
+def test_low_precision_counts_as_native_only_with_its_instructions(cpuinfo, native):
+    """The CPU's flags decide which low-precision dtypes the default size measures (AVX2, as on this project's
+    machine, or AVX-512 without AVX512-BF16: none)."""
+    assert harness.native_low_precision(torch.device("cpu"), harness.cpu_flags(cpuinfo)) == native
+
+
+def test_default_size_measures_low_precision_only_where_native():
+    """Without native bf16 the default size runs its bf16 layouts in float32 and the header says so (a run of
+    emulated bf16 took over 30 minutes on the 2-core AVX2 CPU); `--dtype bf16` still runs them; with native bf16
+    the layouts stay the size's, and so do the smoke and full sizes' everywhere."""
+    default = harness.SIZES["default"]
+    emulated = harness.size_config("default", native=frozenset())
+    assert emulated.layouts == (harness.FP32_NCHW, harness.FP32_CHANNELS_LAST)
+    assert emulated.model_layouts == (harness.FP32_NCHW, harness.FP32_CHANNELS_LAST)
+    assert emulated.emulated_dtypes == (torch.bfloat16,)
+    header = harness.BenchSession(emulated, torch.device("cpu"), [], {}, Path("out")).header_lines()
+    assert any(line.startswith("bfloat16 layouts run in float32: this cpu") for line in header)
+    native = harness.size_config("default", native=frozenset({torch.bfloat16}))
+    assert (native.layouts, native.model_layouts, native.emulated_dtypes) == (default.layouts, default.model_layouts,
+                                                                              ())
+    asked = harness.size_config("default", harness.DTYPES["bf16"], native=frozenset())
+    assert {layout.dtype for layout in asked.layouts + asked.model_layouts} == {torch.bfloat16}
+    assert not asked.emulated_dtypes
+    for name in ("smoke", "full"):
+        assert harness.size_config(name, native=frozenset()) == harness.SIZES[name]
+
+
+def _cpu_session(size: str = "default", device: str = "cpu") -> harness.BenchSession:
+    return harness.BenchSession(harness.SIZES[size], torch.device(device), [], {}, Path("out"))
+
+
+def test_the_run_announces_its_cases_and_expected_time():
+    """The estimate before a run: each test's warm-up and timed calls (1 for an untimed measurement) at the seconds
+    per call measured for its benchmark function; a test of another function, or a GPU run, is not estimated."""
+    size = harness.SIZES["default"]
+    per_call = {name: costs["default"] for name, (_, costs) in harness.CALL_COSTS.items()}
+    expected = ((size.warmup_rounds + size.rounds) * (per_call["test_block"] + per_call["test_model"])
+                + (size.warmup_rounds + size.op_rounds) * per_call["test_bn_add_relu"] + per_call["test_traffic"])
+    line = _cpu_session().plan([("b", "test_block"), ("m", "test_model"), ("o", "test_bn_add_relu"),
+                                ("t", "test_traffic"), ("n", "test_new")])
+    assert line.startswith(f"fused_resnet benchmarks: 5 cases, expected to take about "
+                           f"{int(expected // 60)}:{int(expected % 60):02d} (min:s)")
+    assert line.endswith(", 1 cases not counted")
+    assert _cpu_session(device="cuda").plan([("b", "test_block")]) == (
+        "fused_resnet benchmarks: 1 cases; no time estimate (cuda, size default: no measured call costs)")
+
+
+def test_each_finished_case_gets_a_line_with_its_ratio_to_the_reference(monkeypatch):
+    """As the run goes: tests finished, time elapsed, the time left (the estimate of the remaining tests scaled by
+    elapsed over the estimate of the finished ones), then the case, the provider, what it measured and its ratio to
+    the reference provider of the same case in this run; a test that recorded nothing prints nothing."""
+    clock = iter([1000.0, 1030.0, 1090.0, 1100.0, 1110.0])
+    monkeypatch.setattr(harness.time, "monotonic", lambda: next(clock))
+    size = harness.SIZES["default"]
+    model_call_s = 9.0 / (size.warmup_rounds + size.rounds)  # 9 s a test
+    monkeypatch.setitem(harness.CALL_COSTS, "test_model", ("rounds", {"default": model_call_s}))
+    monkeypatch.setitem(harness.CALL_COSTS, "test_traffic", (None, {"default": 2.0}))
+    session = _cpu_session()
+    session.plan([("tv", "test_model"), ("fused", "test_model"), ("failed", "test_model"), ("memory", "test_traffic")])
+    model = dict(model="resnet50", resolution=128, batch=4)
+    session.rows.append(_row("models", "resnet50 @128", "train", "torchvision", 20.0, reference=True, **model))
+    assert session.has_unshown_rows()
+    assert session.finish("tv") == ["[1/4 0:30, ~1:06 left] models resnet50 @128 train bfloat16 channels_last: "
+                                    "torchvision 20 images/s"]
+    assert not session.has_unshown_rows()
+    session.rows.append(_row("models", "resnet50 @128", "train", "fused-cpu", 25.0, **model))
+    assert session.finish("fused") == ["[2/4 1:30, ~0:55 left] models resnet50 @128 train bfloat16 channels_last: "
+                                       "fused-cpu 25 images/s, 1.25x torchvision"]
+    assert session.finish("failed") == []
+    session.memory_rows += [
+        {**_row("memory", "resnet50 @128", "train", provider, 0.0, reference=provider == "torchvision"),
+         "saved_bytes_per_image": saved} for provider, saved in (("torchvision", 2**21), ("fused-cpu", 1.5 * 2**20))]
+    assert session.finish("memory") == [
+        "[4/4 1:50] memory resnet50 @128 train bfloat16 channels_last: torchvision 2 MiB/image saved",
+        "[4/4 1:50] memory resnet50 @128 train bfloat16 channels_last: fused-cpu 1.5 MiB/image saved, 0.75x "
+        "torchvision"]
+
+
+def test_a_benchmark_run_prints_its_estimate_and_a_line_per_case_instead_of_dots(tmp_path):
+    """benchmarks/conftest.py's hooks, in a real run of the smoke size's two device copies: the announcement after
+    collection, then each case's line where pytest would print its dot."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_ops.py", "-k", "test_device_copy",
+                          "--size", "smoke", "-p", "no:cacheprovider", "--report-dir", str(tmp_path)],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    announced = next(i for i, line in enumerate(lines) if line.startswith("fused_resnet benchmarks: 2 cases, expected"))
+    first, second, progress = [line for line in lines[announced + 1:announced + 5] if line]
+    assert re.fullmatch(r"\[1/2 0:\d\d, ~\d+:\d\d left\] copy 4x64x28x28 copy float32 nchw: torch copy_ [\d.]+ GB/s",
+                        first), first
+    assert re.fullmatch(r"\[2/2 0:\d\d\] copy 4x64x28x28 copy bfloat16 channels_last: torch copy_ [\d.]+ GB/s",
+                        second), second
+    assert progress.split() == ["[100%]"]  # no dots, nor the file's name again before each line
 
 
 def test_size_overrides_replace_only_what_the_command_line_gives():
