@@ -351,14 +351,16 @@ def _commit() -> str:
 
 def _conclude_build(check: Check, result: StepResult, output: str) -> None:
     if check.rehearsal:
-        result.note = "; ".join(filter(None, ["pip --dry-run: make test's build step ran the real build", result.note]))
+        result.note = "; ".join(filter(None, ["pip --dry-run: make test's build step (setup.py build_ext --inplace) "
+                                                 "ran the real build", result.note]))
 
 
 def _plan_build(check: Check) -> list[str]:
     command = [sys.executable, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
                "--no-build-isolation", "--no-deps", "-e", "."]
-    # `make test` has just built the extension with this very command: the rehearsal checks that pip accepts it and
-    # that setup.py runs, without building twice.
+    # On the GPU machine (no virtual environment) the editable install builds the extension and makes the checkout
+    # importable in one command. `make test` has just built it in place (setup.py build_ext --inplace, the same
+    # extensions): the rehearsal checks that pip accepts the command and that setup.py runs, without building twice.
     return [*command, "--dry-run"] if check.rehearsal else command
 
 

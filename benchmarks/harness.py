@@ -403,8 +403,8 @@ def _reference_of(row: dict, rows: list[dict]) -> dict | None:
     """The reference provider's row of `row`'s case among `rows`, or None (not measured yet, or `row` is it)."""
     if row["is_reference"]:
         return None
-    key = report._case_key(row)
-    return next((other for other in rows if other["is_reference"] and report._case_key(other) == key), None)
+    key = report.case_key(row)
+    return next((other for other in rows if other["is_reference"] and report.case_key(other) == key), None)
 
 
 # What a progress line shows of a row, by suite: (the row's field, its unit's size, the unit); images/s elsewhere.
@@ -417,7 +417,7 @@ def progress_value(row: dict, rows: list[dict]) -> str:
     """What a finished case measured, as its progress line shows it, with the ratio to the reference provider of
     the same case measured earlier in the run (`rows`: the rows of its kind recorded so far)."""
     field, unit_size, unit = _SHOWN.get(row["suite"], ("images_per_s", 1, "images/s"))
-    shown = f"{report._number(row[field] / unit_size)} {unit}"
+    shown = f"{report.format_number(row[field] / unit_size)} {unit}"
     reference = _reference_of(row, rows)
     if reference is not None and reference[field]:
         shown += f", {row[field] / reference[field]:.2f}x {reference['provider']}"

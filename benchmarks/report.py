@@ -43,7 +43,7 @@ def cpu_name() -> str:
 # Ratios
 
 
-def _case_key(row: dict) -> tuple:
+def case_key(row: dict) -> tuple:
     """What identifies one measurement across providers: the providers of a case share it."""
     return row["suite"], row["case"], row["mode"], row["dtype"], row["memory_format"]
 
@@ -51,11 +51,11 @@ def _case_key(row: dict) -> tuple:
 def _with_ratios(rows: list[dict]) -> list[dict]:
     """Each timed row with `ratio` (its images/s over the reference provider's for the same case, in this run) and,
     for the op rows, `copy_fraction` (its GB/s over the device copy's of the same dtype and memory format)."""
-    reference = {_case_key(row): row["images_per_s"] for row in rows if row["is_reference"]}
+    reference = {case_key(row): row["images_per_s"] for row in rows if row["is_reference"]}
     copy = {(row["dtype"], row["memory_format"]): row["gb_per_s"] for row in rows if row["suite"] == "copy"}
     out = []
     for row in rows:
-        ratio = row["images_per_s"] / reference[_case_key(row)] if _case_key(row) in reference else None
+        ratio = row["images_per_s"] / reference[case_key(row)] if case_key(row) in reference else None
         copy_gb_per_s = copy.get((row["dtype"], row["memory_format"]))
         fraction = (row["gb_per_s"] / copy_gb_per_s
                     if row["suite"] == "ops" and row.get("gb_per_s") is not None and copy_gb_per_s else None)
@@ -65,9 +65,9 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
 
 def _with_memory_ratios(rows: list[dict]) -> list[dict]:
     """Each memory row with `ratio`: its bytes saved per image over the reference provider's (< 1 saves memory)."""
-    reference = {_case_key(row): row["saved_bytes_per_image"] for row in rows if row["is_reference"]}
-    return [{**row, "ratio": row["saved_bytes_per_image"] / reference[_case_key(row)]
-             if reference.get(_case_key(row)) else None} for row in rows]
+    reference = {case_key(row): row["saved_bytes_per_image"] for row in rows if row["is_reference"]}
+    return [{**row, "ratio": row["saved_bytes_per_image"] / reference[case_key(row)]
+             if reference.get(case_key(row)) else None} for row in rows]
 
 
 def _copy_gb_per_s(rows: list[dict]) -> float | None:
@@ -79,15 +79,15 @@ def _with_traffic_times(traffic: list[dict], rows: list[dict]) -> list[dict]:
     """Each traffic row with `ratio` (its non-convolution bytes over the reference provider's for the same case),
     `predicted_other_s_per_image` (those bytes at the copy bandwidth of `rows`), `measured_s_per_image` (the timed
     model row of the same case and provider, per image) and `predicted_share` (the first over the second)."""
-    reference = {_case_key(row): row["other_bytes_per_image"] for row in traffic if row["is_reference"]}
-    measured = {(*_case_key(row)[1:], row["provider"]): row["median_s"] / row["images_per_call"]
+    reference = {case_key(row): row["other_bytes_per_image"] for row in traffic if row["is_reference"]}
+    measured = {(*case_key(row)[1:], row["provider"]): row["median_s"] / row["images_per_call"]
                 for row in rows if row["suite"] == "models"}
     gb_per_s = _copy_gb_per_s(rows)
     out = []
     for row in traffic:
-        base = reference.get(_case_key(row))
+        base = reference.get(case_key(row))
         predicted = row["other_bytes_per_image"] / (gb_per_s * 1e9) if gb_per_s else None
-        step = measured.get((*_case_key(row)[1:], row["provider"]))
+        step = measured.get((*case_key(row)[1:], row["provider"]))
         out.append({**row, "ratio": row["other_bytes_per_image"] / base if base else None,
                     "predicted_other_s_per_image": predicted, "measured_s_per_image": step,
                     "predicted_share": predicted / step if predicted is not None and step else None})
@@ -99,8 +99,8 @@ def _grouped(rows: list[dict]) -> list[dict]:
     they ran)."""
     first_seen: dict[tuple, int] = {}
     for row in rows:
-        first_seen.setdefault(_case_key(row), len(first_seen))
-    return sorted(rows, key=lambda row: (first_seen[_case_key(row)], not row["is_reference"]))
+        first_seen.setdefault(case_key(row), len(first_seen))
+    return sorted(rows, key=lambda row: (first_seen[case_key(row)], not row["is_reference"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def _pivot(
                                    + [row["provider"] for row in rows]))
     by_case: dict[tuple, dict[str, dict]] = {}
     for row in _grouped(rows):
-        by_case.setdefault(_case_key(row), {})[row["provider"]] = row
+        by_case.setdefault(case_key(row), {})[row["provider"]] = row
     lines: list[list[str] | None] = []
     previous_suite = None
     for key, of_provider in by_case.items():
@@ -181,26 +181,26 @@ def _peak(row: dict) -> str | None:
     return f"{row['peak_memory_mib']:.0f} MiB" if row.get("peak_memory_mib") is not None else None
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
     """Three significant digits, and no decimals from 100 on: 0.152, 8.14, 45.1, 2650."""
     return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
 
 
 def _throughput_cell(row: dict) -> str:
-    return _with_details(_number(row["images_per_s"]), [_ratio(row), _peak(row)])
+    return _with_details(format_number(row["images_per_s"]), [_ratio(row), _peak(row)])
 
 
 def _op_cell(row: dict) -> str:
     fraction = f"{row['copy_fraction']:.0%} of copy" if row["copy_fraction"] is not None else None
-    return _with_details(_number(row["gb_per_s"]), [_ratio(row), fraction])
+    return _with_details(format_number(row["gb_per_s"]), [_ratio(row), fraction])
 
 
 def _megabytes(value: float) -> str:
-    return _number(value / 1e6)
+    return format_number(value / 1e6)
 
 
 def _milliseconds(seconds: float | None) -> str:
-    return _number(seconds * 1e3) if seconds is not None else "-"
+    return format_number(seconds * 1e3) if seconds is not None else "-"
 
 
 def _traffic_table(traffic: list[dict], rows: list[dict]) -> Table | None:
@@ -209,7 +209,7 @@ def _traffic_table(traffic: list[dict], rows: list[dict]) -> Table | None:
     lines: list[list[str] | None] = []
     previous = None
     for row in traffic:
-        key = _case_key(row)
+        key = case_key(row)
         if previous is not None and key != previous:
             lines.append(None)
         previous = key
@@ -225,7 +225,7 @@ def _traffic_table(traffic: list[dict], rows: list[dict]) -> Table | None:
     gb_per_s = _copy_gb_per_s(rows)
     bandwidth = next((row for row in rows if row["suite"] == "bandwidth"), None)
     notes = [
-        f"copy bandwidth: {_number(gb_per_s)} GB/s ({bandwidth['case']}, read + written, measured in this run)"
+        f"copy bandwidth: {format_number(gb_per_s)} GB/s ({bandwidth['case']}, read + written, measured in this run)"
         if gb_per_s else "copy bandwidth: not measured in this run (benchmarks/test_traffic.py::test_copy_bandwidth), "
                          "so no predicted times",
         "an op counts each tensor it reads or writes once (ATen's training BatchNorm and its backward are one op "
@@ -242,7 +242,7 @@ def _traffic_table(traffic: list[dict], rows: list[dict]) -> Table | None:
 
 def _memory_cell(row: dict) -> str:
     peak = f"peak {row['peak_memory_mib']:.0f} MiB" if row.get("peak_memory_mib") is not None else None
-    return _with_details(_number(row["saved_bytes_per_image"] / 2**20), [_ratio(row), peak])
+    return _with_details(format_number(row["saved_bytes_per_image"] / 2**20), [_ratio(row), peak])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ class Report:
             "share of the device's copy bandwidth)",
             [("op", lambda r: r["case"]), ("mode", lambda r: r["mode"]), ("layout", _layout)],
             _op_cell,
-            [f"device copy bandwidth ({row['case']}, {_layout(row)}): {_number(row['gb_per_s'])} GB/s"
+            [f"device copy bandwidth ({row['case']}, {_layout(row)}): {format_number(row['gb_per_s'])} GB/s"
              for row in copies])
         memory = _pivot(
             self.memory_rows,
@@ -551,7 +551,7 @@ def _copy_checks(report: Report, in_layout: list[dict], off_card: str | None) ->
             continue
         checks.append(TargetCheck(
             "elementwise_vs_copy", what, target, row["copy_fraction"],
-            f"{row['copy_fraction']:.0%} ({_number(row['gb_per_s'])} GB/s)",
+            f"{row['copy_fraction']:.0%} ({format_number(row['gb_per_s'])} GB/s)",
             "not judged" if not_judged else _verdict(row["copy_fraction"], COPY_FRACTION_TARGET, at_least=True),
             layout + (f"; {not_judged}" if not_judged else "")))
     return checks
@@ -569,7 +569,7 @@ def _memory_checks(report: Report) -> list[TargetCheck]:
         target = MEMORY_TARGETS[row.get("memory_policy") or "default"]
         checks.append(TargetCheck(
             "memory", f"{what}, {row['provider']}", f"<= {target:.2f}x", row["ratio"],
-            f"{row['ratio']:.2f}x ({_number(row['saved_bytes_per_image'] / 2**20)} MiB/image)",
+            f"{row['ratio']:.2f}x ({format_number(row['saved_bytes_per_image'] / 2**20)} MiB/image)",
             _verdict(row["ratio"], target, at_least=False),
             f"{_layout(row)}, batch {row['images_per_call']} @{row.get('resolution')}"))
     return checks
