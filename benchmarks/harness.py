@@ -130,11 +130,12 @@ SIZES = {
                         model_layouts=(FP32_NCHW, BF16_CHANNELS_LAST), models=("resnet18",)),
     # A CPU-sized measurement: the models in all four layouts, the blocks and ops in two, each in bf16 only where the
     # device computes it natively (float32 instead: a CPU with AVX2 alone, like this project's, runs 143 cases in
-    # float32). About 4 minutes on the 2-core EPYC here, shared at a load average of ~5: a resnet50 training step
-    # takes 2-11 s there, so each median is of 3 timed calls (at 15 rounds and 3 warm-up calls, and with every bf16
-    # convolution emulated, the run took over 30 minutes).
+    # float32). Each median is of 5 timed calls after 2 warm-up calls: with 3 after 1 the run took 1.5 minutes on the
+    # idle 2-core EPYC here (4 at a load average of ~5), but a first timed call still paying for page faults swung
+    # resnet50's NCHW training ratio to 0.63x where a profile of the same step gave 1.13x. (At 15 rounds and 3
+    # warm-up calls, and with every bf16 convolution emulated, the run had taken over 30 minutes.)
     "default": SizeConfig("default", block_batch=8, model_batch=4, model_resolution=128, op_shape=(16, 64, 56, 56),
-                          rounds=3, warmup_rounds=1, op_rounds=20, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
+                          rounds=5, warmup_rounds=2, op_rounds=20, layouts=(FP32_NCHW, BF16_CHANNELS_LAST),
                           model_layouts=(FP32_NCHW, FP32_CHANNELS_LAST, BF16_NCHW, BF16_CHANNELS_LAST),
                           models=("resnet18", "resnet50"), low_precision_only_if_native=True),
     # The GPU configuration of docs/design.md §7: bf16 channels_last, the models in all four layouts. The op shape is
