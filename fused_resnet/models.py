@@ -90,7 +90,8 @@ class FusedStem(Fusable):
         activation and the pool's indices, together 1.5 times its size in float32)."""
         pool = self.maxpool
         if (isinstance(x, Proxy) or type(pool) is not nn.MaxPool2d or pool.return_indices
-                or isinstance(self.conv1, nn.Sequential) or self.fusion_blocker() is not None or hooks_blocker([("maxpool", pool)]) is not None):
+                or isinstance(self.conv1, nn.Sequential) or self.fusion_blocker() is not None
+                or hooks_blocker([("maxpool", pool)]) is not None):
             return pool(self.forward_stem(x))
         return ops.conv_bn_relu(x, conv_bn(self.conv1, self.bn1, "conv1/bn1"), max_pool=MaxPoolParams.of(pool),
                                 folded=self._folded, memory=self.memory)
