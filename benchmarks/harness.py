@@ -382,17 +382,18 @@ def select_providers(requested: list[str] | None, device: torch.device) -> tuple
 # What one test of each benchmark function costs, for the estimate printed before a run: which of the size's round
 # counts it times (its warm-up rounds come on top; None: it measures once, untimed), and its seconds per call at each
 # CPU size: a test's whole duration (building and converting its module included) over its calls, averaged over the
-# size's cases, float32 and bf16 as the size runs them here, measured with pytest --durations on the 2-core AVX2
-# EPYC of this project at a load average of ~5 (so on an idle machine a run takes less).
+# size's cases, float32 and bf16 as the size runs them here, measured with pytest --durations on the idle 2-core AVX2
+# EPYC of this project (at a load average of ~5 the same run took 2-2.5x as long; the progress lines' "left"
+# corrects for the pace a run actually keeps).
 CALL_COSTS: dict[str, tuple[str | None, dict[str, float]]] = {
-    "test_block": ("rounds", {"smoke": 0.37, "default": 0.36}),
-    "test_model": ("rounds", {"smoke": 1.3, "default": 1.6}),
-    "test_bn_add_relu": ("op_rounds", {"smoke": 0.026, "default": 0.057}),
-    "test_device_copy": ("op_rounds", {"smoke": 0.002, "default": 0.007}),
-    "test_copy_bandwidth": ("op_rounds", {"smoke": 0.13, "default": 0.09}),
-    "test_block_memory": (None, {"smoke": 0.23, "default": 0.36}),
-    "test_model_memory": (None, {"smoke": 1.24, "default": 1.7}),
-    "test_traffic": (None, {"smoke": 0.3, "default": 0.67}),
+    "test_block": ("rounds", {"smoke": 0.089, "default": 0.082}),
+    "test_model": ("rounds", {"smoke": 0.17, "default": 0.29}),
+    "test_bn_add_relu": ("op_rounds", {"smoke": 0.0017, "default": 0.0072}),
+    "test_device_copy": ("op_rounds", {"smoke": 0.0014, "default": 0.0014}),
+    "test_copy_bandwidth": ("op_rounds", {"smoke": 0.11, "default": 0.043}),
+    "test_block_memory": (None, {"smoke": 0.048, "default": 0.11}),
+    "test_model_memory": (None, {"smoke": 0.27, "default": 0.37}),
+    "test_traffic": (None, {"smoke": 0.29, "default": 0.5}),
 }
 
 
@@ -498,7 +499,7 @@ class BenchSession:
         if not known:
             return line + f"; no time estimate ({self.device.type}, size {self.size.name}: no measured call costs)"
         line += (f", expected to take about {_minutes(sum(known))} (min:s): each case's warm-up and timed calls at "
-                 f"the seconds per call measured on a 2-core AVX2 CPU (harness.CALL_COSTS)")
+                 f"the seconds per call measured on an idle 2-core AVX2 CPU (harness.CALL_COSTS)")
         unknown = len(tests) - len(known)
         return line + (f", {unknown} cases not counted" if unknown else "")
 
