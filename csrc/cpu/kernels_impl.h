@@ -412,11 +412,12 @@ struct ChannelNorm {
 
 // One contiguous run of `len` elements: out = [relu](norm(x) + R), R from `res` (kIdentity: every `res_step`-th
 // element from res; kAffine: res_norm(res)). Parameters as channel_vec reads them: along a row (pointers already at
-// the run's first channel) or broadcast from channel c of a plane.
+// the run's first channel) or broadcast from channel c of a plane. The norms come by value, for the reason
+// backward_elemt_kernel copies its arguments (in cache up to 1.3x faster).
 template <typename scalar_t, Residual kResidual, bool kRelu, bool kRow>
 inline void bn_act_run(const scalar_t* x, const scalar_t* res, int64_t res_step, scalar_t* out, int64_t len,
-                       int64_t c, const ChannelNorm<acc_type<scalar_t>>& norm,
-                       const ChannelNorm<acc_type<scalar_t>>& res_norm) {
+                       int64_t c, const ChannelNorm<acc_type<scalar_t>> norm,
+                       const ChannelNorm<acc_type<scalar_t>> res_norm) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -664,12 +665,15 @@ struct ElemtArgs {
 };
 
 template <typename scalar_t, Mask kMask, Other kOther>
-void backward_elemt_kernel(const Layout& L, const ElemtArgs<scalar_t>& a) {
+void backward_elemt_kernel(const Layout& L, const ElemtArgs<scalar_t>& args) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   for_each_segment(L, [&](auto row_tag, int64_t off, int64_t len, int64_t c) {
     constexpr bool kRow = decltype(row_tag)::value;
+    // A local copy, so that its pointers stay in registers: through the reference every vector store (an
+    // __m256, which may alias anything) made GCC reload all of them (measured 1.0-1.5x faster with the copy).
+    const ElemtArgs<scalar_t> a = args;
     int64_t i = vector_steps<scalar_t>(len, [&](int64_t j, auto steps) {
       constexpr int K = steps.value;
       Vec gm[K], o[K], xv[K], x2v[K], gx[K], g2[K];
