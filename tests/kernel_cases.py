@@ -53,8 +53,9 @@ DTYPES = {  # dtype: (accumulation, rounding, underflow, elementwise, reduction)
     torch.float16: DtypeCase(torch.float32, 2.0**-10, 2.0**-24, 1e-6, 1e-5),
 }
 
-# N, C, H, W: C not a multiple of any vector width, H*W not either, single-pixel planes, one image.
-SHAPES = [(2, 3, 5, 7), (3, 13, 7, 9), (1, 67, 6, 6), (4, 64, 1, 1), (2, 33, 17, 1)]
+# N, C, H, W: C not a multiple of any vector width, H*W not either, single-pixel planes, one image; and two
+# channels_last row tiles of the CPU reductions with every channel branch (45 = a block of 32, a vector of 8, 5).
+SHAPES = [(2, 3, 5, 7), (3, 13, 7, 9), (1, 67, 6, 6), (4, 64, 1, 1), (2, 33, 17, 1), (4, 45, 12, 10)]
 # For the kernel sets on CUDA tensors also: odd channel counts and planes (no 16-byte vectors), vectorizable ones,
 # HW = 1, N = 1, and sizes that split each layout's reduction into several chunks: NCHW runs of whole planes
 # (16x4x32x32), NCHW segments of one plane (1x2x96x96), many NHWC row tiles (8x67x7x9, 4x64x56x56), several

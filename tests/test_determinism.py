@@ -7,8 +7,8 @@ channels_last convolution sums in a thread-dependent order (1 ulp apart between 
 which the library does not control. The fused ops without a convolution (batch_norm_act: statistics, fused apply,
 both backward passes) are.
 
-Shapes are large enough that the kernels cut reductions into several tiles (4096 values) and split work across
-threads."""
+The batch_norm_act shape is large enough that the kernels cut its reductions into several tiles (4,096 values of
+a plane; ~16K values of channels_last rows) and split work across threads."""
 
 from __future__ import annotations
 
