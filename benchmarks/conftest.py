@@ -51,6 +51,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="comma-separated providers to run, e.g. torchvision,fused-cpu,fused-torch,torch-compile,"
                          "torch-compile-fused-cpu (default: torchvision, every fused backend but torch that runs "
                          "on the device, and on a GPU torch-compile and torch-compile-fused-cuda)")
+    group.addoption("--paired", action="store_true", default=False,
+                    help="whole-model cases of every provider but torchvision also time torchvision's step, "
+                         "alternating call by call, and their ratios are the medians of the per-call ratios "
+                         "(steadier on a shared or noisy machine; those cases take about twice as long)")
     group.addoption("--report-dir", type=Path, default=DEFAULT_REPORT_DIR,
                     help=f"where report.json and the chart are written (default: {DEFAULT_REPORT_DIR})")
 
@@ -78,7 +82,8 @@ def pytest_configure(config: pytest.Config) -> None:
                                config.getoption("channels_last"), tuple(models) if models is not None else None,
                                config.getoption("--rounds"), config.getoption("--batch"),
                                config.getoption("--resolution"), native=harness.native_low_precision(device))
-    config.stash[harness.SESSION] = BenchSession(size, device, providers, left_out, config.getoption("--report-dir"))
+    config.stash[harness.SESSION] = BenchSession(size, device, providers, left_out, config.getoption("--report-dir"),
+                                                 paired=config.getoption("--paired"))
     config.pluginmanager.register(ProgressLines(config.stash[harness.SESSION], config), "fused_resnet_progress")
 
 

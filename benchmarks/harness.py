@@ -306,10 +306,11 @@ class Provider:
 
 
 LOW_MEMORY_SUFFIX = "-lowmem"  # fused-<backend>-lowmem: the "min" memory policy
+REFERENCE = Provider("torchvision")
 
 
 def known_providers() -> dict[str, Provider]:
-    providers = [Provider("torchvision"), Provider("torch-compile", compiled=True)]
+    providers = [REFERENCE, Provider("torch-compile", compiled=True)]
     providers += [Provider(f"fused-{name}", backend=name) for name in REGISTRY]
     providers += [Provider(f"fused-{name}{LOW_MEMORY_SUFFIX}", backend=name, memory="min") for name in REGISTRY]
     providers += [Provider(f"torch-compile-fused-{name}", backend=name, compiled=True) for name in REGISTRY]
@@ -420,6 +421,8 @@ def progress_value(row: dict, rows: list[dict]) -> str:
     the same case measured earlier in the run (`rows`: the rows of its kind recorded so far)."""
     field, unit_size, unit = _SHOWN.get(row["suite"], ("images_per_s", 1, "images/s"))
     shown = f"{report.format_number(row[field] / unit_size)} {unit}"
+    if row.get("paired_ratio") is not None:
+        return shown + f", {row['paired_ratio']:.2f}x {REFERENCE.name} (paired)"
     reference = _reference_of(row, rows)
     if reference is not None and reference[field]:
         shown += f", {row[field] / reference[field]:.2f}x {reference['provider']}"
@@ -450,6 +453,8 @@ class BenchSession:
     providers: list[Provider]
     left_out: dict[str, str]
     report_dir: Path
+    # --paired: a model case of another provider also times the reference, call by call (Measure: reference_step)
+    paired: bool = False
     rows: list[dict] = dataclasses.field(default_factory=list)  # timed: one per case, layout and provider
     memory_rows: list[dict] = dataclasses.field(default_factory=list)  # activation memory, likewise
     progress: Progress = dataclasses.field(default_factory=Progress)
@@ -489,10 +494,18 @@ class BenchSession:
         calls = self.size.warmup_rounds + getattr(self.size, rounds) if rounds else 1
         return calls * seconds_per_call[self.size.name]
 
+    def _expected_test_seconds(self, test_id: str, function_name: str) -> float | None:
+        """expected_seconds of one test, twice that for a model case that also times the reference (--paired)."""
+        seconds = self.expected_seconds(function_name)
+        pairs = self.paired and function_name == "test_model" and f"-{REFERENCE.name}-" not in test_id
+        if seconds is not None and pairs:
+            return 2 * seconds
+        return seconds
+
     def plan(self, tests: list[tuple[str, str]]) -> str:
         """Starts the clock on the run of `tests` ((test id, function name) each); returns the line announcing it:
         how many cases and how long they are expected to take."""
-        self.progress = Progress({test_id: self.expected_seconds(name) for test_id, name in tests},
+        self.progress = Progress({test_id: self._expected_test_seconds(test_id, name) for test_id, name in tests},
                                  started=time.monotonic())
         known = [seconds for seconds in self.progress.expected_s.values() if seconds is not None]
         line = f"fused_resnet benchmarks: {len(tests)} cases"

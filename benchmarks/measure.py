@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -99,8 +101,14 @@ class Measure:
         bytes_moved: int | None = None,
         rounds: int | None = None,
         details: dict | None = None,
+        reference_step: Callable[[], None] | None = None,
     ) -> None:
-        """`details`: what identifies the case beyond its label (e.g. model and resolution), kept in the row."""
+        """`details`: what identifies the case beyond its label (e.g. model and resolution), kept in the row.
+        `reference_step`: the reference provider's step for the same case, run (and timed here) before each call of
+        `fn`, warm-up calls included; the row's `paired_ratio` is then the median over the timed calls of the
+        reference's time over fn's time in the same round. Separate medians drift with the machine's load between
+        the cases (two runs of the same resnet50 eval comparison on the 2-core CPU: torch.compile 1.08x and 1.28x
+        torchvision); alternating calls see the same load."""
         size, device = self.session.size, self.session.device
         info = {
             "suite": suite, "case": case, "mode": mode, "provider": provider, "images_per_call": images,
@@ -112,13 +120,27 @@ class Measure:
         self.benchmark.extra_info.update(info)
         # pytest-benchmark's own table then shows the providers of a case next to each other.
         self.benchmark.group = f"{suite}: {case} {mode} {layout.label}"
-        self.benchmark.pedantic(fn, rounds=rounds or size.rounds, warmup_rounds=size.warmup_rounds)
+        reference_seconds: list[float] = []
+
+        def time_reference() -> None:
+            start = time.perf_counter()
+            reference_step()
+            reference_seconds.append(time.perf_counter() - start)
+
+        self.benchmark.pedantic(fn, setup=time_reference if reference_step is not None else None,
+                                rounds=rounds or size.rounds, warmup_rounds=size.warmup_rounds)
         if self.benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
             return
-        median = self.benchmark.stats.stats.median
+        stats = self.benchmark.stats.stats
+        paired_ratio = None
+        if reference_step is not None:
+            timed = reference_seconds[-len(stats.data):]  # the warm-up rounds timed the reference first
+            paired_ratio = statistics.median(ref / own for ref, own in zip(timed, stats.data))
+            self.benchmark.extra_info["paired_ratio"] = paired_ratio
+        median = stats.median
         row = {**info, "is_reference": is_reference, "median_s": median, "images_per_s": images / median,
                "gb_per_s": bytes_moved / median / 1e9 if bytes_moved is not None else None,
-               "peak_memory_mib": _peak_memory_mib(fn, device)}
+               "paired_ratio": paired_ratio, "peak_memory_mib": _peak_memory_mib(fn, device)}
         if row["peak_memory_mib"] is not None:
             self.benchmark.extra_info["peak_memory_mib"] = row["peak_memory_mib"]
         self.session.rows.append(row)

@@ -49,13 +49,16 @@ def case_key(row: dict) -> tuple:
 
 
 def _with_ratios(rows: list[dict]) -> list[dict]:
-    """Each timed row with `ratio` (its images/s over the reference provider's for the same case, in this run) and,
-    for the op rows, `copy_fraction` (its GB/s over the device copy's of the same dtype and memory format)."""
+    """Each timed row with `ratio` (its images/s over the reference provider's for the same case, in this run; its
+    `paired_ratio` where it timed the reference call by call, measure.Measure's reference_step) and, for the op
+    rows, `copy_fraction` (its GB/s over the device copy's of the same dtype and memory format)."""
     reference = {case_key(row): row["images_per_s"] for row in rows if row["is_reference"]}
     copy = {(row["dtype"], row["memory_format"]): row["gb_per_s"] for row in rows if row["suite"] == "copy"}
     out = []
     for row in rows:
         ratio = row["images_per_s"] / reference[case_key(row)] if case_key(row) in reference else None
+        if row.get("paired_ratio") is not None:
+            ratio = row["paired_ratio"]
         copy_gb_per_s = copy.get((row["dtype"], row["memory_format"]))
         fraction = (row["gb_per_s"] / copy_gb_per_s
                     if row["suite"] == "ops" and row.get("gb_per_s") is not None and copy_gb_per_s else None)
@@ -173,8 +176,15 @@ def _with_details(value: str, details: Iterable[str | None]) -> str:
     return f"{value} ({', '.join(shown)})" if shown else value
 
 
+PAIRED_MARK = "*"
+PAIRED_NOTE = (f"{PAIRED_MARK} the median over the timed calls of torchvision's time over the provider's, the two "
+               "alternating call by call (--paired)")
+
+
 def _ratio(row: dict) -> str | None:
-    return f"{row['ratio']:.2f}x" if row["ratio"] is not None and not row["is_reference"] else None
+    if row["ratio"] is None or row["is_reference"]:
+        return None
+    return f"{row['ratio']:.2f}x" + (PAIRED_MARK if row.get("paired_ratio") is not None else "")
 
 
 def _peak(row: dict) -> str | None:
@@ -275,12 +285,13 @@ class Report:
                    data.get("traffic", []))
 
     def tables(self) -> list[Table]:
+        timed = [row for row in self.rows if row["suite"] in ("blocks", "models")]
         throughput = _pivot(
-            [row for row in self.rows if row["suite"] in ("blocks", "models")],
+            timed,
             "Throughput: images/s (ratio to torchvision eager in this run; peak GPU memory of a call)",
             [("suite", lambda r: r["suite"]), ("benchmark", lambda r: r["case"]), ("mode", lambda r: r["mode"]),
              ("layout", _layout)],
-            _throughput_cell, [])
+            _throughput_cell, [PAIRED_NOTE] if any(row.get("paired_ratio") is not None for row in timed) else [])
         copies = [row for row in self.rows if row["suite"] == "copy"]
         ops = _pivot(
             [row for row in self.rows if row["suite"] == "ops"],

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 import fused_resnet
-from benchmarks.harness import Layout, Provider, session_of
+from benchmarks.harness import REFERENCE, Layout, Provider, session_of
 from benchmarks.measure import eval_step, random_activation, to_benchmark_layout, train_step
 
 NUM_CLASSES = 1000
@@ -39,7 +39,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_model(model_name: str, mode: str, model_layout: Layout, provider: Provider, size, device, measure) -> None:
+def test_model(model_name: str, mode: str, model_layout: Layout, provider: Provider, size, device, measure,
+               bench_session) -> None:
     model = provider.prepare(build_model(model_name, device, model_layout))
     batch, resolution = size.model_batch, size.model_resolution
     x, labels = model_inputs(batch, resolution, device, model_layout)
@@ -50,10 +51,17 @@ def test_model(model_name: str, mode: str, model_layout: Layout, provider: Provi
         with provider.context():
             warm = fused_resnet.warmup(model, x, steps=(mode,))
         details.update(warmup_s=warm.seconds, kernels_compiled=warm.kernels_compiled)
-    if mode == "train":
-        step = train_step(model, x, cross_entropy_backward(labels), provider, device)
-    else:
-        step = eval_step(model, x, provider, device)
+    step = _step(mode, model, x, labels, provider, device)
+    reference_step = None
+    if bench_session.paired and not provider.is_reference:
+        torch.manual_seed(0)  # the provider's weights (the _seeded fixture)
+        reference_step = _step(mode, build_model(model_name, device, model_layout), x, labels, REFERENCE, device)
     measure(step, suite="models", case=f"{model_name} @{resolution}", mode=mode, provider=provider.name,
             is_reference=provider.is_reference, images=batch, layout=model_layout,
-            details=details)
+            details=details, reference_step=reference_step)
+
+
+def _step(mode: str, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, provider: Provider, device):
+    if mode == "train":
+        return train_step(model, x, cross_entropy_backward(labels), provider, device)
+    return eval_step(model, x, provider, device)

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fused_resnet  # noqa: E402
 from benchmarks import gpu_check, harness, report, traffic  # noqa: E402
-from benchmarks.measure import saved_for_backward_bytes  # noqa: E402
+from benchmarks.measure import Measure, saved_for_backward_bytes  # noqa: E402
 from benchmarks.test_models import build_model, model_inputs  # noqa: E402
 from fused_resnet.kernels import REGISTRY  # noqa: E402
 
@@ -136,6 +137,62 @@ def test_ratios_are_to_the_reference_of_the_same_case():
     ops = next(r for r in result.rows if r["provider"] == "fused-cuda" and r["suite"] == "ops")
     assert ops["copy_fraction"] == pytest.approx(2500 / 3000)
     assert result.memory_rows[1]["ratio"] == pytest.approx(0.9)
+
+
+def test_a_paired_ratio_replaces_the_ratio_of_separate_medians_and_is_marked():
+    rows = [_row("models", "resnet50 @160", "eval", "torchvision", 100.0, reference=True),
+            _row("models", "resnet50 @160", "eval", "fused-cpu", 110.0, paired_ratio=1.25)]
+    result = report.Report({"device": "cpu"}, rows, [])
+    assert [row["ratio"] for row in result.rows] == [1.0, 1.25]
+    lines = result.text_lines()
+    assert any(line.endswith("110 (1.25x*)") for line in lines)
+    assert report.PAIRED_NOTE in lines
+
+
+class _StubBenchmark:
+    """pytest-benchmark's fixture as Measure uses it: pedantic calls setup before each warm-up and timed round and
+    records `duration` per timed round."""
+
+    def __init__(self, duration: float):
+        self.duration, self.extra_info, self.group, self.stats = duration, {}, None, None
+
+    def pedantic(self, target, setup=None, rounds=1, warmup_rounds=0):
+        data = []
+        for timed in [False] * warmup_rounds + [True] * rounds:
+            if setup is not None:
+                setup()
+            target()
+            if timed:
+                data.append(self.duration)
+        stats = type("Stats", (), {"data": data, "median": sorted(data)[len(data) // 2]})()
+        self.stats = type("Metadata", (), {"stats": stats})()
+
+
+def test_a_paired_case_times_the_reference_before_each_call_and_takes_the_median_ratio():
+    session = harness.BenchSession(harness.size_config("smoke"), torch.device("cpu"), [], {}, Path("."), paired=True)
+    calls = []
+    # The reference step takes at least 20 ms, the measured one 10 ms (the stub's recorded duration).
+    Measure(_StubBenchmark(0.010), session)(
+        lambda: calls.append("fused"), suite="models", case="resnet18 @64", mode="eval", provider="fused-cpu",
+        is_reference=False, images=2, layout=session.size.model_layouts[0],
+        reference_step=lambda: (calls.append("reference"), time.sleep(0.020)))
+    rounds = session.size.warmup_rounds + session.size.rounds
+    assert calls == ["reference", "fused"] * rounds
+    (row,) = session.rows
+    assert row["paired_ratio"] >= 2.0 and row["images_per_s"] == pytest.approx(2 / 0.010)
+
+
+def test_a_paired_run_records_the_paired_ratio_of_each_model_case_but_the_reference(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_models.py", "-k", "eval and float32",
+                          "--size", "smoke", "--paired", "--providers", "torchvision,fused-cpu",
+                          "-p", "no:cacheprovider", "--report-dir", str(tmp_path)],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    paired = {row["provider"]: row["paired_ratio"] for row in rows}
+    assert paired["torchvision"] is None and paired["fused-cpu"] > 0
+    assert re.search(r"fused-cpu [\d.]+ images/s, [\d.]+x torchvision \(paired\)", run.stdout), run.stdout
 
 
 def test_tables_put_the_providers_side_by_side():
