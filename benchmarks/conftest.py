@@ -52,8 +52,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "torch-compile-fused-cpu (default: torchvision, every fused backend but torch that runs "
                          "on the device, and on a GPU torch-compile and torch-compile-fused-cuda)")
     group.addoption("--paired", action="store_true", default=False,
-                    help="whole-model cases of every provider but torchvision also time torchvision's step, "
-                         "alternating call by call, and their ratios are the medians of the per-call ratios "
+                    help="model and block cases of every provider but torchvision also time torchvision's "
+                         "step, alternating call by call, and their ratios are the medians of the per-call ratios "
                          "(steadier on a shared or noisy machine; those cases take about twice as long)")
     group.addoption("--report-dir", type=Path, default=DEFAULT_REPORT_DIR,
                     help=f"where report.json and the chart are written (default: {DEFAULT_REPORT_DIR})")

@@ -307,6 +307,7 @@ class Provider:
 
 LOW_MEMORY_SUFFIX = "-lowmem"  # fused-<backend>-lowmem: the "min" memory policy
 REFERENCE = Provider("torchvision")
+PAIRED_TESTS = ("test_model", "test_block")  # the benchmarks that time the reference call by call under --paired
 
 
 def known_providers() -> dict[str, Provider]:
@@ -453,7 +454,8 @@ class BenchSession:
     providers: list[Provider]
     left_out: dict[str, str]
     report_dir: Path
-    # --paired: a model case of another provider also times the reference, call by call (Measure: reference_step)
+    # --paired: a model or block case of another provider also times the reference, call by call (Measure's
+    # reference_step)
     paired: bool = False
     rows: list[dict] = dataclasses.field(default_factory=list)  # timed: one per case, layout and provider
     memory_rows: list[dict] = dataclasses.field(default_factory=list)  # activation memory, likewise
@@ -495,9 +497,10 @@ class BenchSession:
         return calls * seconds_per_call[self.size.name]
 
     def _expected_test_seconds(self, test_id: str, function_name: str) -> float | None:
-        """expected_seconds of one test, twice that for a model case that also times the reference (--paired)."""
+        """expected_seconds of one test, twice that for a model or block case that also times the reference
+        (--paired)."""
         seconds = self.expected_seconds(function_name)
-        pairs = self.paired and function_name == "test_model" and f"-{REFERENCE.name}-" not in test_id
+        pairs = self.paired and function_name in PAIRED_TESTS and f"-{REFERENCE.name}-" not in test_id
         if seconds is not None and pairs:
             return 2 * seconds
         return seconds

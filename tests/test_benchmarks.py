@@ -182,16 +182,17 @@ def test_a_paired_case_times_the_reference_before_each_call_and_takes_the_median
     assert row["paired_ratio"] >= 2.0 and row["images_per_s"] == pytest.approx(2 / 0.010)
 
 
-def test_a_paired_run_records_the_paired_ratio_of_each_model_case_but_the_reference(tmp_path):
+def test_a_paired_run_records_the_paired_ratio_of_each_model_and_block_case_but_the_reference(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_models.py", "-k", "eval and float32",
-                          "--size", "smoke", "--paired", "--providers", "torchvision,fused-cpu",
-                          "-p", "no:cacheprovider", "--report-dir", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_models.py", "benchmarks/test_blocks.py",
+                          "-k", "eval and float32", "--size", "smoke", "--paired", "--providers",
+                          "torchvision,fused-cpu", "-p", "no:cacheprovider", "--report-dir", str(tmp_path)],
                          cwd=root, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
-    paired = {row["provider"]: row["paired_ratio"] for row in rows}
-    assert paired["torchvision"] is None and paired["fused-cpu"] > 0
+    assert {row["suite"] for row in rows} == {"models", "blocks"}
+    for row in rows:
+        assert (row["paired_ratio"] is None) if row["provider"] == "torchvision" else row["paired_ratio"] > 0, row
     assert re.search(r"fused-cpu [\d.]+ images/s, [\d.]+x torchvision \(paired\)", run.stdout), run.stdout
 
 
