@@ -65,6 +65,16 @@ def eval_step(module: nn.Module, x: torch.Tensor, provider: Provider, device: to
     return step
 
 
+def mode_step(
+    mode: str, module: nn.Module, x: torch.Tensor, backward: Callable[[torch.Tensor], None], provider: Provider,
+    device: torch.device,
+) -> Callable[[], None]:
+    """`train_step` (with `backward`) for mode "train", else `eval_step`."""
+    if mode == "train":
+        return train_step(module, x, backward, provider, device)
+    return eval_step(module, x, provider, device)
+
+
 def _peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | None:
     """Peak device memory one call of `fn` allocates beyond what was allocated before it (CUDA only)."""
     if device.type != "cuda":

@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from benchmarks.harness import REFERENCE, Layout, Provider
-from benchmarks.measure import eval_step, random_activation, to_benchmark_layout, train_step
+from benchmarks.measure import mode_step, random_activation, to_benchmark_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,18 +130,16 @@ def test_block(block_case: BlockCase, mode: str, layout: Layout, provider: Provi
                bench_session) -> None:
     block = provider.prepare(to_benchmark_layout(block_case.build(), device, layout))
     x, grad_out = block_inputs(block_case, size.block_batch, device, layout)
-    step = _step(mode, block, x, grad_out, provider, device)
+
+    def backward(out: torch.Tensor) -> None:
+        out.backward(grad_out)
+
+    step = mode_step(mode, block, x, backward, provider, device)
     reference_step = None
     if bench_session.paired and not provider.is_reference:
         torch.manual_seed(0)  # the provider's weights (the _seeded fixture)
         reference = to_benchmark_layout(block_case.build(), device, layout)
-        reference_step = _step(mode, reference, x, grad_out, REFERENCE, device)
+        reference_step = mode_step(mode, reference, x, backward, REFERENCE, device)
     measure(step, suite="blocks", case=block_case.label, mode=mode, provider=provider.name,
             is_reference=provider.is_reference, images=size.block_batch, layout=layout,
             reference_step=reference_step)
-
-
-def _step(mode: str, block: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, provider: Provider, device):
-    if mode == "train":
-        return train_step(block, x, lambda out: out.backward(grad_out), provider, device)
-    return eval_step(block, x, provider, device)

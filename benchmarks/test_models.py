@@ -11,7 +11,7 @@ import torchvision
 
 import fused_resnet
 from benchmarks.harness import REFERENCE, Layout, Provider, session_of
-from benchmarks.measure import eval_step, random_activation, to_benchmark_layout, train_step
+from benchmarks.measure import mode_step, random_activation, to_benchmark_layout
 
 NUM_CLASSES = 1000
 
@@ -29,7 +29,7 @@ def model_inputs(batch: int, resolution: int, device, layout: Layout):
 
 
 def cross_entropy_backward(labels: torch.Tensor):
-    """The backward of a classification step, for `train_step`: the loss in fp32, as under autocast."""
+    """The backward of a classification step, for `mode_step`: the loss in fp32, as under autocast."""
     return lambda logits: F.cross_entropy(logits.float(), labels).backward()
 
 
@@ -51,17 +51,13 @@ def test_model(model_name: str, mode: str, model_layout: Layout, provider: Provi
         with provider.context():
             warm = fused_resnet.warmup(model, x, steps=(mode,))
         details.update(warmup_s=warm.seconds, kernels_compiled=warm.kernels_compiled)
-    step = _step(mode, model, x, labels, provider, device)
+    backward = cross_entropy_backward(labels)
+    step = mode_step(mode, model, x, backward, provider, device)
     reference_step = None
     if bench_session.paired and not provider.is_reference:
         torch.manual_seed(0)  # the provider's weights (the _seeded fixture)
-        reference_step = _step(mode, build_model(model_name, device, model_layout), x, labels, REFERENCE, device)
+        reference = build_model(model_name, device, model_layout)
+        reference_step = mode_step(mode, reference, x, backward, REFERENCE, device)
     measure(step, suite="models", case=f"{model_name} @{resolution}", mode=mode, provider=provider.name,
             is_reference=provider.is_reference, images=batch, layout=model_layout,
             details=details, reference_step=reference_step)
-
-
-def _step(mode: str, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, provider: Provider, device):
-    if mode == "train":
-        return train_step(model, x, cross_entropy_backward(labels), provider, device)
-    return eval_step(model, x, provider, device)
