@@ -307,6 +307,33 @@ def test_channels_last_inference_packs_each_folded_weight_once():
     assert_rel(changed, expected, 2e-5)
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS or not torch.backends.mkldnn.is_available(),
+                    reason="the cpu backend's oneDNN convolutions are not available here")
+def test_channels_last_inference_repacks_when_the_thread_count_changes():
+    """oneDNN picks a weight's blocked layout for the number of threads; a form packed for another count would be
+    reordered again inside every call, so a change of torch.set_num_threads packs anew (and the output holds)."""
+    pairs, units, x = eval_bottleneck(torch.channels_last)
+    cache = ops.FoldedWeights()
+    kernels = kernels_for("cpu")
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    try:
+        with torch.no_grad():
+            first = ops.residual_block(x, units, "identity", folded=cache, backend="cpu")
+            packed = [kernels._packed_weights[cache.get(i, u)[0]][1] for i, u in enumerate(units)]
+            torch.set_num_threads(other)
+            again = ops.residual_block(x, units, "identity", folded=cache, backend="cpu")
+            repacked = [kernels._packed_weights[cache.get(i, u)[0]][1] for i, u in enumerate(units)]
+            still = ops.residual_block(x, units, "identity", folded=cache, backend="cpu")
+            kept = [kernels._packed_weights[cache.get(i, u)[0]][1] for i, u in enumerate(units)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(new is not old for new, old in zip(repacked, packed)), "a new thread count must pack anew"
+    assert all(a is b for a, b in zip(kept, repacked)), "an unchanged thread count must reuse the packed form"
+    assert_rel(again, first, 1e-5)
+    assert torch.equal(again, still)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backend_context_applies_when_no_argument_is_given(backend):
     spec = SPECS["basic"]
