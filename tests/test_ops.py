@@ -312,7 +312,7 @@ def test_channels_last_inference_packs_each_folded_weight_once():
 def test_channels_last_inference_repacks_when_the_thread_count_changes():
     """oneDNN picks a weight's blocked layout for the number of threads; a form packed for another count would be
     reordered again inside every call, so a change of torch.set_num_threads packs anew (and the output holds)."""
-    pairs, units, x = eval_bottleneck(torch.channels_last)
+    _, units, x = eval_bottleneck(torch.channels_last)
     cache = ops.FoldedWeights()
     kernels = kernels_for("cpu")
     threads = torch.get_num_threads()
