@@ -287,11 +287,12 @@ inline int64_t next_tile_share(int64_t r0, int64_t r1, int64_t rows, int64_t C, 
   return e < std::min(rows, r1 + (r1 - r0)) * C ? e : -1;
 }
 
-// Prefetches (into L2) the cache lines of elements [e, e + len) of p. On x86 as an asm statement: for
-// __builtin_prefetch, GCC 13 at -O3 emitted no instruction in most backward_reduce instantiations (seen in the
-// assembly), and those ran as slowly as with no prefetch.
+// Prefetches (into L2) the cache lines of elements [e, e + len) of p; nothing for e = -1 (next_tile_share past the
+// last tile). On x86 as an asm statement: for __builtin_prefetch, GCC 13 at -O3 emitted no instruction in most
+// backward_reduce instantiations (seen in the assembly), and those ran as slowly as with no prefetch.
 template <typename scalar_t>
 C10_ALWAYS_INLINE void prefetch_elements(const scalar_t* p, int64_t e, int64_t len) {
+  if (e < 0) return;
   const char* bytes = reinterpret_cast<const char*>(p + e);
   for (int64_t b = 0; b < len * int64_t(sizeof(scalar_t)); b += 64) {
 #if defined(__x86_64__)
@@ -325,8 +326,7 @@ void batch_stats_rows(const scalar_t* x, const Layout& L, double* mean_out, doub
         Vec mean[K], dsum[K], m2[K];
         for (int k = 0; k < K; ++k) mean[k] = Vec(acc_t(0));
         for (int64_t r = r0; r < r1; ++r) {
-          const int64_t e = next_tile_share(r0, r1, rows, C, i, r, K * IO::kWidth);
-          if (e >= 0) prefetch_elements(x, e, K * IO::kWidth);
+          prefetch_elements(x, next_tile_share(r0, r1, rows, C, i, r, K * IO::kWidth), K * IO::kWidth);
           for (int k = 0; k < K; ++k) mean[k] += IO::load(x + r * C + i + k * IO::kWidth);
         }
         for (int k = 0; k < K; ++k) {
@@ -530,7 +530,6 @@ struct ReduceTerms {
   ChannelNorm<acc_t> input_norm;  // kInput: (mean, mask_scale, mask_shift)
 
   void prefetch(int64_t e, int64_t len) const {
-    if (e < 0) return;
     for (const scalar_t* p : {g, out, x, x2}) {
       if (p != nullptr) prefetch_elements(p, e, len);
     }
