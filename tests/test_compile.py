@@ -139,12 +139,17 @@ def test_compiled_inference_folds_once_and_refolds_only_what_changed(backend):
     assert_rel(changed, expected, 1e-5)
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("layout", ["nchw", "cl", "cl-one-channel"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_opcheck_folded_conv_act(residual, memory_format):
-    conv = nn.Conv2d(6, 8, 3, padding=1, bias=True)
+def test_opcheck_folded_conv_act(residual, layout):
+    """opcheck, which compares the outputs' strides with the fake implementation's too. cl-one-channel: an input
+    laid out channels_last with one channel (a grayscale NHWC batch, permuted) counts as NCHW, but the convolution
+    lays its output out channels_last; the op returns the layout it promises."""
+    in_channels = 1 if layout == "cl-one-channel" else 6
+    memory_format = torch.contiguous_format if layout == "nchw" else torch.channels_last
+    conv = nn.Conv2d(in_channels, 8, 3, padding=1, bias=True)
     bn = randomize_batchnorms(nn.BatchNorm2d(8)).eval()
-    x = torch.randn(2, 6, 7, 5).contiguous(memory_format=memory_format)
+    x = torch.empty(2, in_channels, 7, 5, memory_format=memory_format).normal_()
     r = torch.randn(2, 8, 7, 5).contiguous(memory_format=memory_format) if residual else None
     folded = ops.FoldedWeights()
     args = (x, r, conv.weight.detach(), conv.bias.detach(), bn.weight.detach(), bn.bias.detach(), bn.running_mean,
