@@ -17,6 +17,8 @@ from torch import nn
 import fused_resnet
 from conftest import CPU_BACKENDS, CPU_TENSOR_BACKENDS, assert_rel, randomize_batchnorms
 from fused_resnet import ops, use_backend
+from fused_resnet.kernels import kernels_for
+from fused_resnet.modules import conv_bn
 
 LONG = os.environ.get("FUSED_RESNET_LONG_TESTS") == "1"
 WARMUP = 10
@@ -41,8 +43,8 @@ def resident_bytes() -> int:
 
 
 def projection_block() -> nn.Module:
-    downsample = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
-    return randomize_batchnorms(fused_resnet.BasicBlock(8, 16, 2, downsample))
+    downsample = nn.Sequential(nn.Conv2d(8, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
+    return randomize_batchnorms(fused_resnet.BasicBlock(8, 32, 2, downsample))
 
 
 @pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
@@ -179,7 +181,9 @@ def uncached(block, x):
         return copy.deepcopy(block).double()(x.double())
 
 
-# channels_last: where the cpu backend also keeps each folded weight packed in oneDNN's blocked layout.
+# channels_last: where the cpu backend also keeps each folded weight in a form made from it: packed in oneDNN's
+# blocked layout (conv1, stride 2, and the projection) or transformed for winograd_conv3x3 (conv2: 3x3, stride 1,
+# 10x10 pixels in 72 tiles at this batch).
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("apply_change", CHANGES)
@@ -188,7 +192,7 @@ def test_folded_weight_cache_never_serves_stale_weights(backend, apply_change, m
     for p in block.parameters():
         p.grad = torch.randn_like(p)  # for the optimizer steps
     block.eval()
-    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=memory_format)
+    x = torch.randn(8, 8, 20, 20).contiguous(memory_format=memory_format)
     with use_backend(backend), torch.no_grad():
         before = block(x)
         assert_rel(block(x), uncached(block, x), 2e-5, "a cached call")
@@ -199,6 +203,9 @@ def test_folded_weight_cache_never_serves_stale_weights(backend, apply_change, m
     expected = uncached(block, x)
     assert not torch.allclose(before.double(), expected, rtol=1e-3, atol=1e-3), "the change must matter"
     assert_rel(after, expected, 2e-5, "after the change")
+    if backend == "cpu" and memory_format == torch.channels_last:  # the Winograd form was made and used
+        folded_conv2 = block._folded.get(1, conv_bn(block.conv2, block.bn2, "conv2/bn2"))[0]
+        assert folded_conv2 in kernels_for("cpu")._winograd_transforms
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

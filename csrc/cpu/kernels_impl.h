@@ -871,9 +871,17 @@ void backward_elemt(const at::Tensor& grad_output, const at::Tensor& output, con
 }
 
 }  // namespace
+}  // namespace fused_resnet
+
+#include "winograd_impl.h"
+
+namespace fused_resnet {
 
 const CpuKernels& FUSED_RESNET_KERNEL_TABLE() {
-  static const CpuKernels table{&batch_stats, &bn_act, &bn_act_padded, &backward_reduce, &backward_elemt};
+  static const CpuKernels table{&batch_stats,     &bn_act,
+                                &bn_act_padded,   &backward_reduce,
+                                &backward_elemt,  &winograd_weight_transform,
+                                &winograd_input_transform, &winograd_output_transform};
   return table;
 }
 

@@ -2,7 +2,8 @@
 
 Both run the four memory-bound ops of torch.ops.fused_resnet (the dispatcher picks the CPU or CUDA implementation
 by the tensors' device) and convolutions through ATen: oneDNN on the CPU, cuDNN on the GPU. They differ in
-inference, where each hands conv+bias+ReLU (and conv+bias+add+ReLU) to its library's fused convolution.
+inference, where each hands conv+bias+ReLU (and conv+bias+add+ReLU) to its library's fused convolution, and the
+CPU's 3x3 layers go to the extension's Winograd convolution where it is the faster one (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ class OneDnnKernels(NativeKernels):
         if (zero_pad is not None or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or torch.is_autocast_enabled("cpu") or not self._onednn_supports(x, residual)):
             return super().conv_bias_act(x, conv, weight, bias, residual, relu, zero_pad)
-        geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
         bias = as_dtype(bias, weight.dtype)
+        if _winograd_suits(x, conv):
+            return self.ops.winograd_conv3x3(x, self._winograd_transform(weight), bias, residual, relu)
+        geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
         weight = self._packed(weight, geometry, x)
         unary = "relu" if relu else "none"
         if residual is None:
@@ -108,6 +111,20 @@ class OneDnnKernels(NativeKernels):
         with its weight."""
         return WeakIdKeyDictionary()
 
+    def _winograd_transform(self, weight: Tensor) -> Tensor:
+        """winograd_weight_transform(weight), kept while the weight lives, as _packed keeps packed forms: made once
+        per refold of a folded weight."""
+        transform = self._winograd_transforms.get(weight)
+        if transform is None:
+            transform = self.ops.winograd_weight_transform(weight)
+            self._winograd_transforms[weight] = transform
+        return transform
+
+    @functools.cached_property
+    def _winograd_transforms(self) -> WeakIdKeyDictionary:
+        """{folded weight: its Winograd transform}; an entry goes with its weight."""
+        return WeakIdKeyDictionary()
+
     @functools.cached_property
     def _onednn_dtypes(self) -> frozenset[torch.dtype]:
         """The dtypes oneDNN's fused convolutions take on this CPU, asked once, on the first eager inference call
@@ -127,6 +144,24 @@ class OneDnnKernels(NativeKernels):
         # path, whose add has no bf16 kernel.
         return (x.dtype in self._onednn_dtypes and is_channels_last(x)
                 and (residual is None or is_channels_last(residual)))
+
+
+def _winograd_suits(x: Tensor, conv: ConvParams) -> bool:
+    """Whether the cpu backend's inference runs this convolution as winograd_conv3x3 (F(4x4, 3x3), a quarter of the
+    direct convolution's multiplications for 36/9 the weight's bytes): a float32 3x3 convolution with stride 1,
+    padding 1 and one group, of 32 or more input and output channels, on an image that fills at least half of its
+    4x4 tiles, in 16 tiles or more unless the transformed weight (36 x C x K floats) is small enough to stay in
+    cache. Against oneDNN's direct convolution with the same post-ops (2-core AMD EPYC, AVX2, channels_last): 64 to
+    512 channels at 7x7 to 56x56 pixels, batch 1 to 16, 1.2-2.5x faster; it lost with 16 channels (0.75-0.94x: thin
+    GEMMs, transforms that move more bytes than the convolution), at 5x5 pixels (0.94x: the tiles are 60% padding)
+    and at 512 channels in fewer than 16 tiles (0.5-0.75x: the 38 MB transformed weight read for a few pixels)."""
+    images, _, height, width = x.shape
+    out_channels, in_channels = conv.weight.shape[:2]
+    tiles_h, tiles_w = (height + 3) // 4, (width + 3) // 4
+    return (x.dtype == torch.float32 and conv.weight.shape[2:] == (3, 3) and tuple(conv.stride) == (1, 1)
+            and tuple(conv.padding) == (1, 1) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+            and min(in_channels, out_channels) >= 32 and 2 * height * width >= 16 * tiles_h * tiles_w
+            and (images * tiles_h * tiles_w >= 16 or in_channels * out_channels <= 256 * 256))
 
 
 class CudnnKernels(NativeKernels):
@@ -189,6 +224,15 @@ def _register_fake_implementations() -> None:
     def _(grad_output, output, input, mean, input2, mean2, mask_scale=None, mask_shift=None):
         third = channels(input) if input2 is not None else input.new_empty((0,), dtype=accumulation_dtype(input.dtype))
         return channels(input), channels(input), third
+
+    @torch.library.register_fake("fused_resnet::winograd_weight_transform")
+    def _(weight):
+        return weight.new_empty((36, weight.shape[1], weight.shape[0]))
+
+    @torch.library.register_fake("fused_resnet::winograd_conv3x3")
+    def _(input, weight_transform, bias, residual, relu):
+        shape = (input.shape[0], weight_transform.shape[2], *input.shape[2:])
+        return input.new_empty(shape, memory_format=torch.channels_last)
 
     @torch.library.register_fake("fused_resnet::bn_act_backward_elemt")
     def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,

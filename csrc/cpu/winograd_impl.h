@@ -1,0 +1,211 @@
+// The CPU kernels of winograd_conv3x3 (float32, channels_last), compiled once per CPU capability with the rest of
+// the table: kernels_impl.h includes this file after its own kernels, whose helpers (relu) it uses. Argument
+// checks, allocation and the GEMMs live in winograd_cpu.cpp.
+//
+// Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016): a 3x3 convolution (stride 1, padding 1) computes
+// each 4x4 tile of its output from the 6x6 input tile around it as
+//     Y = A^T [ sum_c (G g_kc G^T) .* (B^T d_c B) ] A
+// where d_c is the input tile of channel c, g_kc the 3x3 filter from c to output channel k, and .* elementwise:
+// 36 multiplications per tile, channel pair where the direct convolution takes 144. The sum over c is, for each
+// of the 36 positions, one GEMM: V[p] (tiles x C) @ U[p] (C x K) = M[p] (tiles x K). The transforms here make
+// U from the weight (once per weight), V from the input and the output from M; they vectorize along channels,
+// which channels_last makes contiguous. With interpolation points 0, +-1, +-2 the transforms are exact in small
+// integers and powers of two but G's 1/6 and 1/24: in float32 the result differs from a direct convolution by a
+// few units in the 6th significant digit (relative to the output's largest value), as cuDNN's Winograd kernels do.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/TensorAccessor.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+
+#include "kernels.h"
+
+namespace fused_resnet {
+namespace {
+
+constexpr int64_t kWinogradTile = 4;    // output pixels per tile side
+constexpr int64_t kWinogradInput = 6;   // input pixels per tile side: the tile and the filter's radius around it
+constexpr int64_t kWinogradPoints = 36;  // kWinogradInput squared: the GEMMs of one convolution
+
+// B^T applied to a column (or row) of 6 values, in place of the 6x6 matrix product.
+template <typename V>
+inline void winograd_input_1d(const V (&d)[6], V (&r)[6]) {
+  r[0] = V(4) * d[0] - V(5) * d[2] + d[4];
+  r[1] = d[3] + d[4] - V(4) * (d[1] + d[2]);
+  r[2] = V(4) * (d[1] - d[2]) + d[4] - d[3];
+  r[3] = V(2) * (d[3] - d[1]) + d[4] - d[2];
+  r[4] = V(2) * (d[1] - d[3]) + d[4] - d[2];
+  r[5] = V(4) * d[1] - V(5) * d[3] + d[5];
+}
+
+// A^T applied to a column (or row) of 6 values: 4 outputs.
+template <typename V>
+inline void winograd_output_1d(const V (&m)[6], V (&o)[4]) {
+  const V a = m[1] + m[2], b = m[1] - m[2], c = m[3] + m[4], d = m[3] - m[4];
+  o[0] = m[0] + a + c;
+  o[1] = b + V(2) * d;
+  o[2] = a + V(4) * c;
+  o[3] = b + V(8) * d + m[5];
+}
+
+// input: N x C x H x W dense channels_last; v: 36 x tiles x C, tiles = N * ceil(H/4) * ceil(W/4) in (n, row, column)
+// order. Pixels outside the image (the padding, and the last tiles' overhang) are zeros.
+void winograd_input_transform(const at::Tensor& input, at::Tensor& v) {
+  using Vec = at::vec::Vectorized<float>;
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t tiles_h = (H + kWinogradTile - 1) / kWinogradTile, tiles_w = (W + kWinogradTile - 1) / kWinogradTile;
+  const int64_t tiles = N * tiles_h * tiles_w;
+  const float* x = input.const_data_ptr<float>();
+  float* out = v.data_ptr<float>();
+  const int64_t point_stride = tiles * C;  // between the 36 matrices of v
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t n = t / (tiles_h * tiles_w), th = t / tiles_w % tiles_h, tw = t % tiles_w;
+      const int64_t h0 = th * kWinogradTile - 1, w0 = tw * kWinogradTile - 1;
+      // Row pointers of the tile's 6x6 window, null outside the image.
+      const float* pixel[6][6];
+      for (int i = 0; i < 6; ++i) {
+        for (int j = 0; j < 6; ++j) {
+          const int64_t h = h0 + i, w = w0 + j;
+          pixel[i][j] = (h >= 0 && h < H && w >= 0 && w < W) ? x + ((n * H + h) * W + w) * C : nullptr;
+        }
+      }
+      float* dst = out + t * C;
+      int64_t c = 0;
+      for (; c + Vec::size() <= C; c += Vec::size()) {
+        Vec rows[6][6];  // B^T d, column by column
+        for (int j = 0; j < 6; ++j) {
+          Vec col[6];
+          for (int i = 0; i < 6; ++i) col[i] = pixel[i][j] ? Vec::loadu(pixel[i][j] + c) : Vec(0.f);
+          Vec r[6];
+          winograd_input_1d(col, r);
+          for (int i = 0; i < 6; ++i) rows[i][j] = r[i];
+        }
+        for (int i = 0; i < 6; ++i) {  // (B^T d) B, row by row
+          Vec r[6];
+          winograd_input_1d(rows[i], r);
+          for (int j = 0; j < 6; ++j) r[j].store(dst + (i * 6 + j) * point_stride + c);
+        }
+      }
+      for (; c < C; ++c) {
+        float rows[6][6];
+        for (int j = 0; j < 6; ++j) {
+          float col[6];
+          for (int i = 0; i < 6; ++i) col[i] = pixel[i][j] ? pixel[i][j][c] : 0.f;
+          float r[6];
+          winograd_input_1d(col, r);
+          for (int i = 0; i < 6; ++i) rows[i][j] = r[i];
+        }
+        for (int i = 0; i < 6; ++i) {
+          float r[6];
+          winograd_input_1d(rows[i], r);
+          for (int j = 0; j < 6; ++j) dst[(i * 6 + j) * point_stride + c] = r[j];
+        }
+      }
+    }
+  });
+}
+
+// m: 36 x tiles x K (the GEMMs' results); out: N x K x H x W dense channels_last, = [relu](A^T m A + bias
+// [+ residual]) on the pixels inside the image. residual: undefined, or dense channels_last like out.
+void winograd_output_transform(const at::Tensor& m, const at::Tensor& bias, const at::Tensor& residual,
+                               bool apply_relu, at::Tensor& out) {
+  using Vec = at::vec::Vectorized<float>;
+  const int64_t N = out.size(0), K = out.size(1), H = out.size(2), W = out.size(3);
+  const int64_t tiles_h = (H + kWinogradTile - 1) / kWinogradTile, tiles_w = (W + kWinogradTile - 1) / kWinogradTile;
+  const int64_t tiles = N * tiles_h * tiles_w;
+  const float* src = m.const_data_ptr<float>();
+  const float* b = bias.const_data_ptr<float>();
+  const float* res = residual.defined() ? residual.const_data_ptr<float>() : nullptr;
+  float* y = out.data_ptr<float>();
+  const int64_t point_stride = tiles * K;
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t n = t / (tiles_h * tiles_w), th = t / tiles_w % tiles_h, tw = t % tiles_w;
+      const int64_t h0 = th * kWinogradTile, w0 = tw * kWinogradTile;
+      const int64_t rows = std::min(kWinogradTile, H - h0), cols = std::min(kWinogradTile, W - w0);
+      const float* tile = src + t * K;
+      // The element offset of output pixel (i, j) of the tile.
+      auto at = [&](int64_t i, int64_t j) { return ((n * H + h0 + i) * W + w0 + j) * K; };
+      int64_t k = 0;
+      for (; k + Vec::size() <= K; k += Vec::size()) {
+        Vec cols4[6][4];  // m A, row by row: cols4[i][j] = (m A)[i][j]
+        for (int i = 0; i < 6; ++i) {
+          Vec row[6];
+          for (int j = 0; j < 6; ++j) row[j] = Vec::loadu(tile + (i * 6 + j) * point_stride + k);
+          winograd_output_1d(row, cols4[i]);
+        }
+        const Vec bias_k = Vec::loadu(b + k);
+        for (int64_t j = 0; j < cols; ++j) {  // A^T (m A), column by column
+          Vec col[6];
+          for (int i = 0; i < 6; ++i) col[i] = cols4[i][j];
+          Vec o[4];
+          winograd_output_1d(col, o);
+          for (int64_t i = 0; i < rows; ++i) {
+            Vec value = o[i] + bias_k;
+            if (res != nullptr) value = value + Vec::loadu(res + at(i, j) + k);
+            if (apply_relu) value = relu(value);
+            value.store(y + at(i, j) + k);
+          }
+        }
+      }
+      for (; k < K; ++k) {
+        float cols4[6][4];
+        for (int i = 0; i < 6; ++i) {
+          float row[6];
+          for (int j = 0; j < 6; ++j) row[j] = tile[(i * 6 + j) * point_stride + k];
+          winograd_output_1d(row, cols4[i]);
+        }
+        for (int64_t j = 0; j < cols; ++j) {
+          float col[6];
+          for (int i = 0; i < 6; ++i) col[i] = cols4[i][j];
+          float o[4];
+          winograd_output_1d(col, o);
+          for (int64_t i = 0; i < rows; ++i) {
+            float value = o[i] + b[k];
+            if (res != nullptr) value += res[at(i, j) + k];
+            if (apply_relu) value = relu(value);
+            y[at(i, j) + k] = value;
+          }
+        }
+      }
+    }
+  });
+}
+
+// weight: K x C x 3 x 3 (any strides, float32); u: 36 x C x K, u[p] = (G g G^T)[p] for each filter g, computed in
+// double and rounded once. Runs once per weight: plain loops.
+void winograd_weight_transform(const at::Tensor& weight, at::Tensor& u) {
+  static constexpr double G[6][3] = {{1.0 / 4, 0, 0},
+                                     {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                     {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                     {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                     {0, 0, 1}};
+  const int64_t K = weight.size(0), C = weight.size(1);
+  const auto w = weight.accessor<float, 4>();
+  float* out = u.data_ptr<float>();
+  at::parallel_for(0, K, 1, [&](int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      for (int64_t c = 0; c < C; ++c) {
+        double gg[6][3];  // G g
+        for (int i = 0; i < 6; ++i) {
+          for (int j = 0; j < 3; ++j) {
+            gg[i][j] = G[i][0] * w[k][c][0][j] + G[i][1] * w[k][c][1][j] + G[i][2] * w[k][c][2][j];
+          }
+        }
+        for (int i = 0; i < 6; ++i) {
+          for (int j = 0; j < 6; ++j) {  // (G g) G^T
+            const double value = gg[i][0] * G[j][0] + gg[i][1] * G[j][1] + gg[i][2] * G[j][2];
+            out[((i * 6 + j) * C + c) * K + k] = static_cast<float>(value);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fused_resnet

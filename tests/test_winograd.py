@@ -1,0 +1,136 @@
+"""winograd_conv3x3 (F(4x4, 3x3), the cpu backend's inference convolution for 3x3 stride-1 layers): the op with each
+CPU kernel table against a float64 convolution, its argument errors, and the fused modules' inference through it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fused_resnet
+from conftest import assert_rel, randomize_batchnorms
+from fused_resnet import _native, use_backend
+from fused_resnet.kernels import kernels_for
+from kernel_cases import KERNEL_SETS, _install_cpu_table, poisoned_outputs  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.skipif(not _native.has_extension(), reason="the compiled extension is not built")
+
+ops = torch.ops.fused_resnet
+CPU_TABLES = ["cpu_default", "cpu_avx2"]
+# F(4x4, 3x3) in float32 against the exact convolution, relative to the output's largest magnitude: measured
+# 0.4-6e-6 on these cases (the transforms' 1/6 and 1/24 and sums of 36 products), cuDNN's Winograd alike.
+TOLERANCE = 3e-5
+
+# N, C, K, H, W: channel counts that are and are not multiples of the 8-lane vectors, images smaller than a tile,
+# rows and columns that leave a partial last tile, one pixel, one row.
+SHAPES = [(2, 8, 16, 8, 8), (1, 3, 5, 1, 1), (2, 17, 9, 9, 13), (3, 16, 24, 6, 3), (1, 11, 8, 1, 10),
+          (2, 24, 19, 12, 12)]
+
+
+@pytest.fixture(params=CPU_TABLES)
+def cpu_table(request):
+    """The op runs with the named kernel table; the one the loader chose is restored after."""
+    kernel_set = KERNEL_SETS[request.param]
+    if kernel_set.unavailable_reason is not None:
+        pytest.skip(f"kernel set {kernel_set.name}: {kernel_set.unavailable_reason}")
+    _install_cpu_table(kernel_set.cpu_table)
+    yield request.param
+    _install_cpu_table(_native.cpu_kernel_capability)
+
+
+def reference(x, weight, bias, residual, relu):
+    out = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    if residual is not None:
+        out = out + residual.double()
+    return torch.relu(out) if relu else out
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_winograd_conv3x3_matches_a_float64_convolution(cpu_table, shape, layout, with_residual, relu):
+    N, C, K, H, W = shape
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(N, C, H, W).contiguous(memory_format=memory_format)
+    weight = torch.randn(K, C, 3, 3) / (3 * C**0.5)
+    bias = torch.randn(K)
+    residual = torch.randn(N, K, H, W).contiguous(memory_format=memory_format) if with_residual else None
+    out = ops.winograd_conv3x3(x, ops.winograd_weight_transform(weight), bias, residual, relu)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == torch.float32
+    expected = reference(x, weight, bias, residual, relu)
+    assert_rel(out, expected, TOLERANCE, f"winograd_conv3x3 {shape}")
+
+
+def test_winograd_weight_transform_is_g_g_gt(cpu_table):
+    """u[p] = (G g G^T)[p] for every filter g, p = 6 * row + column, laid out 36 x C x K; from a channels_last weight
+    too."""
+    weight = torch.randn(5, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                      [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+    expected = torch.einsum("ai,kcij,bj->abck", G, weight.double(), G).reshape(36, 3, 5)
+    assert_rel(ops.winograd_weight_transform(weight), expected, 1e-7, "the weight transform")
+
+
+@pytest.mark.parametrize(("argument", "expected"), [
+    ("input", "expected input of dtype float32"),
+    ("weight_transform", r"expected weight_transform of shape \(36, 4, K\)"),
+    ("bias", r"expected bias of shape \(6\)"),
+    ("residual", r"expected residual of the output's shape \[2, 6, 5, 5\]"),
+])
+def test_winograd_conv3x3_names_the_bad_argument(argument, expected):
+    args = {"input": torch.randn(2, 4, 5, 5), "weight_transform": ops.winograd_weight_transform(torch.randn(6, 4, 3, 3)),
+            "bias": torch.randn(6), "residual": torch.randn(2, 6, 5, 5)}
+    args[argument] = {"input": args["input"].double(), "weight_transform": torch.randn(36, 5, 6),
+                      "bias": torch.randn(7), "residual": torch.randn(2, 6, 5, 4)}[argument]
+    with pytest.raises(RuntimeError, match=expected):
+        ops.winograd_conv3x3(args["input"], args["weight_transform"], args["bias"], args["residual"], True)
+
+
+def test_winograd_weight_transform_names_the_bad_argument():
+    with pytest.raises(RuntimeError, match=r"expected weight of shape \(K, C, 3, 3\)"):
+        ops.winograd_weight_transform(torch.randn(4, 4, 1, 1))
+
+
+def test_a_converted_resnet_infers_through_winograd_as_torchvision_does():
+    """The cpu backend's inference of a converted resnet18 in channels_last float32 runs its 3x3 stride-1 layers
+    through winograd_conv3x3 where it suits them (made from the folded weights, transformed once), and matches
+    torchvision's eval forward."""
+    torch.manual_seed(0)
+    model = randomize_batchnorms(torchvision.models.resnet18(num_classes=10)).eval()
+    model = model.to(memory_format=torch.channels_last)
+    fused = fused_resnet.convert(copy.deepcopy(model)).eval()
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    kernels = kernels_for("cpu")
+    before = len(kernels._winograd_transforms)
+    with use_backend("cpu"), torch.no_grad(), torch.profiler.profile() as profile:
+        out = fused(x)
+    calls = sum(e.count for e in profile.key_averages() if e.key == "fused_resnet::winograd_conv3x3")
+    # layer1's four at 16x16, layer2's three of stride 1 at 8x8, layer3's three at 4x4 (one tile per image, but a
+    # 256x256 weight); not layer4's, at 2x2 pixels (a quarter of a tile)
+    assert calls == 10
+    assert len(kernels._winograd_transforms) == before + 10
+    with torch.no_grad():
+        assert_rel(out, model(x), 1e-4, "resnet18 logits")
+
+
+def winograd_calls(block: nn.Module, x: torch.Tensor) -> int:
+    with use_backend("cpu"), torch.no_grad(), torch.profiler.profile() as profile:
+        block(x.contiguous(memory_format=torch.channels_last))
+    return sum(e.count for e in profile.key_averages() if e.key == "fused_resnet::winograd_conv3x3")
+
+
+def test_a_fused_block_runs_direct_convolutions_where_winograd_does_not_suit():
+    """A block's two 3x3 stride-1 convolutions run through winograd_conv3x3 with 32 channels at 16x16 pixels in
+    float32, and as direct convolutions at 2x2 pixels (however many images), with 16 channels, and in float64."""
+    block = randomize_batchnorms(fused_resnet.BasicBlock(32, 32)).eval().to(memory_format=torch.channels_last)
+    assert winograd_calls(block, torch.randn(4, 32, 16, 16)) == 2
+    assert winograd_calls(block, torch.randn(64, 32, 2, 2)) == 0
+    assert winograd_calls(block.double(), torch.randn(4, 32, 16, 16).double()) == 0
+    narrow = randomize_batchnorms(fused_resnet.BasicBlock(16, 16)).eval().to(memory_format=torch.channels_last)
+    assert winograd_calls(narrow, torch.randn(4, 16, 16, 16)) == 0
