@@ -41,11 +41,11 @@ TORCH_LIBRARY(fused_resnet, m) {
       "Tensor coef_xmu, Tensor coef_const, Tensor? input2, Tensor? mean2, Tensor? coef2_dy, Tensor? coef2_xmu, "
       "Tensor? coef2_const, bool residual_grad, Tensor? mask_scale=None, Tensor? mask_shift=None) -> "
       "(Tensor grad_input, Tensor grad_other)");
-  // Inference convolution by Winograd's F(4x4, 3x3) (CPU, float32; csrc/cpu/winograd_impl.h): [relu](conv(input,
-  // weight, stride 1, padding 1) + bias [+ residual]), the output channels_last, from weight_transform =
-  // winograd_weight_transform(weight) (36 x C x K, made once per weight).
+  // A 3x3 convolution by Winograd's F(4x4, 3x3) (CPU, float32; csrc/cpu/winograd_impl.h): [relu](conv(input,
+  // weight, stride 1, padding 1) [+ bias] [+ residual]), the output channels_last, from weight_transform =
+  // winograd_weight_transform(weight) (36 x C x K).
   m.def("winograd_weight_transform(Tensor weight) -> Tensor");
-  m.def("winograd_conv3x3(Tensor input, Tensor weight_transform, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+  m.def("winograd_conv3x3(Tensor input, Tensor weight_transform, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
 }
 
 // `import fused_resnet._C` loads this library, which registers the ops above.

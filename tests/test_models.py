@@ -70,19 +70,26 @@ def test_converted_model_matches_torchvision_in_float64(backend, name, train, ch
         assert_rel(buffers[n], rbuffers[n], 1e-10, n)
 
 
+# Winograd's F(4x4, 3x3) rounds a 3x3 layer ~30x more than a direct convolution (4-6e-6 of its largest output
+# against ~1.5e-7); through these networks the end error measured 2.5-2.7x torchvision's.
+CPU_CONVOLUTION_BOUNDS = {"direct": 2, "auto": 4}  # the bound's multiple of torchvision's error
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_converted_model_outputs_match_in_float32(backend, name, channels_last):
-    """Float32 outputs and running statistics are as close to the exact (float64) ones as torchvision's are: in
-    training a ResNet-50 at this size normalizes layer4 over 8 values per channel, which amplifies rounding to
-    ~1e-4 for torchvision too."""
+@pytest.mark.parametrize("convolutions", ["direct", "auto"])
+def test_converted_model_outputs_match_in_float32(backend, name, channels_last, convolutions):
+    """Float32 outputs and running statistics are as close to the exact (float64) ones as torchvision's are, with
+    direct convolutions: in training a ResNet-50 at this size normalizes layer4 over 8 values per channel, which
+    amplifies rounding to ~1e-4 for torchvision too. With the cpu backend's Winograd convolutions ("auto"), within
+    twice that."""
     tv = randomize_batchnorms(getattr(torchvision.models, name)(num_classes=10))
     fused, exact = fused_copy(tv), copy.deepcopy(tv).double()
     x = to_layout(torch.randn(2, 3, 64, 64), channels_last)
 
     def close_as_torchvision(ours, theirs, truth, what):
-        bound = 2 * rel_err(theirs, truth) + 1e-6
+        bound = CPU_CONVOLUTION_BOUNDS[convolutions] * rel_err(theirs, truth) + 1e-6
         assert rel_err(ours, truth) <= bound, f"{what}: {rel_err(ours, truth):.2e} > {bound:.2e}"
 
     for train in (True, False):
@@ -90,7 +97,7 @@ def test_converted_model_outputs_match_in_float32(backend, name, channels_last):
             for model in (tv, fused, exact):
                 model.train(train)
             with torch.set_grad_enabled(grad_enabled):
-                with use_backend(backend):
+                with use_backend(backend), fused_resnet.use_cpu_convolutions(convolutions):
                     out = fused(x)
                 theirs, truth = tv(x), exact(x.double())
             close_as_torchvision(out, theirs, truth, f"output (train={train}, grad={grad_enabled})")

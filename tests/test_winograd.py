@@ -134,3 +134,39 @@ def test_a_fused_block_runs_direct_convolutions_where_winograd_does_not_suit():
     assert winograd_calls(block.double(), torch.randn(4, 32, 16, 16).double()) == 0
     narrow = randomize_batchnorms(fused_resnet.BasicBlock(16, 16)).eval().to(memory_format=torch.channels_last)
     assert winograd_calls(narrow, torch.randn(4, 16, 16, 16)) == 0
+
+
+def test_use_cpu_convolutions_direct_turns_winograd_off():
+    block = randomize_batchnorms(fused_resnet.BasicBlock(32, 32)).eval().to(memory_format=torch.channels_last)
+    with fused_resnet.use_cpu_convolutions("direct"):
+        assert winograd_calls(block, torch.randn(4, 32, 16, 16)) == 0
+    assert winograd_calls(block, torch.randn(4, 32, 16, 16)) == 2
+    with pytest.raises(ValueError, match="use_cpu_convolutions: unknown cpu convolutions 'winograd'; expected one of "
+                                         "auto, direct"):
+        fused_resnet.use_cpu_convolutions("winograd").__enter__()
+
+
+@pytest.mark.parametrize("memory", ["default", "min"])
+def test_a_training_step_runs_its_3x3_convolutions_and_their_input_gradients_through_winograd(memory):
+    """In training, a block's 3x3 stride-1 convolutions run as winograd_conv3x3, and so do their input gradients (a
+    3x3 convolution of the output gradient with the flipped, transposed weight); the weight gradients are ATen's.
+    The output, every gradient and the running statistics match float64 within Winograd's rounding."""
+    torch.manual_seed(0)
+    block = randomize_batchnorms(fused_resnet.Bottleneck(128, 32, memory=memory)).to(memory_format=torch.channels_last)
+    exact = copy.deepcopy(block).double()
+    x = torch.randn(4, 128, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    with use_backend("cpu"), torch.profiler.profile() as profile:
+        out = block(x)
+        out.backward(torch.ones_like(out))
+    calls = sum(e.count for e in profile.key_averages() if e.key == "fused_resnet::winograd_conv3x3")
+    assert calls == 2  # conv2 and its input gradient ("min" recomputes conv3's output: a 1x1 convolution)
+    with use_backend("torch"):
+        expected = exact(xd)
+        expected.backward(torch.ones_like(expected))
+    assert_rel(out, expected, TOLERANCE, "output")
+    assert_rel(x.grad, xd.grad, TOLERANCE, "grad x")
+    for (name, p), q in zip(block.named_parameters(), exact.parameters()):
+        assert_rel(p.grad, q.grad, TOLERANCE, f"grad {name}")
+    for (name, b), c in zip(block.named_buffers(), exact.buffers()):
+        assert_rel(b, c, TOLERANCE, name)

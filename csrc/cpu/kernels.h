@@ -32,9 +32,10 @@ struct CpuKernels {
                          const at::Tensor& coef2_dy, const at::Tensor& coef2_xmu, const at::Tensor& coef2_const,
                          bool residual_grad, const at::Tensor& mask_scale, const at::Tensor& mask_shift,
                          at::Tensor& grad_input, at::Tensor& grad_other);
-  // winograd_conv3x3's transforms (winograd_impl.h), float32, channels_last: u = the weight's (36 x C x K), v = the
-  // input's (36 x tiles x C), and out = [relu](the output transform of m (36 x tiles x K) + bias [+ residual]).
-  void (*winograd_weight_transform)(const at::Tensor& weight, at::Tensor& u);
+  // winograd_conv3x3's transforms (winograd_impl.h), float32, channels_last: u = the filters' (3 x 3 x C x K in,
+  // 36 x C x K out), v = the input's (36 x tiles x C), and out = [relu](the output transform of m (36 x tiles x K)
+  // + bias [+ residual]).
+  void (*winograd_weight_transform)(const at::Tensor& filters, at::Tensor& u);
   void (*winograd_input_transform)(const at::Tensor& input, at::Tensor& v);
   void (*winograd_output_transform)(const at::Tensor& m, const at::Tensor& bias, const at::Tensor& residual,
                                     bool relu, at::Tensor& out);

@@ -28,12 +28,13 @@ at::Tensor winograd_weight_transform_cpu(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "fused_resnet::", op,
               ": expected weight of shape (K, C, 3, 3), got ", weight.sizes());
   at::Tensor u = at::empty({kPoints, weight.size(1), weight.size(0)}, weight.options());
-  cpu_kernels().winograd_weight_transform(weight, u);
+  cpu_kernels().winograd_weight_transform(weight.permute({2, 3, 1, 0}).contiguous(), u);
   return u;
 }
 
-at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weight_transform, const at::Tensor& bias_,
-                                const std::optional<at::Tensor>& residual_, bool relu) {
+at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weight_transform,
+                                const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& residual_,
+                                bool relu) {
   const char* op = "winograd_conv3x3";
   check_float_cpu(op, "input", input_);
   TORCH_CHECK(input_.dim() == 4, "fused_resnet::", op, ": expected input to be 4-D (N, C, H, W), got shape ",
@@ -45,9 +46,13 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weig
               "fused_resnet::", op, ": expected weight_transform of shape (36, ", C,
               ", K) (winograd_weight_transform of a (K, ", C, ", 3, 3) weight), got ", weight_transform.sizes());
   const int64_t K = weight_transform.size(2);
-  check_float_cpu(op, "bias", bias_);
-  TORCH_CHECK(bias_.dim() == 1 && bias_.size(0) == K, "fused_resnet::", op, ": expected bias of shape (", K,
-              "), got ", bias_.sizes());
+  at::Tensor bias;
+  if (bias_.has_value()) {
+    check_float_cpu(op, "bias", *bias_);
+    TORCH_CHECK(bias_->dim() == 1 && bias_->size(0) == K, "fused_resnet::", op, ": expected bias of shape (", K,
+                "), got ", bias_->sizes());
+    bias = bias_->contiguous();
+  }
   at::Tensor residual;
   if (residual_.has_value()) {
     check_float_cpu(op, "residual", *residual_);
@@ -57,7 +62,6 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weig
     residual = residual_->contiguous(at::MemoryFormat::ChannelsLast);
   }
   const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor bias = bias_.contiguous();
   const int64_t tiles = N * ((H + 3) / 4) * ((W + 3) / 4);
   at::Tensor v = at::empty({kPoints, tiles, C}, input.options());
   cpu_kernels().winograd_input_transform(input, v);

@@ -8,14 +8,14 @@
 // where d_c is the input tile of channel c, g_kc the 3x3 filter from c to output channel k, and .* elementwise:
 // 36 multiplications per tile, channel pair where the direct convolution takes 144. The sum over c is, for each
 // of the 36 positions, one GEMM: V[p] (tiles x C) @ U[p] (C x K) = M[p] (tiles x K). The transforms here make
-// U from the weight (once per weight), V from the input and the output from M; they vectorize along channels,
-// which channels_last makes contiguous. With interpolation points 0, +-1, +-2 the transforms are exact in small
+// U from the weight (once per folded weight in inference, every step in training), V from the input and the
+// output from M; they vectorize along channels (output channels for U), which channels_last makes contiguous.
+// With interpolation points 0, +-1, +-2 the transforms are exact in small
 // integers and powers of two but G's 1/6 and 1/24: in float32 the result differs from a direct convolution by a
 // few units in the 6th significant digit (relative to the output's largest value), as cuDNN's Winograd kernels do.
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <ATen/core/TensorAccessor.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -108,8 +108,9 @@ void winograd_input_transform(const at::Tensor& input, at::Tensor& v) {
   });
 }
 
-// m: 36 x tiles x K (the GEMMs' results); out: N x K x H x W dense channels_last, = [relu](A^T m A + bias
-// [+ residual]) on the pixels inside the image. residual: undefined, or dense channels_last like out.
+// m: 36 x tiles x K (the GEMMs' results); out: N x K x H x W dense channels_last, = [relu](A^T m A [+ bias]
+// [+ residual]) on the pixels inside the image. bias: undefined or K values; residual: undefined, or dense
+// channels_last like out.
 void winograd_output_transform(const at::Tensor& m, const at::Tensor& bias, const at::Tensor& residual,
                                bool apply_relu, at::Tensor& out) {
   using Vec = at::vec::Vectorized<float>;
@@ -117,7 +118,7 @@ void winograd_output_transform(const at::Tensor& m, const at::Tensor& bias, cons
   const int64_t tiles_h = (H + kWinogradTile - 1) / kWinogradTile, tiles_w = (W + kWinogradTile - 1) / kWinogradTile;
   const int64_t tiles = N * tiles_h * tiles_w;
   const float* src = m.const_data_ptr<float>();
-  const float* b = bias.const_data_ptr<float>();
+  const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   const float* res = residual.defined() ? residual.const_data_ptr<float>() : nullptr;
   float* y = out.data_ptr<float>();
   const int64_t point_stride = tiles * K;
@@ -137,7 +138,7 @@ void winograd_output_transform(const at::Tensor& m, const at::Tensor& bias, cons
           for (int j = 0; j < 6; ++j) row[j] = Vec::loadu(tile + (i * 6 + j) * point_stride + k);
           winograd_output_1d(row, cols4[i]);
         }
-        const Vec bias_k = Vec::loadu(b + k);
+        const Vec bias_k = b != nullptr ? Vec::loadu(b + k) : Vec(0.f);
         for (int64_t j = 0; j < cols; ++j) {  // A^T (m A), column by column
           Vec col[6];
           for (int i = 0; i < 6; ++i) col[i] = cols4[i][j];
@@ -164,7 +165,7 @@ void winograd_output_transform(const at::Tensor& m, const at::Tensor& bias, cons
           float o[4];
           winograd_output_1d(col, o);
           for (int64_t i = 0; i < rows; ++i) {
-            float value = o[i] + b[k];
+            float value = b != nullptr ? o[i] + b[k] : o[i];
             if (res != nullptr) value += res[at(i, j) + k];
             if (apply_relu) value = relu(value);
             y[at(i, j) + k] = value;
@@ -175,32 +176,59 @@ void winograd_output_transform(const at::Tensor& m, const at::Tensor& bias, cons
   });
 }
 
-// weight: K x C x 3 x 3 (any strides, float32); u: 36 x C x K, u[p] = (G g G^T)[p] for each filter g, computed in
-// double and rounded once. Runs once per weight: plain loops.
-void winograd_weight_transform(const at::Tensor& weight, at::Tensor& u) {
-  static constexpr double G[6][3] = {{1.0 / 4, 0, 0},
-                                     {-1.0 / 6, -1.0 / 6, -1.0 / 6},
-                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6},
-                                     {1.0 / 24, 1.0 / 12, 1.0 / 6},
-                                     {1.0 / 24, -1.0 / 12, 1.0 / 6},
-                                     {0, 0, 1}};
-  const int64_t K = weight.size(0), C = weight.size(1);
-  const auto w = weight.accessor<float, 4>();
+// G applied to a column (or row) of a 3x3 filter: 6 values.
+template <typename V>
+inline void winograd_filter_1d(const V (&g)[3], V (&t)[6]) {
+  const V sum_odd = g[0] + g[2];
+  t[0] = g[0] * V(1.f / 4);
+  t[1] = (sum_odd + g[1]) * V(-1.f / 6);
+  t[2] = (sum_odd - g[1]) * V(-1.f / 6);
+  t[3] = g[0] * V(1.f / 24) + g[1] * V(1.f / 12) + g[2] * V(1.f / 6);
+  t[4] = g[0] * V(1.f / 24) - g[1] * V(1.f / 12) + g[2] * V(1.f / 6);
+  t[5] = g[2];
+}
+
+// filters: 3 x 3 x C x K, the weight permuted so that output channels are contiguous; u: 36 x C x K,
+// u[p] = (G g G^T)[p] for each filter g. Vectorized along K: a training step transforms every 3x3 weight twice.
+void winograd_weight_transform(const at::Tensor& filters, at::Tensor& u) {
+  using Vec = at::vec::Vectorized<float>;
+  const int64_t C = filters.size(2), K = filters.size(3);
+  const float* w = filters.const_data_ptr<float>();
   float* out = u.data_ptr<float>();
-  at::parallel_for(0, K, 1, [&](int64_t k_begin, int64_t k_end) {
-    for (int64_t k = k_begin; k < k_end; ++k) {
-      for (int64_t c = 0; c < C; ++c) {
-        double gg[6][3];  // G g
-        for (int i = 0; i < 6; ++i) {
-          for (int j = 0; j < 3; ++j) {
-            gg[i][j] = G[i][0] * w[k][c][0][j] + G[i][1] * w[k][c][1][j] + G[i][2] * w[k][c][2][j];
-          }
+  const int64_t tap_stride = C * K, point_stride = C * K;
+  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const float* src = w + c * K;
+      float* dst = out + c * K;
+      int64_t k = 0;
+      for (; k + Vec::size() <= K; k += Vec::size()) {
+        Vec cols[6][3];  // G g, column by column
+        for (int j = 0; j < 3; ++j) {
+          Vec g[3];
+          for (int i = 0; i < 3; ++i) g[i] = Vec::loadu(src + (i * 3 + j) * tap_stride + k);
+          Vec t[6];
+          winograd_filter_1d(g, t);
+          for (int i = 0; i < 6; ++i) cols[i][j] = t[i];
+        }
+        for (int i = 0; i < 6; ++i) {  // (G g) G^T, row by row
+          Vec t[6];
+          winograd_filter_1d(cols[i], t);
+          for (int j = 0; j < 6; ++j) t[j].store(dst + (i * 6 + j) * point_stride + k);
+        }
+      }
+      for (; k < K; ++k) {
+        float cols[6][3];
+        for (int j = 0; j < 3; ++j) {
+          float g[3];
+          for (int i = 0; i < 3; ++i) g[i] = src[(i * 3 + j) * tap_stride + k];
+          float t[6];
+          winograd_filter_1d(g, t);
+          for (int i = 0; i < 6; ++i) cols[i][j] = t[i];
         }
         for (int i = 0; i < 6; ++i) {
-          for (int j = 0; j < 6; ++j) {  // (G g) G^T
-            const double value = gg[i][0] * G[j][0] + gg[i][1] * G[j][1] + gg[i][2] * G[j][2];
-            out[((i * 6 + j) * C + c) * K + k] = static_cast<float>(value);
-          }
+          float t[6];
+          winograd_filter_1d(cols[i], t);
+          for (int j = 0; j < 6; ++j) dst[(i * 6 + j) * point_stride + k] = t[j];
         }
       }
     }

@@ -8,6 +8,7 @@ CPU's 3x3 layers go to the extension's Winograd convolution where it is the fast
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -18,8 +19,21 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _native
 from ..params import ConvParams, ZeroPadIdentity
+from ..settings import Setting
 from ..tensors import accumulation_dtype, as_dtype, is_channels_last, memory_format_of
 from .base import KernelSet
+
+CPU_CONVOLUTIONS = ("auto", "direct")
+_CPU_CONVOLUTIONS = Setting("cpu convolutions", CPU_CONVOLUTIONS, "FUSED_RESNET_CPU_CONVOLUTIONS", "auto")
+
+
+def use_cpu_convolutions(choice: str) -> contextlib.AbstractContextManager[None]:
+    """The cpu backend's convolutions inside the ``with`` block (else the ``FUSED_RESNET_CPU_CONVOLUTIONS``
+    environment variable, else ``"auto"``): ``"auto"`` runs float32 3x3 stride-1 layers as Winograd's F(4x4, 3x3)
+    where that is faster (docs/design.md §4), in inference and training; ``"direct"`` runs oneDNN's direct
+    convolutions only, whose float32 results are as close to the exact ones as torchvision's (Winograd's differ from
+    them by ~5e-6 of a layer's largest output, as cuDNN's Winograd kernels do on a GPU)."""
+    return _CPU_CONVOLUTIONS.use(choice, "use_cpu_convolutions")
 
 
 class NativeKernels(KernelSet):
@@ -55,22 +69,41 @@ class NativeKernels(KernelSet):
 class OneDnnKernels(NativeKernels):
     """The `cpu` backend. On the CPU, channels_last inference runs conv+bias+ReLU (and conv+bias+add+ReLU) as single
     oneDNN primitives, the ones torch.compile's CPU backend uses, where oneDNN supports the dtype; else conv then one
-    fused pass."""
+    fused pass. 3x3 stride-1 convolutions run as winograd_conv3x3 where it suits them (_winograd_suits): in
+    inference from each folded weight's cached transform, in training (forward, and backward's input gradient, a
+    3x3 convolution of the output gradient with the flipped, transposed weight) transforming the weight each step."""
+
+    def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
+        if self._winograd_runs(x, conv):
+            return self.ops.winograd_conv3x3(x, self.ops.winograd_weight_transform(conv.weight), conv.bias, None,
+                                             False)
+        return super().conv(x, conv)
+
+    def conv_backward(
+        self, grad_y: Tensor, x: Tensor, conv: ConvParams, need_input: bool, need_weight: bool, need_bias: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if not (need_input and self._winograd_runs(grad_y, conv)):
+            return super().conv_backward(grad_y, x, conv, need_input, need_weight, need_bias)
+        flipped = conv.weight.flip(2, 3).transpose(0, 1)
+        grad_x = self.ops.winograd_conv3x3(grad_y, self.ops.winograd_weight_transform(flipped), None, None, False)
+        _, grad_weight, grad_bias = super().conv_backward(grad_y, x, conv, False, need_weight, need_bias)
+        return grad_x, grad_weight, grad_bias
 
     def conv_bias_act(
         self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
         zero_pad: ZeroPadIdentity | None = None,
     ) -> Tensor:
         # Under torch.compile the tracer needs fake implementations, which oneDNN's fused ops lack; the compiler
-        # makes its own fusions from conv + one pass. torch.jit.trace cannot record their list of optional scalars.
-        # Under autocast the convolution must run in the autocast dtype, as torchvision's does, which only F.conv2d
-        # knows to do.
+        # makes its own fusions from conv + one pass. torch.jit.trace cannot record their list of optional scalars
+        # (it records winograd_conv3x3). Under autocast the convolution must run in the autocast dtype, as
+        # torchvision's does, which only F.conv2d knows to do.
+        if zero_pad is None and self._winograd_runs(x, conv, residual):
+            bias = as_dtype(bias, weight.dtype)
+            return self.ops.winograd_conv3x3(x, self._winograd_transform(weight), bias, residual, relu)
         if (zero_pad is not None or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or torch.is_autocast_enabled("cpu") or not self._onednn_supports(x, residual)):
             return super().conv_bias_act(x, conv, weight, bias, residual, relu, zero_pad)
         bias = as_dtype(bias, weight.dtype)
-        if _winograd_suits(x, conv):
-            return self.ops.winograd_conv3x3(x, self._winograd_transform(weight), bias, residual, relu)
         geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
         weight = self._packed(weight, geometry, x)
         unary = "relu" if relu else "none"
@@ -111,6 +144,14 @@ class OneDnnKernels(NativeKernels):
         with its weight."""
         return WeakIdKeyDictionary()
 
+    def _winograd_runs(self, x: Tensor, conv: ConvParams, residual: Tensor | None = None) -> bool:
+        """Whether winograd_conv3x3 runs this convolution (x its input, or in backward the output gradient):
+        eagerly or under torch.jit.trace (torch.compile sees ATen's convolution), outside autocast, on strictly
+        channels_last float32 tensors of a shape it suits."""
+        return (not (torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"))
+                and conv.weight.dtype == torch.float32 and is_channels_last(x)
+                and (residual is None or is_channels_last(residual)) and _winograd_suits(x, conv))
+
     def _winograd_transform(self, weight: Tensor) -> Tensor:
         """winograd_weight_transform(weight), kept while the weight lives, as _packed keeps packed forms: made once
         per refold of a folded weight."""
@@ -147,7 +188,8 @@ class OneDnnKernels(NativeKernels):
 
 
 def _winograd_suits(x: Tensor, conv: ConvParams) -> bool:
-    """Whether the cpu backend's inference runs this convolution as winograd_conv3x3 (F(4x4, 3x3), a quarter of the
+    """Whether the cpu backend runs this convolution as winograd_conv3x3 (unless use_cpu_convolutions("direct")
+    says not to): F(4x4, 3x3), a quarter of the
     direct convolution's multiplications for 36/9 the weight's bytes): a float32 3x3 convolution with stride 1,
     padding 1 and one group, of 32 or more input and output channels, on an image that fills at least half of its
     4x4 tiles, in 16 tiles or more unless the transformed weight (36 x C x K floats) is small enough to stay in
@@ -158,7 +200,7 @@ def _winograd_suits(x: Tensor, conv: ConvParams) -> bool:
     images, _, height, width = x.shape
     out_channels, in_channels = conv.weight.shape[:2]
     tiles_h, tiles_w = (height + 3) // 4, (width + 3) // 4
-    return (x.dtype == torch.float32 and conv.weight.shape[2:] == (3, 3) and tuple(conv.stride) == (1, 1)
+    return (_CPU_CONVOLUTIONS.requested() == "auto" and x.dtype == torch.float32 and conv.weight.shape[2:] == (3, 3) and tuple(conv.stride) == (1, 1)
             and tuple(conv.padding) == (1, 1) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
             and min(in_channels, out_channels) >= 32 and 2 * height * width >= 16 * tiles_h * tiles_w
             and (images * tiles_h * tiles_w >= 16 or in_channels * out_channels <= 256 * 256))
