@@ -46,6 +46,9 @@ TORCH_LIBRARY(fused_resnet, m) {
   // winograd_weight_transform(weight) (36 x C x K).
   m.def("winograd_weight_transform(Tensor weight) -> Tensor");
   m.def("winograd_conv3x3(Tensor input, Tensor weight_transform, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
+  // The weight gradient of that convolution (K x C x 3 x 3) from its input and output gradient, by the same
+  // algorithm transposed.
+  m.def("winograd_conv3x3_weight_grad(Tensor input, Tensor grad_output) -> Tensor");
 }
 
 // `import fused_resnet._C` loads this library, which registers the ops above.

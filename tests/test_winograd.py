@@ -67,6 +67,26 @@ def test_winograd_conv3x3_matches_a_float64_convolution(cpu_table, shape, layout
     assert_rel(out, expected, TOLERANCE, f"winograd_conv3x3 {shape}")
 
 
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_winograd_conv3x3_weight_grad_matches_a_float64_one(cpu_table, shape, layout):
+    N, C, K, H, W = shape
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(N, C, H, W).contiguous(memory_format=memory_format)
+    grad = torch.randn(N, K, H, W).contiguous(memory_format=memory_format)
+    expected = torch.ops.aten.convolution_backward(grad.double(), x.double(), torch.empty(K, C, 3, 3).double(), None,
+                                                   [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+    assert_rel(ops.winograd_conv3x3_weight_grad(x, grad), expected, TOLERANCE, f"weight grad {shape}")
+
+
+def test_winograd_conv3x3_weight_grad_names_the_bad_argument():
+    with pytest.raises(RuntimeError, match=r"expected grad_output of shape \[2, K, 5, 5\] like the input's"):
+        ops.winograd_conv3x3_weight_grad(torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 4))
+    with pytest.raises(RuntimeError, match="expected grad_output of dtype float32"):
+        ops.winograd_conv3x3_weight_grad(torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5).double())
+
+
 def test_winograd_weight_transform_is_g_g_gt(cpu_table):
     """u[p] = (G g G^T)[p] for every filter g, p = 6 * row + column, laid out 36 x C x K; from a channels_last weight
     too."""
@@ -149,8 +169,9 @@ def test_use_cpu_convolutions_direct_turns_winograd_off():
 @pytest.mark.parametrize("memory", ["default", "min"])
 def test_a_training_step_runs_its_3x3_convolutions_and_their_input_gradients_through_winograd(memory):
     """In training, a block's 3x3 stride-1 convolutions run as winograd_conv3x3, and so do their input gradients (a
-    3x3 convolution of the output gradient with the flipped, transposed weight); the weight gradients are ATen's.
-    The output, every gradient and the running statistics match float64 within Winograd's rounding."""
+    3x3 convolution of the output gradient with the flipped, transposed weight), their weight gradients as
+    winograd_conv3x3_weight_grad. The output, every gradient and the running statistics match float64 within
+    Winograd's rounding."""
     torch.manual_seed(0)
     block = randomize_batchnorms(fused_resnet.Bottleneck(128, 32, memory=memory)).to(memory_format=torch.channels_last)
     exact = copy.deepcopy(block).double()
@@ -159,8 +180,9 @@ def test_a_training_step_runs_its_3x3_convolutions_and_their_input_gradients_thr
     with use_backend("cpu"), torch.profiler.profile() as profile:
         out = block(x)
         out.backward(torch.ones_like(out))
-    calls = sum(e.count for e in profile.key_averages() if e.key == "fused_resnet::winograd_conv3x3")
-    assert calls == 2  # conv2 and its input gradient ("min" recomputes conv3's output: a 1x1 convolution)
+    calls = {e.key: e.count for e in profile.key_averages() if e.key.startswith("fused_resnet::winograd_conv3x3")}
+    # conv2 and its input gradient ("min" recomputes conv3's output: a 1x1 convolution), and its weight gradient
+    assert calls == {"fused_resnet::winograd_conv3x3": 2, "fused_resnet::winograd_conv3x3_weight_grad": 1}
     with use_backend("torch"):
         expected = exact(xd)
         expected.backward(torch.ones_like(expected))

@@ -39,6 +39,10 @@ struct CpuKernels {
   void (*winograd_input_transform)(const at::Tensor& input, at::Tensor& v);
   void (*winograd_output_transform)(const at::Tensor& m, const at::Tensor& bias, const at::Tensor& residual,
                                     bool relu, at::Tensor& out);
+  // winograd_conv3x3_weight_grad's: z = the output gradient's (36 x tiles x K), and grad_filters (3 x 3 x C x K) from
+  // the GEMMs' du (36 x C x K).
+  void (*winograd_grad_output_transform)(const at::Tensor& grad, at::Tensor& z);
+  void (*winograd_weight_grad_transform)(const at::Tensor& du, at::Tensor& grad_filters);
 };
 
 const CpuKernels& cpu_kernels_default();

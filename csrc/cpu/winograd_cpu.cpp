@@ -1,5 +1,6 @@
-// CPU implementation of winograd_conv3x3 and its weight transform: arguments checked and laid out, the 36 GEMMs
-// by at::bmm (MKL's batched SGEMM), the transforms by the kernel table for this CPU (winograd_impl.h).
+// CPU implementations of winograd_conv3x3, its weight transform and its weight gradient: arguments checked and laid
+// out, the 36 GEMMs by at::bmm (MKL's batched SGEMM), the transforms by the kernel table for this CPU
+// (winograd_impl.h).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
@@ -71,11 +72,37 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weig
   return out;
 }
 
+at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& input_, const at::Tensor& grad_output_) {
+  const char* op = "winograd_conv3x3_weight_grad";
+  check_float_cpu(op, "input", input_);
+  check_float_cpu(op, "grad_output", grad_output_);
+  TORCH_CHECK(input_.dim() == 4 && input_.numel() > 0, "fused_resnet::", op,
+              ": expected a non-empty 4-D input (N, C, H, W), got shape ", input_.sizes());
+  const int64_t N = input_.size(0), C = input_.size(1), H = input_.size(2), W = input_.size(3);
+  TORCH_CHECK(grad_output_.dim() == 4 && grad_output_.size(0) == N && grad_output_.size(2) == H &&
+                  grad_output_.size(3) == W,
+              "fused_resnet::", op, ": expected grad_output of shape [", N, ", K, ", H, ", ", W, "] like the input's, got ",
+              grad_output_.sizes());
+  const int64_t K = grad_output_.size(1);
+  const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor grad_output = grad_output_.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t tiles = N * ((H + 3) / 4) * ((W + 3) / 4);
+  at::Tensor v = at::empty({kPoints, tiles, C}, input.options());
+  cpu_kernels().winograd_input_transform(input, v);
+  at::Tensor z = at::empty({kPoints, tiles, K}, input.options());
+  cpu_kernels().winograd_grad_output_transform(grad_output, z);
+  const at::Tensor du = at::bmm(v.transpose(1, 2), z);
+  at::Tensor grad_filters = at::empty({3, 3, C, K}, input.options());
+  cpu_kernels().winograd_weight_grad_transform(du.contiguous(), grad_filters);
+  return grad_filters.permute({3, 2, 0, 1}).contiguous();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
   m.impl("winograd_weight_transform", &winograd_weight_transform_cpu);
   m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
+  m.impl("winograd_conv3x3_weight_grad", &winograd_conv3x3_weight_grad_cpu);
 }
 
 }  // namespace fused_resnet

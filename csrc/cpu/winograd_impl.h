@@ -235,5 +235,132 @@ void winograd_weight_transform(const at::Tensor& filters, at::Tensor& u) {
   });
 }
 
+// The weight gradient by the same algorithm, transposed: dW = G^T [ sum_tiles (A dY A^T) .* (B^T d B) ] G, the sum
+// over tiles for each of the 36 positions one GEMM, V[p]^T (C x tiles) @ Z[p] (tiles x K).
+
+// A applied to a column (or row) of 4 output-gradient values: 6 values.
+template <typename V>
+inline void winograd_grad_1d(const V (&g)[4], V (&z)[6]) {
+  const V even = g[0] + g[2], odd = g[1] + g[3], even4 = g[0] + V(4) * g[2], odd2 = V(2) * g[1] + V(8) * g[3];
+  z[0] = g[0];
+  z[1] = even + odd;
+  z[2] = even - odd;
+  z[3] = even4 + odd2;
+  z[4] = even4 - odd2;
+  z[5] = g[3];
+}
+
+// grad: N x K x H x W dense channels_last (the output gradient); z: 36 x tiles x K, tiles as in
+// winograd_input_transform. Pixels past the image's last row and column are zeros.
+void winograd_grad_output_transform(const at::Tensor& grad, at::Tensor& z) {
+  using Vec = at::vec::Vectorized<float>;
+  const int64_t N = grad.size(0), K = grad.size(1), H = grad.size(2), W = grad.size(3);
+  const int64_t tiles_h = (H + kWinogradTile - 1) / kWinogradTile, tiles_w = (W + kWinogradTile - 1) / kWinogradTile;
+  const int64_t tiles = N * tiles_h * tiles_w;
+  const float* g = grad.const_data_ptr<float>();
+  float* out = z.data_ptr<float>();
+  const int64_t point_stride = tiles * K;
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t n = t / (tiles_h * tiles_w), th = t / tiles_w % tiles_h, tw = t % tiles_w;
+      const int64_t h0 = th * kWinogradTile, w0 = tw * kWinogradTile;
+      const float* pixel[4][4];
+      for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 4; ++j) {
+          const int64_t h = h0 + i, w = w0 + j;
+          pixel[i][j] = (h < H && w < W) ? g + ((n * H + h) * W + w) * K : nullptr;
+        }
+      }
+      float* dst = out + t * K;
+      int64_t k = 0;
+      for (; k + Vec::size() <= K; k += Vec::size()) {
+        Vec rows[6][4];  // A g, column by column
+        for (int j = 0; j < 4; ++j) {
+          Vec col[4];
+          for (int i = 0; i < 4; ++i) col[i] = pixel[i][j] ? Vec::loadu(pixel[i][j] + k) : Vec(0.f);
+          Vec r[6];
+          winograd_grad_1d(col, r);
+          for (int i = 0; i < 6; ++i) rows[i][j] = r[i];
+        }
+        for (int i = 0; i < 6; ++i) {  // (A g) A^T, row by row
+          Vec r[6];
+          winograd_grad_1d(rows[i], r);
+          for (int j = 0; j < 6; ++j) r[j].store(dst + (i * 6 + j) * point_stride + k);
+        }
+      }
+      for (; k < K; ++k) {
+        float rows[6][4];
+        for (int j = 0; j < 4; ++j) {
+          float col[4];
+          for (int i = 0; i < 4; ++i) col[i] = pixel[i][j] ? pixel[i][j][k] : 0.f;
+          float r[6];
+          winograd_grad_1d(col, r);
+          for (int i = 0; i < 6; ++i) rows[i][j] = r[i];
+        }
+        for (int i = 0; i < 6; ++i) {
+          float r[6];
+          winograd_grad_1d(rows[i], r);
+          for (int j = 0; j < 6; ++j) dst[(i * 6 + j) * point_stride + k] = r[j];
+        }
+      }
+    }
+  });
+}
+
+// G^T applied to a column (or row) of 6 values: 3 values.
+template <typename V>
+inline void winograd_filter_grad_1d(const V (&u)[6], V (&s)[3]) {
+  const V plus = u[1] + u[2], minus = u[2] - u[1], plus34 = u[3] + u[4], minus34 = u[3] - u[4];
+  s[0] = u[0] * V(1.f / 4) - plus * V(1.f / 6) + plus34 * V(1.f / 24);
+  s[1] = minus * V(1.f / 6) + minus34 * V(1.f / 12);
+  s[2] = (plus34 - plus) * V(1.f / 6) + u[5];
+}
+
+// du: 36 x C x K (the GEMMs' results); grad_filters: 3 x 3 x C x K, = G^T du G for each (c, k).
+void winograd_weight_grad_transform(const at::Tensor& du, at::Tensor& grad_filters) {
+  using Vec = at::vec::Vectorized<float>;
+  const int64_t C = du.size(1), K = du.size(2);
+  const float* src = du.const_data_ptr<float>();
+  float* out = grad_filters.data_ptr<float>();
+  const int64_t stride = C * K;  // between the 36 points of du, and between the 9 taps of grad_filters
+  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const float* u = src + c * K;
+      float* dst = out + c * K;
+      int64_t k = 0;
+      for (; k + Vec::size() <= K; k += Vec::size()) {
+        Vec cols[3][6];  // G^T u, column by column
+        for (int j = 0; j < 6; ++j) {
+          Vec col[6];
+          for (int i = 0; i < 6; ++i) col[i] = Vec::loadu(u + (i * 6 + j) * stride + k);
+          Vec r[3];
+          winograd_filter_grad_1d(col, r);
+          for (int i = 0; i < 3; ++i) cols[i][j] = r[i];
+        }
+        for (int i = 0; i < 3; ++i) {  // (G^T u) G, row by row
+          Vec r[3];
+          winograd_filter_grad_1d(cols[i], r);
+          for (int j = 0; j < 3; ++j) r[j].store(dst + (i * 3 + j) * stride + k);
+        }
+      }
+      for (; k < K; ++k) {
+        float cols[3][6];
+        for (int j = 0; j < 6; ++j) {
+          float col[6];
+          for (int i = 0; i < 6; ++i) col[i] = u[(i * 6 + j) * stride + k];
+          float r[3];
+          winograd_filter_grad_1d(col, r);
+          for (int i = 0; i < 3; ++i) cols[i][j] = r[i];
+        }
+        for (int i = 0; i < 3; ++i) {
+          float r[3];
+          winograd_filter_grad_1d(cols[i], r);
+          for (int j = 0; j < 3; ++j) dst[(i * 3 + j) * stride + k] = r[j];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace fused_resnet

@@ -71,7 +71,8 @@ class OneDnnKernels(NativeKernels):
     oneDNN primitives, the ones torch.compile's CPU backend uses, where oneDNN supports the dtype; else conv then one
     fused pass. 3x3 stride-1 convolutions run as winograd_conv3x3 where it suits them (_winograd_suits): in
     inference from each folded weight's cached transform, in training (forward, and backward's input gradient, a
-    3x3 convolution of the output gradient with the flipped, transposed weight) transforming the weight each step."""
+    3x3 convolution of the output gradient with the flipped, transposed weight) transforming the weight each step,
+    and their weight gradients as winograd_conv3x3_weight_grad."""
 
     def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
         if self._winograd_runs(x, conv):
@@ -82,11 +83,18 @@ class OneDnnKernels(NativeKernels):
     def conv_backward(
         self, grad_y: Tensor, x: Tensor, conv: ConvParams, need_input: bool, need_weight: bool, need_bias: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        if not (need_input and self._winograd_runs(grad_y, conv)):
+        winograd_input = need_input and self._winograd_runs(grad_y, conv)
+        winograd_weight = need_weight and self._winograd_runs(x, conv) and is_channels_last(grad_y)
+        if not (winograd_input or winograd_weight):
             return super().conv_backward(grad_y, x, conv, need_input, need_weight, need_bias)
-        flipped = conv.weight.flip(2, 3).transpose(0, 1)
-        grad_x = self.ops.winograd_conv3x3(grad_y, self.ops.winograd_weight_transform(flipped), None, None, False)
-        _, grad_weight, grad_bias = super().conv_backward(grad_y, x, conv, False, need_weight, need_bias)
+        grad_x, grad_weight, grad_bias = super().conv_backward(
+            grad_y, x, conv, need_input and not winograd_input, need_weight and not winograd_weight, need_bias)
+        if winograd_input:
+            flipped = conv.weight.flip(2, 3).transpose(0, 1)
+            grad_x = self.ops.winograd_conv3x3(grad_y, self.ops.winograd_weight_transform(flipped), None, None, False)
+        if winograd_weight:
+            grad_weight = self.ops.winograd_conv3x3_weight_grad(x, grad_y).contiguous(
+                memory_format=torch.channels_last if is_channels_last(conv.weight) else torch.contiguous_format)
         return grad_x, grad_weight, grad_bias
 
     def conv_bias_act(
@@ -275,6 +283,10 @@ def _register_fake_implementations() -> None:
     def _(input, weight_transform, bias, residual, relu):
         shape = (input.shape[0], weight_transform.shape[2], *input.shape[2:])
         return input.new_empty(shape, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fused_resnet::winograd_conv3x3_weight_grad")
+    def _(input, grad_output):
+        return input.new_empty((grad_output.shape[1], input.shape[1], 3, 3))
 
     @torch.library.register_fake("fused_resnet::bn_act_backward_elemt")
     def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,
