@@ -104,8 +104,8 @@ def test_winograd_weight_transform_is_g_g_gt(cpu_table):
     ("residual", r"expected residual of the output's shape \[2, 6, 5, 5\]"),
 ])
 def test_winograd_conv3x3_names_the_bad_argument(argument, expected):
-    args = {"input": torch.randn(2, 4, 5, 5), "weight_transform": ops.winograd_weight_transform(torch.randn(6, 4, 3, 3)),
-            "bias": torch.randn(6), "residual": torch.randn(2, 6, 5, 5)}
+    args = {"input": torch.randn(2, 4, 5, 5), "bias": torch.randn(6), "residual": torch.randn(2, 6, 5, 5),
+            "weight_transform": ops.winograd_weight_transform(torch.randn(6, 4, 3, 3))}
     args[argument] = {"input": args["input"].double(), "weight_transform": torch.randn(36, 5, 6),
                       "bias": torch.randn(7), "residual": torch.randn(2, 6, 5, 4)}[argument]
     with pytest.raises(RuntimeError, match=expected):

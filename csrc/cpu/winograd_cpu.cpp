@@ -81,8 +81,8 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& input_, const at::
   const int64_t N = input_.size(0), C = input_.size(1), H = input_.size(2), W = input_.size(3);
   TORCH_CHECK(grad_output_.dim() == 4 && grad_output_.size(0) == N && grad_output_.size(2) == H &&
                   grad_output_.size(3) == W,
-              "fused_resnet::", op, ": expected grad_output of shape [", N, ", K, ", H, ", ", W, "] like the input's, got ",
-              grad_output_.sizes());
+              "fused_resnet::", op, ": expected grad_output of shape [", N, ", K, ", H, ", ", W,
+              "] like the input's, got ", grad_output_.sizes());
   const int64_t K = grad_output_.size(1);
   const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor grad_output = grad_output_.contiguous(at::MemoryFormat::ChannelsLast);

@@ -196,20 +196,21 @@ class OneDnnKernels(NativeKernels):
 
 
 def _winograd_suits(x: Tensor, conv: ConvParams) -> bool:
-    """Whether the cpu backend runs this convolution as winograd_conv3x3 (unless use_cpu_convolutions("direct")
-    says not to): F(4x4, 3x3), a quarter of the
-    direct convolution's multiplications for 36/9 the weight's bytes): a float32 3x3 convolution with stride 1,
-    padding 1 and one group, of 32 or more input and output channels, on an image that fills at least half of its
-    4x4 tiles, in 16 tiles or more unless the transformed weight (36 x C x K floats) is small enough to stay in
-    cache. Against oneDNN's direct convolution with the same post-ops (2-core AMD EPYC, AVX2, channels_last): 64 to
-    512 channels at 7x7 to 56x56 pixels, batch 1 to 16, 1.2-2.5x faster; it lost with 16 channels (0.75-0.94x: thin
-    GEMMs, transforms that move more bytes than the convolution), at 5x5 pixels (0.94x: the tiles are 60% padding)
-    and at 512 channels in fewer than 16 tiles (0.5-0.75x: the 38 MB transformed weight read for a few pixels)."""
+    """Whether the cpu backend runs this convolution as winograd_conv3x3 (F(4x4, 3x3): a quarter of the direct
+    convolution's multiplications, for 36/9 the weight's bytes), unless use_cpu_convolutions("direct") says not to:
+    a float32 3x3 convolution with stride 1, padding 1 and one group, of 32 or more input and output channels, on an
+    image that fills at least half of its 4x4 tiles, in 16 tiles or more unless the transformed weight (36 x C x K
+    floats) is small enough to stay in cache. Against oneDNN's direct convolution with the same post-ops (2-core AMD
+    EPYC, AVX2, channels_last): 64 to 512 channels at 7x7 to 56x56 pixels, batch 1 to 16, 1.2-2.5x faster; it lost
+    with 16 channels (0.75-0.94x: thin GEMMs, transforms that move more bytes than the convolution), at 5x5 pixels
+    (0.94x: the tiles are 60% padding) and at 512 channels in fewer than 16 tiles (0.5-0.75x: the 38 MB transformed
+    weight read for a few pixels)."""
     images, _, height, width = x.shape
     out_channels, in_channels = conv.weight.shape[:2]
     tiles_h, tiles_w = (height + 3) // 4, (width + 3) // 4
-    return (_CPU_CONVOLUTIONS.requested() == "auto" and x.dtype == torch.float32 and conv.weight.shape[2:] == (3, 3) and tuple(conv.stride) == (1, 1)
-            and tuple(conv.padding) == (1, 1) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+    return (_CPU_CONVOLUTIONS.requested() == "auto" and x.dtype == torch.float32 and conv.weight.shape[2:] == (3, 3)
+            and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1) and tuple(conv.dilation) == (1, 1)
+            and conv.groups == 1
             and min(in_channels, out_channels) >= 32 and 2 * height * width >= 16 * tiles_h * tiles_w
             and (images * tiles_h * tiles_w >= 16 or in_channels * out_channels <= 256 * 256))
 
