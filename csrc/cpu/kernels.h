@@ -45,6 +45,14 @@ struct CpuKernels {
   void (*winograd_weight_grad_transform)(const at::Tensor& du, at::Tensor& grad_filters);
 };
 
+// Winograd's F(4x4, 3x3) (winograd_impl.h): output tiles of 4x4 pixels, each from a 6x6 input window, and one GEMM
+// per position of that window (36). An image of H x W pixels takes ceil(H/4) x ceil(W/4) tiles.
+constexpr int64_t kWinogradTile = 4;
+constexpr int64_t kWinogradPoints = 36;
+inline int64_t winograd_tiles(int64_t images, int64_t height, int64_t width) {
+  return images * ((height + kWinogradTile - 1) / kWinogradTile) * ((width + kWinogradTile - 1) / kWinogradTile);
+}
+
 const CpuKernels& cpu_kernels_default();
 const CpuKernels& cpu_kernels_avx2();  // in the fused_resnet._C_avx2 module (x86-64 only)
 

@@ -878,11 +878,16 @@ void backward_elemt(const at::Tensor& grad_output, const at::Tensor& output, con
 namespace fused_resnet {
 
 const CpuKernels& FUSED_RESNET_KERNEL_TABLE() {
-  static const CpuKernels table{&batch_stats,     &bn_act,
-                                &bn_act_padded,   &backward_reduce,
-                                &backward_elemt,  &winograd_weight_transform,
-                                &winograd_input_transform, &winograd_output_transform,
-                                &winograd_grad_output_transform, &winograd_weight_grad_transform};
+  static const CpuKernels table{&batch_stats,
+                                &bn_act,
+                                &bn_act_padded,
+                                &backward_reduce,
+                                &backward_elemt,
+                                &winograd_weight_transform,
+                                &winograd_input_transform,
+                                &winograd_output_transform,
+                                &winograd_grad_output_transform,
+                                &winograd_weight_grad_transform};
   return table;
 }
 

@@ -15,8 +15,6 @@ namespace fused_resnet {
 
 namespace {
 
-constexpr int64_t kPoints = 36;  // the 6x6 positions of F(4x4, 3x3): one GEMM each
-
 void check_float_cpu(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, "fused_resnet::", op, ": expected ", name, " of dtype float32, got ",
               t.scalar_type());
@@ -28,7 +26,7 @@ at::Tensor winograd_weight_transform_cpu(const at::Tensor& weight) {
   check_float_cpu(op, "weight", weight);
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "fused_resnet::", op,
               ": expected weight of shape (K, C, 3, 3), got ", weight.sizes());
-  at::Tensor u = at::empty({kPoints, weight.size(1), weight.size(0)}, weight.options());
+  at::Tensor u = at::empty({kWinogradPoints, weight.size(1), weight.size(0)}, weight.options());
   cpu_kernels().winograd_weight_transform(weight.permute({2, 3, 1, 0}).contiguous(), u);
   return u;
 }
@@ -43,7 +41,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weig
   TORCH_CHECK(input_.numel() > 0, "fused_resnet::", op, ": expected a non-empty input, got shape ", input_.sizes());
   const int64_t N = input_.size(0), C = input_.size(1), H = input_.size(2), W = input_.size(3);
   check_float_cpu(op, "weight_transform", weight_transform);
-  TORCH_CHECK(weight_transform.dim() == 3 && weight_transform.size(0) == kPoints && weight_transform.size(1) == C,
+  TORCH_CHECK(weight_transform.dim() == 3 && weight_transform.size(0) == kWinogradPoints &&
+                  weight_transform.size(1) == C,
               "fused_resnet::", op, ": expected weight_transform of shape (36, ", C,
               ", K) (winograd_weight_transform of a (K, ", C, ", 3, 3) weight), got ", weight_transform.sizes());
   const int64_t K = weight_transform.size(2);
@@ -63,8 +62,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weig
     residual = residual_->contiguous(at::MemoryFormat::ChannelsLast);
   }
   const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t tiles = N * ((H + 3) / 4) * ((W + 3) / 4);
-  at::Tensor v = at::empty({kPoints, tiles, C}, input.options());
+  const int64_t tiles = winograd_tiles(N, H, W);
+  at::Tensor v = at::empty({kWinogradPoints, tiles, C}, input.options());
   cpu_kernels().winograd_input_transform(input, v);
   const at::Tensor m = at::bmm(v, weight_transform.contiguous());
   at::Tensor out = at::empty({N, K, H, W}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -86,10 +85,10 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& input_, const at::
   const int64_t K = grad_output_.size(1);
   const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor grad_output = grad_output_.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t tiles = N * ((H + 3) / 4) * ((W + 3) / 4);
-  at::Tensor v = at::empty({kPoints, tiles, C}, input.options());
+  const int64_t tiles = winograd_tiles(N, H, W);
+  at::Tensor v = at::empty({kWinogradPoints, tiles, C}, input.options());
   cpu_kernels().winograd_input_transform(input, v);
-  at::Tensor z = at::empty({kPoints, tiles, K}, input.options());
+  at::Tensor z = at::empty({kWinogradPoints, tiles, K}, input.options());
   cpu_kernels().winograd_grad_output_transform(grad_output, z);
   const at::Tensor du = at::bmm(v.transpose(1, 2), z);
   at::Tensor grad_filters = at::empty({3, 3, C, K}, input.options());

@@ -25,10 +25,6 @@
 namespace fused_resnet {
 namespace {
 
-constexpr int64_t kWinogradTile = 4;    // output pixels per tile side
-constexpr int64_t kWinogradInput = 6;   // input pixels per tile side: the tile and the filter's radius around it
-constexpr int64_t kWinogradPoints = 36;  // kWinogradInput squared: the GEMMs of one convolution
-
 // B^T applied to a column (or row) of 6 values, in place of the 6x6 matrix product.
 template <typename V>
 inline void winograd_input_1d(const V (&d)[6], V (&r)[6]) {
@@ -56,7 +52,7 @@ void winograd_input_transform(const at::Tensor& input, at::Tensor& v) {
   using Vec = at::vec::Vectorized<float>;
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const int64_t tiles_h = (H + kWinogradTile - 1) / kWinogradTile, tiles_w = (W + kWinogradTile - 1) / kWinogradTile;
-  const int64_t tiles = N * tiles_h * tiles_w;
+  const int64_t tiles = winograd_tiles(N, H, W);
   const float* x = input.const_data_ptr<float>();
   float* out = v.data_ptr<float>();
   const int64_t point_stride = tiles * C;  // between the 36 matrices of v
@@ -116,7 +112,7 @@ void winograd_output_transform(const at::Tensor& m, const at::Tensor& bias, cons
   using Vec = at::vec::Vectorized<float>;
   const int64_t N = out.size(0), K = out.size(1), H = out.size(2), W = out.size(3);
   const int64_t tiles_h = (H + kWinogradTile - 1) / kWinogradTile, tiles_w = (W + kWinogradTile - 1) / kWinogradTile;
-  const int64_t tiles = N * tiles_h * tiles_w;
+  const int64_t tiles = winograd_tiles(N, H, W);
   const float* src = m.const_data_ptr<float>();
   const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   const float* res = residual.defined() ? residual.const_data_ptr<float>() : nullptr;
@@ -256,7 +252,7 @@ void winograd_grad_output_transform(const at::Tensor& grad, at::Tensor& z) {
   using Vec = at::vec::Vectorized<float>;
   const int64_t N = grad.size(0), K = grad.size(1), H = grad.size(2), W = grad.size(3);
   const int64_t tiles_h = (H + kWinogradTile - 1) / kWinogradTile, tiles_w = (W + kWinogradTile - 1) / kWinogradTile;
-  const int64_t tiles = N * tiles_h * tiles_w;
+  const int64_t tiles = winograd_tiles(N, H, W);
   const float* g = grad.const_data_ptr<float>();
   float* out = z.data_ptr<float>();
   const int64_t point_stride = tiles * K;
