@@ -1,5 +1,6 @@
-"""winograd_conv3x3 (F(4x4, 3x3), the cpu backend's inference convolution for 3x3 stride-1 layers): the op with each
-CPU kernel table against a float64 convolution, its argument errors, and the fused modules' inference through it."""
+"""winograd_conv3x3 and winograd_conv3x3_weight_grad (F(4x4, 3x3), the cpu backend's convolution for 3x3 stride-1
+layers): the ops with each CPU kernel table against float64, their argument errors, and the fused modules'
+inference and training through them."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def cpu_table(request):
 
 
 def reference(x, weight, bias, residual, relu):
-    out = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    out = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
     if residual is not None:
         out = out + residual.double()
     return torch.relu(out) if relu else out
@@ -52,14 +53,15 @@ def reference(x, weight, bias, residual, relu):
 @pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_winograd_conv3x3_matches_a_float64_convolution(cpu_table, shape, layout, with_residual, relu):
+def test_winograd_conv3x3_matches_a_float64_convolution(cpu_table, shape, layout, with_bias, with_residual, relu):
     N, C, K, H, W = shape
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(N, C, H, W).contiguous(memory_format=memory_format)
     weight = torch.randn(K, C, 3, 3) / (3 * C**0.5)
-    bias = torch.randn(K)
+    bias = torch.randn(K) if with_bias else None
     residual = torch.randn(N, K, H, W).contiguous(memory_format=memory_format) if with_residual else None
     out = ops.winograd_conv3x3(x, ops.winograd_weight_transform(weight), bias, residual, relu)
     assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == torch.float32
@@ -126,15 +128,15 @@ def test_a_converted_resnet_infers_through_winograd_as_torchvision_does():
     model = model.to(memory_format=torch.channels_last)
     fused = fused_resnet.convert(copy.deepcopy(model)).eval()
     x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    kernels = kernels_for("cpu")
-    before = len(kernels._winograd_transforms)
     with use_backend("cpu"), torch.no_grad(), torch.profiler.profile() as profile:
         out = fused(x)
     calls = sum(e.count for e in profile.key_averages() if e.key == "fused_resnet::winograd_conv3x3")
     # layer1's four at 16x16, layer2's three of stride 1 at 8x8, layer3's three at 4x4 (one tile per image, but a
     # 256x256 weight); not layer4's, at 2x2 pixels (a quarter of a tile)
     assert calls == 10
-    assert len(kernels._winograd_transforms) == before + 10
+    transforms = kernels_for("cpu")._winograd_transforms
+    folded = [entry[2][0] for m in fused.modules() if "_folded" in m.__dict__ for entry in m._folded._entries.values()]
+    assert sum(weight in transforms for weight in folded) == 10  # each made from its folded weight, kept with it
     with torch.no_grad():
         assert_rel(out, model(x), 1e-4, "resnet18 logits")
 
