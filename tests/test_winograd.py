@@ -194,3 +194,15 @@ def test_a_training_step_runs_its_3x3_convolutions_and_their_input_gradients_thr
         assert_rel(p.grad, q.grad, TOLERANCE, f"grad {name}")
     for (name, b), c in zip(block.named_buffers(), exact.buffers()):
         assert_rel(b, c, TOLERANCE, name)
+
+
+def test_opcheck_the_winograd_ops():
+    """Schemas, fake implementations (torch.compile, the benchmarks' byte count on fake tensors) and dispatch."""
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(12, 8, 3, 3)
+    residual = torch.randn(2, 12, 9, 7).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.winograd_weight_transform.default, (weight,))
+    transform = ops.winograd_weight_transform(weight)
+    for bias, res in ((torch.randn(12), residual), (None, None)):
+        torch.library.opcheck(ops.winograd_conv3x3.default, (x, transform, bias, res, True))
+    torch.library.opcheck(ops.winograd_conv3x3_weight_grad.default, (x, residual))

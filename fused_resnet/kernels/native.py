@@ -283,7 +283,7 @@ def _register_fake_implementations() -> None:
     @torch.library.register_fake("fused_resnet::winograd_conv3x3")
     def _(input, weight_transform, bias, residual, relu):
         shape = (input.shape[0], weight_transform.shape[2], *input.shape[2:])
-        return input.new_empty(shape, memory_format=torch.channels_last)
+        return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
 
     @torch.library.register_fake("fused_resnet::winograd_conv3x3_weight_grad")
     def _(input, grad_output):
