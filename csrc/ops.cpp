@@ -74,4 +74,17 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("table"),
       "Installs a CPU kernel table (a module's `kernels` capsule), or the default one for None.");
+  // Asked here, in the module built for any x86-64, rather than in _C_avx2, whose code may use AVX2 anywhere.
+  // __builtin_cpu_supports also requires the OS to save the AVX registers (XGETBV), which a flag list does not say.
+  m.def(
+      "cpu_runs_avx2_kernels",
+      []() {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+        return false;
+#endif
+      },
+      "Whether this CPU executes the instructions fused_resnet._C_avx2 is compiled for (AVX2, FMA, F16C).");
 }

@@ -16,12 +16,13 @@ except ImportError as error:  # not built, or built against another torch
 else:
     load_error = None
 
-# The CPU kernels are compiled twice: a default build and an AVX2+FMA build in its own module. Use the AVX2 one
-# wherever ATen itself runs AVX2 or AVX-512 kernels (ATEN_CPU_CAPABILITY=default turns both off).
+# The CPU kernels are compiled twice: a default build and an AVX2+FMA+F16C build in its own module. Use the AVX2 one
+# where the CPU executes its instructions and ATen itself runs AVX2 or AVX-512 kernels (ATEN_CPU_CAPABILITY=default
+# turns both off).
 cpu_kernel_capability = "none"
 if _C is not None:
     cpu_kernel_capability = "default"
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and _C.cpu_runs_avx2_kernels():
         try:
             from . import _C_avx2
         except ImportError:

@@ -152,7 +152,8 @@ class KernelSet:
             return status
         if self.cpu_table == "avx2" and _native.cpu_kernel_capability != "avx2":
             return (f"the AVX2 CPU kernels are not used on this machine (ATen's CPU capability is "
-                    f"{torch.backends.cpu.get_cpu_capability()}, or fused_resnet._C_avx2 is missing)")
+                    f"{torch.backends.cpu.get_cpu_capability()}, the CPU lacks AVX2, FMA or F16C, or "
+                    f"fused_resnet._C_avx2 is missing)")
         if self.device == "cuda" and not torch.cuda.is_available():
             return "no CUDA GPU is visible to torch"
         return None
