@@ -50,6 +50,7 @@ from torch import nn
 
 import fused_resnet
 from benchmarks import report
+from fused_resnet.cpu_info import cpu_isa, onednn_crash_report
 from fused_resnet.kernels import REGISTRY
 
 DEFAULT_REPORT_DIR = Path(__file__).parent / "out"
@@ -229,7 +230,7 @@ def benchmark_device(choice: str) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{report.cpu_name()} ({torch.get_num_threads()} threads)"
+    return f"{report.cpu_name()} ({cpu_isa()}, {torch.get_num_threads()} threads)"
 
 
 def _triton_version() -> str | None:
@@ -481,6 +482,8 @@ class BenchSession:
             capability = (f" ({torch.backends.cpu.get_cpu_capability()})" if self.device.type == "cpu" else "")
             lines.append(f"{names} layouts run in float32: this {self.device.type}{capability} does not compute "
                          f"{names} natively, so it would time emulation (--dtype {names} runs it anyway)")
+        if self.device.type == "cpu":
+            lines.append(onednn_crash_report())
         if self.size.name == "full" and self.device.type == "cpu":
             lines.append("warning: --size full is the GPU configuration (batch 256 at 224x224); on a CPU it takes "
                          "hours")

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fused_resnet  # noqa: E402
+from fused_resnet import _native, cpu_info  # noqa: E402
 from fused_resnet.kernels import REGISTRY  # noqa: E402
 
 # The compiled fused backends that run on CPU tensors here (``torch`` is the reference composite itself), which the
@@ -87,12 +88,13 @@ def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def run_model(model: nn.Module, x: torch.Tensor, train: bool, seed: int = 0):
     """One forward and backward (against a gradient drawn from `seed`) in train or eval mode: the output, the input
-    gradient, every parameter gradient and a copy of every buffer, by name."""
+    gradient, every parameter gradient and a copy of every buffer, by name. The output gradient is drawn in float32
+    whatever the model's dtype, so that a float32 and a float64 model get the same one."""
     model.train(train)
     model.zero_grad()
     xi = x.clone().requires_grad_()
     out = model(xi)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype))
     grads = {n: p.grad for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     return out, xi.grad, grads, buffers
@@ -108,7 +110,9 @@ SESSION_SEED = int(os.environ.get("FUSED_RESNET_TEST_SEED", random.SystemRandom(
 
 def pytest_report_header(config):
     return [f"fused_resnet test seed: {SESSION_SEED} (set FUSED_RESNET_TEST_SEED to reproduce)",
-            f"fused_resnet backends: {fused_resnet.backend_status()}"]
+            f"fused_resnet backends: {fused_resnet.backend_status()}",
+            f"CPU: {cpu_info.cpu_isa()}, fused_resnet's CPU kernel table: {_native.cpu_kernel_capability}",
+            cpu_info.onednn_crash_report()]
 
 
 @pytest.fixture(autouse=True)
