@@ -163,14 +163,35 @@ def test_use_cpu_convolutions_direct_turns_winograd_off():
     with fused_resnet.use_cpu_convolutions("direct"):
         assert winograd_calls(block, torch.randn(4, 32, 16, 16)) == 0
     assert winograd_calls(block, torch.randn(4, 32, 16, 16)) == 2
-    with pytest.raises(ValueError, match="use_cpu_convolutions: unknown cpu convolutions 'winograd'; expected one of "
-                                         "auto, direct"):
-        fused_resnet.use_cpu_convolutions("winograd").__enter__()
+    with pytest.raises(ValueError, match="use_cpu_convolutions: unknown cpu convolutions 'fast'; expected one of "
+                                         "auto, direct, winograd"):
+        fused_resnet.use_cpu_convolutions("fast").__enter__()
+
+
+def winograd_training_calls(block: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    with use_backend("cpu"), torch.profiler.profile() as profile:
+        out = block(x.contiguous(memory_format=torch.channels_last).requires_grad_())
+        out.backward(torch.randn_like(out))
+    return {e.key: e.count for e in profile.key_averages() if e.key.startswith("fused_resnet::winograd_conv3x3")}
+
+
+def test_training_runs_winograd_only_when_asked():
+    """By default a training step runs direct convolutions, whose gradients are as accurate as torchvision's
+    (tests/test_training_accuracy.py); use_cpu_convolutions("winograd") opts into Winograd there too."""
+    block = randomize_batchnorms(fused_resnet.BasicBlock(32, 32)).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 32, 16, 16)
+    assert winograd_training_calls(block, x) == {}
+    with fused_resnet.use_cpu_convolutions("direct"):
+        assert winograd_training_calls(block, x) == {}
+    with fused_resnet.use_cpu_convolutions("winograd"):
+        assert winograd_training_calls(block, x) == {"fused_resnet::winograd_conv3x3": 4,
+                                                     "fused_resnet::winograd_conv3x3_weight_grad": 2}
+        assert winograd_calls(block.eval(), x) == 2
 
 
 @pytest.mark.parametrize("memory", ["default", "min"])
 def test_a_training_step_runs_its_3x3_convolutions_and_their_input_gradients_through_winograd(memory):
-    """In training, a block's 3x3 stride-1 convolutions run as winograd_conv3x3, and so do their input gradients (a
+    """In training under use_cpu_convolutions("winograd"), a block's 3x3 stride-1 convolutions run as winograd_conv3x3, and so do their input gradients (a
     3x3 convolution of the output gradient with the flipped, transposed weight), their weight gradients as
     winograd_conv3x3_weight_grad. The output, every gradient and the running statistics match float64 within
     Winograd's rounding."""
@@ -179,7 +200,7 @@ def test_a_training_step_runs_its_3x3_convolutions_and_their_input_gradients_thr
     exact = copy.deepcopy(block).double()
     x = torch.randn(4, 128, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
     xd = x.detach().double().requires_grad_()
-    with use_backend("cpu"), torch.profiler.profile() as profile:
+    with use_backend("cpu"), fused_resnet.use_cpu_convolutions("winograd"), torch.profiler.profile() as profile:
         out = block(x)
         out.backward(torch.ones_like(out))
     calls = {e.key: e.count for e in profile.key_averages() if e.key.startswith("fused_resnet::winograd_conv3x3")}

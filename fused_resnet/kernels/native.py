@@ -23,16 +23,25 @@ from ..settings import Setting
 from ..tensors import accumulation_dtype, as_dtype, is_channels_last, memory_format_of
 from .base import KernelSet
 
-CPU_CONVOLUTIONS = ("auto", "direct")
+CPU_CONVOLUTIONS = ("auto", "direct", "winograd")
 _CPU_CONVOLUTIONS = Setting("cpu convolutions", CPU_CONVOLUTIONS, "FUSED_RESNET_CPU_CONVOLUTIONS", "auto")
 
 
 def use_cpu_convolutions(choice: str) -> contextlib.AbstractContextManager[None]:
     """The cpu backend's convolutions inside the ``with`` block (else the ``FUSED_RESNET_CPU_CONVOLUTIONS``
-    environment variable, else ``"auto"``): ``"auto"`` runs float32 3x3 stride-1 layers as Winograd's F(4x4, 3x3)
-    where that is faster (docs/design.md §4), in inference and training; ``"direct"`` runs oneDNN's direct
-    convolutions only, whose float32 results are as close to the exact ones as torchvision's (Winograd's differ from
-    them by ~5e-6 of a layer's largest output, as cuDNN's Winograd kernels do on a GPU)."""
+    environment variable, else ``"auto"``):
+
+    - ``"auto"``: inference runs float32 3x3 stride-1 layers as Winograd's F(4x4, 3x3) where that is faster
+      (docs/design.md §4); training runs oneDNN's direct convolutions, so that its gradients are as accurate as
+      torchvision's.
+    - ``"direct"``: oneDNN's direct convolutions only, in inference too.
+    - ``"winograd"``: Winograd in training too (forward, input and weight gradients), by explicit choice. Its float32
+      results differ from the exact ones by ~5e-6 of a layer's largest output (as cuDNN's Winograd kernels do on a
+      GPU), ~30x a direct convolution's rounding: enough to put several times more ReLU inputs that lie near zero on
+      the other side than torchvision does, and where BatchNorm normalizes over few values (late stages at small
+      images and batches) one such flip moves a channel's gradients by a few percent. Measured on converted
+      ResNets at 48x40 to 96x96 pixels, batch 2-4: the worst gradient 100-600x torchvision's distance from float64
+      in about half the steps, against a few percent of steps with direct convolutions."""
     return _CPU_CONVOLUTIONS.use(choice, "use_cpu_convolutions")
 
 
@@ -70,9 +79,11 @@ class OneDnnKernels(NativeKernels):
     """The `cpu` backend. On the CPU, channels_last inference runs conv+bias+ReLU (and conv+bias+add+ReLU) as single
     oneDNN primitives, the ones torch.compile's CPU backend uses, where oneDNN supports the dtype; else conv then one
     fused pass. 3x3 stride-1 convolutions run as winograd_conv3x3 where it suits them (_winograd_suits): in
-    inference from each folded weight's cached transform, in training (forward, and backward's input gradient, a
-    3x3 convolution of the output gradient with the flipped, transposed weight) transforming the weight each step,
-    and their weight gradients as winograd_conv3x3_weight_grad."""
+    inference from each folded weight's cached transform; in training only under use_cpu_convolutions("winograd")
+    (forward, and backward's input gradient, a 3x3 convolution of the output gradient with the flipped, transposed
+    weight, transforming the weight each step, and their weight gradients as winograd_conv3x3_weight_grad). The
+    weight gradients of 1x1 strided convolutions with few input channels avoid a oneDNN crash
+    (_onednn_weight_grad_may_crash)."""
 
     def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
         if self._winograd_runs(x, conv):
@@ -85,10 +96,18 @@ class OneDnnKernels(NativeKernels):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         winograd_input = need_input and self._winograd_runs(grad_y, conv)
         winograd_weight = need_weight and self._winograd_runs(x, conv) and is_channels_last(grad_y)
-        if not (winograd_input or winograd_weight):
+        subsampled_weight = need_weight and not winograd_weight and _onednn_weight_grad_may_crash(conv)
+        if not (winograd_input or winograd_weight or subsampled_weight):
             return super().conv_backward(grad_y, x, conv, need_input, need_weight, need_bias)
+        aten_weight = need_weight and not (winograd_weight or subsampled_weight)
         grad_x, grad_weight, grad_bias = super().conv_backward(
-            grad_y, x, conv, need_input and not winograd_input, need_weight and not winograd_weight, need_bias)
+            grad_y, x, conv, need_input and not winograd_input, aten_weight, need_bias)
+        if subsampled_weight:
+            # A 1x1 convolution with stride s and no padding reads only x[:, :, ::s, ::s]: its weight gradient is
+            # that of a stride-1 convolution (a GEMM) of the subsampled input.
+            subsampled = x[:, :, ::conv.stride[0], ::conv.stride[1]].contiguous(memory_format=memory_format_of(x))
+            grad_weight = super().conv_backward(grad_y, subsampled, conv._replace(bias=None, stride=(1, 1)), False,
+                                                True, False)[1]
         if winograd_input:
             flipped = conv.weight.flip(2, 3).transpose(0, 1)
             grad_x = self.ops.winograd_conv3x3(grad_y, self.ops.winograd_weight_transform(flipped), None, None, False)
@@ -105,7 +124,7 @@ class OneDnnKernels(NativeKernels):
         # makes its own fusions from conv + one pass. torch.jit.trace cannot record their list of optional scalars
         # (it records winograd_conv3x3). Under autocast the convolution must run in the autocast dtype, as
         # torchvision's does, which only F.conv2d knows to do.
-        if zero_pad is None and self._winograd_runs(x, conv, residual):
+        if zero_pad is None and self._winograd_runs(x, conv, residual, inference=True):
             bias = as_dtype(bias, weight.dtype)
             return self.ops.winograd_conv3x3(x, self._winograd_transform(weight), bias, residual, relu)
         if (zero_pad is not None or torch.compiler.is_compiling() or torch.jit.is_tracing()
@@ -152,11 +171,15 @@ class OneDnnKernels(NativeKernels):
         with its weight."""
         return WeakIdKeyDictionary()
 
-    def _winograd_runs(self, x: Tensor, conv: ConvParams, residual: Tensor | None = None) -> bool:
-        """Whether winograd_conv3x3 runs this convolution (x its input, or in backward the output gradient):
-        eagerly or under torch.jit.trace (torch.compile sees ATen's convolution), outside autocast, on strictly
-        channels_last float32 tensors of a shape it suits."""
-        return (not (torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"))
+    def _winograd_runs(self, x: Tensor, conv: ConvParams, residual: Tensor | None = None,
+                       inference: bool = False) -> bool:
+        """Whether winograd_conv3x3 runs this convolution (x its input, or in backward the output gradient): in
+        inference, or in training where use_cpu_convolutions("winograd") asks for it; eagerly or under
+        torch.jit.trace (torch.compile sees ATen's convolution), outside autocast, on strictly channels_last float32
+        tensors of a shape it suits."""
+        requested = _CPU_CONVOLUTIONS.requested()
+        return (requested == "winograd" or (inference and requested == "auto")) and (
+                not (torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"))
                 and conv.weight.dtype == torch.float32 and is_channels_last(x)
                 and (residual is None or is_channels_last(residual)) and _winograd_suits(x, conv))
 
@@ -195,11 +218,22 @@ class OneDnnKernels(NativeKernels):
                 and (residual is None or is_channels_last(residual)))
 
 
+def _onednn_weight_grad_may_crash(conv: ConvParams) -> bool:
+    """Whether ATen's weight gradient of this convolution may crash the process: PyTorch 2.14's bundled oneDNN
+    segfaults in the AVX-512 weight gradient of 1x1 stride-2 convolutions with fewer than 16 input channels (2-15
+    crashed at some batches of 1-15 images and 14-112 pixels, channels_last input; 1 and 16-64 never did, nor
+    stride 1 or 3). Any stride above 1 counts here: the way around it costs nothing measurable at so few
+    channels, and it is taken on every CPU, the crash being a property of oneDNN's code path, not of this
+    backend."""
+    return (conv.weight.shape[2:] == (1, 1) and tuple(conv.stride) != (1, 1) and tuple(conv.padding) == (0, 0)
+            and conv.weight.shape[1] * conv.groups < 16)
+
+
 def _winograd_suits(x: Tensor, conv: ConvParams) -> bool:
     """Whether the cpu backend runs this convolution as winograd_conv3x3 (F(4x4, 3x3): a quarter of the direct
-    convolution's multiplications, for 36/9 the weight's bytes), unless use_cpu_convolutions("direct") says not to:
-    a float32 3x3 convolution with stride 1, padding 1 and one group, of 32 or more input and output channels, on an
-    image that fills at least half of its 4x4 tiles, in 16 tiles or more unless the transformed weight (36 x C x K
+    convolution's multiplications, for 36/9 the weight's bytes) where use_cpu_convolutions allows it: a float32
+    3x3 convolution with stride 1, padding 1 and one group, of 32 or more input and output channels, on an image
+    that fills at least half of its 4x4 tiles, in 16 tiles or more unless the transformed weight (36 x C x K
     floats) is small enough to stay in cache. Against oneDNN's direct convolution with the same post-ops (2-core AMD
     EPYC, AVX2, channels_last): 64 to 512 channels at 7x7 to 56x56 pixels, batch 1 to 16, 1.2-2.5x faster; it lost
     with 16 channels (0.75-0.94x: thin GEMMs, transforms that move more bytes than the convolution), at 5x5 pixels
@@ -208,7 +242,7 @@ def _winograd_suits(x: Tensor, conv: ConvParams) -> bool:
     images, _, height, width = x.shape
     out_channels, in_channels = conv.weight.shape[:2]
     tiles_h, tiles_w = (height + 3) // 4, (width + 3) // 4
-    return (_CPU_CONVOLUTIONS.requested() == "auto" and x.dtype == torch.float32 and conv.weight.shape[2:] == (3, 3)
+    return (x.dtype == torch.float32 and conv.weight.shape[2:] == (3, 3)
             and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1) and tuple(conv.dilation) == (1, 1)
             and conv.groups == 1
             and min(in_channels, out_channels) >= 32 and 2 * height * width >= 16 * tiles_h * tiles_w
