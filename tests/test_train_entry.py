@@ -254,3 +254,14 @@ def test_bad_data_or_arch_is_an_argparse_error(tmp_path, capsys, case):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_default_data_workers_fit_the_cpus(monkeypatch):
+    """At most one data-loading process per CPU this process may use (4 on 2 cores made DataLoader warn)."""
+    import fused_resnet.train.cli as cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cli.default_workers() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert cli.default_workers() == 4
+    assert parse_args(["--synthetic"]).workers == min(4, len(os.sched_getaffinity(0)))

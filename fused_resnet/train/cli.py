@@ -48,6 +48,13 @@ HE2015_WARMUP = {"warmup_iterations": 400, "warmup_lr": 0.01}
 HE2015_WARMUP_MIN_DEPTH = 110
 
 
+def default_workers() -> int:
+    """4 data-loading processes, at most one per CPU this process may use (more only contend with the training
+    threads, and DataLoader warns about them)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fused_resnet.train",
@@ -84,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-classes", type=_positive_int, default=10, help="classes with --synthetic (default: 10)")
     data.add_argument("--image-size", type=_positive_int, default=None,
                       help="training crop size (default: 32 for CIFAR data and cifar_resnet, else 224)")
-    data.add_argument("--workers", type=_non_negative_int, default=4, help="data loading processes (default: 4)")
+    data.add_argument("--workers", type=_non_negative_int, default=default_workers(),
+                      help="data loading processes (default: 4, or the CPUs this process may run on if fewer: "
+                           f"{default_workers()} here)")
 
     optim = parser.add_argument_group("optimization (SGD with momentum; a recipe sets these unless given)")
     optim.add_argument("--recipe", choices=sorted(RECIPES), default=None,
