@@ -37,11 +37,10 @@ def use_cpu_convolutions(choice: str) -> contextlib.AbstractContextManager[None]
     - ``"direct"``: oneDNN's direct convolutions only, in inference too.
     - ``"winograd"``: Winograd in training too (forward, input and weight gradients), by explicit choice. Its float32
       results differ from the exact ones by ~5e-6 of a layer's largest output (as cuDNN's Winograd kernels do on a
-      GPU), ~30x a direct convolution's rounding: enough to put several times more ReLU inputs that lie near zero on
-      the other side than torchvision does, and where BatchNorm normalizes over few values (late stages at small
-      images and batches) one such flip moves a channel's gradients by a few percent. Measured on converted
-      ResNets at 48x40 to 96x96 pixels, batch 2-4: the worst gradient 100-600x torchvision's distance from float64
-      in about half the steps, against a few percent of steps with direct convolutions."""
+      GPU), ~30x a direct convolution's rounding; a training step's activations end up 1.5-2.8x as far from the
+      exact ones as torchvision's, so ~2x as many ReLU inputs near zero land on the other side, and where
+      BatchNorm normalizes over few values (late stages at small images and batches) one such flip moves a
+      channel's gradients by a few percent (docs/design.md §4)."""
     return _CPU_CONVOLUTIONS.use(choice, "use_cpu_convolutions")
 
 
