@@ -220,7 +220,7 @@ class OneDnnKernels(NativeKernels):
 def _onednn_weight_grad_may_crash(conv: ConvParams) -> bool:
     """Whether ATen's weight gradient of this convolution may crash the process: PyTorch 2.14's bundled oneDNN
     segfaults in the AVX-512 weight gradient of 1x1 stride-2 convolutions with fewer than 16 input channels (2-15
-    crashed at some batches of 1-15 images and 14-112 pixels, channels_last input; 1 and 16-64 never did, nor
+    crashed at some batches of 1-15 images and 14-112 pixels, channels_last input; 1 and 16-256 never did, nor
     stride 1 or 3). Any stride above 1 counts here: the way around it costs nothing measurable at so few
     channels, and it is taken on every CPU, the crash being a property of oneDNN's code path, not of this
     backend."""
