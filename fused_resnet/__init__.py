@@ -11,7 +11,7 @@ from . import ops, reference
 from .backends import available_backends, backend_status, use_backend
 from .cifar import CifarResNet, cifar_resnet
 from .convert import FusionWarning, convert, convert_sync_batchnorm, unfused_modules
-from .kernels.native import CPU_CONVOLUTIONS, use_cpu_convolutions
+from .kernels.native import CPU_CONVOLUTIONS, cpu_convolution_choices, use_cpu_convolutions
 from .memory import MEMORY_POLICIES, set_memory_policy, use_memory_policy
 from . import fx  # after .models, which it imports
 from .models import (
@@ -39,7 +39,8 @@ __all__ = [
     "ConvParams",
     "FusionWarning", "MEMORY_POLICIES", "MaxPoolParams", "ResNet", "TimmBasicBlock", "TimmBottleneck",
     "WarmupReport", "ZeroPadIdentity", "available_backends", "backend_status", "cifar_resnet",
-    "clear_folded_weights", "convert", "convert_sync_batchnorm", "fx", "ops", "reference", "resnet18", "resnet34",
+    "clear_folded_weights", "convert", "convert_sync_batchnorm", "cpu_convolution_choices", "fx", "ops", "reference",
+    "resnet18", "resnet34",
     "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
     "set_memory_policy", "unfused_modules", "use_backend", "use_cpu_convolutions", "use_memory_policy", "warmup",
     "wide_resnet50_2",

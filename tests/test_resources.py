@@ -187,7 +187,7 @@ def uncached(block, x):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("apply_change", CHANGES)
-def test_folded_weight_cache_never_serves_stale_weights(backend, apply_change, memory_format):
+def test_folded_weight_cache_never_serves_stale_weights(backend, apply_change, memory_format, winograd_measured_faster):
     block = projection_block()
     for p in block.parameters():
         p.grad = torch.randn_like(p)  # for the optimizer steps

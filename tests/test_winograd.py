@@ -16,6 +16,7 @@ import fused_resnet
 from conftest import assert_rel, randomize_batchnorms
 from fused_resnet import _native, use_backend
 from fused_resnet.kernels import kernels_for
+from fused_resnet.kernels.choices import ROUNDS, Choice, MeasuredChoices, measure_seconds
 from kernel_cases import KERNEL_SETS, _install_cpu_table, poisoned_outputs  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(not _native.has_extension(), reason="the compiled extension is not built")
@@ -119,7 +120,7 @@ def test_winograd_weight_transform_names_the_bad_argument():
         ops.winograd_weight_transform(torch.randn(4, 4, 1, 1))
 
 
-def test_a_converted_resnet_infers_through_winograd_as_torchvision_does():
+def test_a_converted_resnet_infers_through_winograd_as_torchvision_does(winograd_measured_faster):
     """The cpu backend's inference of a converted resnet18 in channels_last float32 runs its 3x3 stride-1 layers
     through winograd_conv3x3 where it suits them (made from the folded weights, transformed once), and matches
     torchvision's eval forward."""
@@ -147,7 +148,7 @@ def winograd_calls(block: nn.Module, x: torch.Tensor) -> int:
     return sum(e.count for e in profile.key_averages() if e.key == "fused_resnet::winograd_conv3x3")
 
 
-def test_a_fused_block_runs_direct_convolutions_where_winograd_does_not_suit():
+def test_a_fused_block_runs_direct_convolutions_where_winograd_does_not_suit(winograd_measured_faster):
     """A block's two 3x3 stride-1 convolutions run through winograd_conv3x3 with 32 channels at 16x16 pixels in
     float32, and as direct convolutions at 2x2 pixels (however many images), with 16 channels, and in float64."""
     block = randomize_batchnorms(fused_resnet.BasicBlock(32, 32)).eval().to(memory_format=torch.channels_last)
@@ -158,7 +159,7 @@ def test_a_fused_block_runs_direct_convolutions_where_winograd_does_not_suit():
     assert winograd_calls(narrow, torch.randn(4, 16, 16, 16)) == 0
 
 
-def test_use_cpu_convolutions_direct_turns_winograd_off():
+def test_use_cpu_convolutions_direct_turns_winograd_off(winograd_measured_faster):
     block = randomize_batchnorms(fused_resnet.BasicBlock(32, 32)).eval().to(memory_format=torch.channels_last)
     with fused_resnet.use_cpu_convolutions("direct"):
         assert winograd_calls(block, torch.randn(4, 32, 16, 16)) == 0
@@ -191,10 +192,10 @@ def test_training_runs_winograd_only_when_asked():
 
 @pytest.mark.parametrize("memory", ["default", "min"])
 def test_a_training_step_runs_its_3x3_convolutions_and_their_input_gradients_through_winograd(memory):
-    """In training under use_cpu_convolutions("winograd"), a block's 3x3 stride-1 convolutions run as winograd_conv3x3, and so do their input gradients (a
-    3x3 convolution of the output gradient with the flipped, transposed weight), their weight gradients as
-    winograd_conv3x3_weight_grad. The output, every gradient and the running statistics match float64 within
-    Winograd's rounding."""
+    """In training under use_cpu_convolutions("winograd"), a block's 3x3 stride-1 convolutions run as
+    winograd_conv3x3, and so do their input gradients (a 3x3 convolution of the output gradient with the flipped,
+    transposed weight), their weight gradients as winograd_conv3x3_weight_grad. The output, every gradient and the
+    running statistics match float64 within Winograd's rounding."""
     torch.manual_seed(0)
     block = randomize_batchnorms(fused_resnet.Bottleneck(128, 32, memory=memory)).to(memory_format=torch.channels_last)
     exact = copy.deepcopy(block).double()
@@ -227,3 +228,60 @@ def test_opcheck_the_winograd_ops():
     for bias, res in ((torch.randn(12), residual), (None, None)):
         torch.library.opcheck(ops.winograd_conv3x3.default, (x, transform, bias, res, True))
     torch.library.opcheck(ops.winograd_conv3x3_weight_grad.default, (x, residual))
+
+
+def test_inference_runs_what_was_measured_faster_and_keeps_it(monkeypatch):
+    """use_cpu_convolutions("auto"): each inference configuration that Winograd suits is timed both ways once, at
+    its first call, on the call's own tensors, and runs the faster from then on; cpu_convolution_choices() says what
+    each runs and the times it was chosen by. "winograd" runs Winograd without measuring."""
+    from fused_resnet.kernels.native import CONVOLUTION_CHOICES
+
+    measured = []
+
+    def measure(candidates):
+        measured.append(sorted(candidates))
+        outputs = {name: run() for name, run in candidates.items()}
+        assert_rel(outputs["winograd"], outputs["direct"], 1e-5, "the candidates compute the same")
+        return {"winograd": 2e-3, "direct": 1e-3} if len(measured) == 1 else {"winograd": 1e-3, "direct": 2e-3}
+
+    CONVOLUTION_CHOICES.clear()
+    monkeypatch.setattr(CONVOLUTION_CHOICES, "measure", measure)
+    try:
+        block = randomize_batchnorms(fused_resnet.BasicBlock(32, 32)).eval().to(memory_format=torch.channels_last)
+        x = torch.randn(4, 32, 16, 16)
+        # conv1 (+ ReLU) measured faster direct, conv2 (+ residual + ReLU) Winograd: the first forward runs
+        # Winograd in each measurement and then in conv2, later ones in conv2 only
+        assert winograd_calls(block, x) == 3
+        assert measured == [["direct", "winograd"], ["direct", "winograd"]]
+        assert winograd_calls(block, x) == 1 and len(measured) == 2  # chosen once, kept
+        threads = torch.get_num_threads()
+        assert fused_resnet.cpu_convolution_choices() == {
+            f"4x32x16x16 -> 32, relu, {threads} threads": {"algorithm": "direct",
+                                                          "ms": {"winograd": 2.0, "direct": 1.0}},
+            f"4x32x16x16 -> 32 + residual, relu, {threads} threads": {"algorithm": "winograd",
+                                                                     "ms": {"winograd": 1.0, "direct": 2.0}}}
+        # a new batch size is a new configuration: measured again (Winograd faster in both now), then run
+        assert winograd_calls(block, torch.randn(2, 32, 16, 16)) == 4 and len(measured) == 4
+        with fused_resnet.use_cpu_convolutions("winograd"):
+            assert winograd_calls(block, torch.randn(3, 32, 16, 16)) == 2 and len(measured) == 4
+    finally:
+        CONVOLUTION_CHOICES.clear()
+
+
+def test_measured_choices_pick_the_fastest_once():
+    choices = MeasuredChoices()
+    timings = iter([{"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 1.0}])
+    choices.measure = lambda candidates: next(timings)
+    assert choices.choose("one", {"a": lambda: None, "b": lambda: None}) == "b"
+    assert choices.choose("one", {"a": lambda: None, "b": lambda: None}) == "b"  # not measured again
+    assert choices.choose("two", {"a": lambda: None, "b": lambda: None}) == "a"  # a tie goes to the first
+    assert choices.made("one") == Choice("b", {"a": 2.0, "b": 1.0}) and choices.made("three") is None
+    choices.clear()
+    assert choices.items() == []
+
+
+def test_measure_seconds_times_each_candidate_after_a_warm_up():
+    calls = []
+    seconds = measure_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")})
+    assert calls == ["a", "b"] + ["a", "b"] * ROUNDS  # interleaved
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())

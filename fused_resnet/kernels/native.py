@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from ..params import ConvParams, ZeroPadIdentity
 from ..settings import Setting
 from ..tensors import accumulation_dtype, as_dtype, is_channels_last, memory_format_of
 from .base import KernelSet
+from .choices import MeasuredChoices
 
 CPU_CONVOLUTIONS = ("auto", "direct", "winograd")
 _CPU_CONVOLUTIONS = Setting("cpu convolutions", CPU_CONVOLUTIONS, "FUSED_RESNET_CPU_CONVOLUTIONS", "auto")
@@ -31,9 +33,10 @@ def use_cpu_convolutions(choice: str) -> contextlib.AbstractContextManager[None]
     """The cpu backend's convolutions inside the ``with`` block (else the ``FUSED_RESNET_CPU_CONVOLUTIONS``
     environment variable, else ``"auto"``):
 
-    - ``"auto"``: inference runs float32 3x3 stride-1 layers as Winograd's F(4x4, 3x3) where that is faster
-      (docs/design.md §4); training runs oneDNN's direct convolutions, so that its gradients are as accurate as
-      torchvision's.
+    - ``"auto"``: inference runs float32 3x3 stride-1 layers as Winograd's F(4x4, 3x3) where that was measured
+      faster on this machine, each configuration timed both ways at its first call (cpu_convolution_choices() lists
+      them; docs/design.md §4); training runs oneDNN's direct convolutions, so that its gradients are as accurate
+      as torchvision's.
     - ``"direct"``: oneDNN's direct convolutions only, in inference too.
     - ``"winograd"``: Winograd in training too (forward, input and weight gradients), by explicit choice. Its float32
       results differ from the exact ones by ~5e-6 of a layer's largest output (as cuDNN's Winograd kernels do on a
@@ -42,6 +45,25 @@ def use_cpu_convolutions(choice: str) -> contextlib.AbstractContextManager[None]
       BatchNorm normalizes over few values (late stages at small images and batches) one such flip moves a
       channel's gradients by a few percent (docs/design.md §4)."""
     return _CPU_CONVOLUTIONS.use(choice, "use_cpu_convolutions")
+
+
+# The cpu backend's inference algorithm for each 3x3 convolution configuration that Winograd suits, measured here.
+CONVOLUTION_CHOICES = MeasuredChoices()
+
+
+def cpu_convolution_choices() -> dict[str, dict]:
+    """What the cpu backend's inference runs for each 3x3 convolution configuration it has measured so far
+    (use_cpu_convolutions("auto")): {"<input shape> -> <output channels>[ + residual][, relu], <n> threads":
+    {"algorithm": "winograd" or "direct", "ms": each candidate's median milliseconds per call}}. Each
+    configuration is measured once, at its first call, and runs the chosen algorithm from then on."""
+    choices = {}
+    for configuration, choice in CONVOLUTION_CHOICES.items():
+        _, input_shape, weight_shape, residual, relu, threads = configuration
+        name = (f"{'x'.join(map(str, input_shape))} -> {weight_shape[0]}{' + residual' if residual else ''}"
+                f"{', relu' if relu else ''}, {threads} threads")
+        choices[name] = {"algorithm": choice.algorithm,
+                         "ms": {algorithm: round(seconds * 1e3, 3) for algorithm, seconds in choice.seconds.items()}}
+    return choices
 
 
 class NativeKernels(KernelSet):
@@ -78,7 +100,7 @@ class OneDnnKernels(NativeKernels):
     """The `cpu` backend. On the CPU, channels_last inference runs conv+bias+ReLU (and conv+bias+add+ReLU) as single
     oneDNN primitives, the ones torch.compile's CPU backend uses, where oneDNN supports the dtype; else conv then one
     fused pass. 3x3 stride-1 convolutions run as winograd_conv3x3 where it suits them (_winograd_suits): in
-    inference from each folded weight's cached transform; in training only under use_cpu_convolutions("winograd")
+    inference from each folded weight's cached transform, where measured faster (CONVOLUTION_CHOICES); in training only under use_cpu_convolutions("winograd")
     (forward, and backward's input gradient, a 3x3 convolution of the output gradient with the flipped, transposed
     weight, transforming the weight each step, and their weight gradients as winograd_conv3x3_weight_grad). The
     weight gradients of 1x1 strided convolutions with few input channels avoid a oneDNN crash
@@ -119,13 +141,30 @@ class OneDnnKernels(NativeKernels):
         self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
         zero_pad: ZeroPadIdentity | None = None,
     ) -> Tensor:
+        def direct() -> Tensor:
+            return self._direct_conv_bias_act(x, conv, weight, bias, residual, relu, zero_pad)
+
+        if zero_pad is None and self._winograd_runs(x, conv, residual, inference=True):
+            winograd_bias = as_dtype(bias, weight.dtype)
+
+            def winograd() -> Tensor:
+                return self.ops.winograd_conv3x3(x, self._winograd_transform(weight), winograd_bias, residual, relu)
+
+            if (_CPU_CONVOLUTIONS.requested() == "winograd"
+                    or self._inference_algorithm(x, weight, residual, relu, winograd, direct) == "winograd"):
+                return winograd()
+        return direct()
+
+    def _direct_conv_bias_act(
+        self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
+        zero_pad: ZeroPadIdentity | None,
+    ) -> Tensor:
+        """conv_bias_act by a direct convolution: one oneDNN primitive with the weight packed once where it can,
+        else conv + one fused pass."""
         # Under torch.compile the tracer needs fake implementations, which oneDNN's fused ops lack; the compiler
         # makes its own fusions from conv + one pass. torch.jit.trace cannot record their list of optional scalars
         # (it records winograd_conv3x3). Under autocast the convolution must run in the autocast dtype, as
         # torchvision's does, which only F.conv2d knows to do.
-        if zero_pad is None and self._winograd_runs(x, conv, residual, inference=True):
-            bias = as_dtype(bias, weight.dtype)
-            return self.ops.winograd_conv3x3(x, self._winograd_transform(weight), bias, residual, relu)
         if (zero_pad is not None or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or torch.is_autocast_enabled("cpu") or not self._onednn_supports(x, residual)):
             return super().conv_bias_act(x, conv, weight, bias, residual, relu, zero_pad)
@@ -137,6 +176,19 @@ class OneDnnKernels(NativeKernels):
             return torch.ops.mkldnn._convolution_pointwise.default(x, weight, bias, *geometry, unary, [None], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, weight, bias, *geometry, "add", None, unary, [None], "")
+
+    def _inference_algorithm(self, x: Tensor, weight: Tensor, residual: Tensor | None, relu: bool,
+                             winograd: Callable[[], Tensor], direct: Callable[[], Tensor]) -> str:
+        """"winograd" or "direct" for this inference convolution, measured the first time its configuration (input
+        and weight shapes, residual, ReLU, thread count) comes, on these very tensors, and fixed from then on
+        (CONVOLUTION_CHOICES). Inside torch.jit.trace nothing is measured (it would be recorded): a configuration
+        chosen before runs as chosen, any other directly."""
+        configuration = ("conv3x3", tuple(x.shape), tuple(weight.shape), residual is not None, relu,
+                         torch.get_num_threads())
+        if torch.jit.is_tracing():
+            made = CONVOLUTION_CHOICES.made(configuration)
+            return made.algorithm if made is not None else "direct"
+        return CONVOLUTION_CHOICES.choose(configuration, {"winograd": winograd, "direct": direct})
 
     def preferred_memory_format(self, x: Tensor) -> torch.memory_format:
         # oneDNN runs NCHW convolutions through reorders to and from its blocked layouts: a converted resnet50's
@@ -229,15 +281,18 @@ def _onednn_weight_grad_may_crash(conv: ConvParams) -> bool:
 
 
 def _winograd_suits(x: Tensor, conv: ConvParams) -> bool:
-    """Whether the cpu backend runs this convolution as winograd_conv3x3 (F(4x4, 3x3): a quarter of the direct
-    convolution's multiplications, for 36/9 the weight's bytes) where use_cpu_convolutions allows it: a float32
+    """Whether winograd_conv3x3 (F(4x4, 3x3): a quarter of the direct convolution's multiplications, for 36/9 the
+    weight's bytes) is a candidate for this convolution, which inference then times against the direct one on the
+    machine at hand (CONVOLUTION_CHOICES), and training runs under use_cpu_convolutions("winograd"): a float32
     3x3 convolution with stride 1, padding 1 and one group, of 32 or more input and output channels, on an image
     that fills at least half of its 4x4 tiles, in 16 tiles or more unless the transformed weight (36 x C x K
     floats) is small enough to stay in cache. Against oneDNN's direct convolution with the same post-ops (2-core AMD
     EPYC, AVX2, channels_last): 64 to 512 channels at 7x7 to 56x56 pixels, batch 1 to 16, 1.2-2.5x faster; it lost
     with 16 channels (0.75-0.94x: thin GEMMs, transforms that move more bytes than the convolution), at 5x5 pixels
     (0.94x: the tiles are 60% padding) and at 512 channels in fewer than 16 tiles (0.5-0.75x: the 38 MB transformed
-    weight read for a few pixels)."""
+    weight read for a few pixels). On a 2-core AVX-512 Xeon, measured by the choice itself: ResNet-50's layers at
+    batch 1 and 16 1.2-2.1x faster, but 64 channels at 56x56 pixels, batch 16, 0.56x (17 ms direct, 30 Winograd),
+    where inference now runs the direct convolution."""
     images, _, height, width = x.shape
     out_channels, in_channels = conv.weight.shape[:2]
     tiles_h, tiles_w = (height + 3) // 4, (width + 3) // 4
