@@ -21,6 +21,7 @@ rounding noise magnified by 1/sqrt(eps).
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 
@@ -121,6 +122,11 @@ def check_low_precision(results, torch_results, ref_results, what_floors):
             assert actual is None, what
             continue
         ours, theirs = rel_err(actual, expected, floor), rel_err(torch_value, expected, floor)
+        if is_grad and not math.isfinite(theirs):
+            # PyTorch's own bf16 weight gradient came back NaN or garbage: oneDNN's AMX kernels do that for strided
+            # convolutions of one-pixel-wide images (the fused path computes those in float32: kernels/base.py's
+            # _onednn_low_precision_weight_grad_fails). No yardstick then; the gross-failure bound alone.
+            theirs = 0.0
         bound = max(8 * theirs + 3e-2, 1.0) if is_grad else 2 * theirs + torch.finfo(torch.bfloat16).eps
         assert ours <= bound, f"{what}: bf16 relative error {ours:.3e} > {bound:.3e} (PyTorch's bf16 path: {theirs:.3e})"
 

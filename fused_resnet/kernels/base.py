@@ -118,6 +118,11 @@ class KernelSet(abc.ABC):
         # Under autocast the forward convolved in x's lower precision with the weight cast to it; the backward
         # does the same, and hands the parameter gradients back in the parameters' dtype.
         weight = as_dtype(conv.weight, x.dtype)
+        if need_weight and _onednn_low_precision_weight_grad_fails(x, conv):
+            grad_w = self.conv_backward(grad_y.float(), x.float(), conv._replace(weight=weight.float(), bias=None),
+                                        False, True, False)[1]
+            grad_x, _, grad_b = self.conv_backward(grad_y, x, conv, need_input, False, need_bias)
+            return grad_x, as_dtype(grad_w, conv.weight.dtype), grad_b
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y,
             x,
@@ -133,3 +138,13 @@ class KernelSet(abc.ABC):
         )
         return (grad_x, grad_w if grad_w is None else as_dtype(grad_w, conv.weight.dtype),
                 grad_b if grad_b is None else as_dtype(grad_b, conv.bias.dtype))
+
+
+def _onednn_low_precision_weight_grad_fails(x: Tensor, conv: ConvParams) -> bool:
+    """Whether ATen's weight gradient of this convolution may come back as NaN or garbage: PyTorch 2.14's oneDNN, on
+    CPUs with AMX, returns such values, differently from call to call, in the bfloat16 weight gradient of strided
+    convolutions of images one pixel wide (3x3 stride 2, 1-3 input channels, 3 or 5 pixels high: 49-61 of 216
+    configurations per sweep; none with oneDNN held to AVX512_CORE_BF16, none at stride 1 or 2-3 pixels wide).
+    Such a gradient is computed in float32 and rounded once, which costs nothing at these sizes, on every CPU."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and tuple(conv.stride) != (1, 1)
+            and min(x.shape[2:]) == 1)
