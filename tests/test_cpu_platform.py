@@ -14,8 +14,7 @@ import fused_resnet
 from conftest import CPU_BACKENDS, assert_rel, fused_copy, randomize_batchnorms, run_model, to_layout
 from fused_resnet import cpu_info, use_backend
 from fused_resnet.kernels import kernels_for
-from fused_resnet.kernels.base import _onednn_low_precision_weight_grad_fails
-from fused_resnet.kernels.native import _onednn_weight_grad_may_crash
+from fused_resnet.kernels.base import _onednn_low_precision_weight_grad_fails, _onednn_weight_grad_may_crash
 from fused_resnet.params import ConvParams
 
 

@@ -118,6 +118,14 @@ class KernelSet(abc.ABC):
         # Under autocast the forward convolved in x's lower precision with the weight cast to it; the backward
         # does the same, and hands the parameter gradients back in the parameters' dtype.
         weight = as_dtype(conv.weight, x.dtype)
+        if need_weight and x.device.type == "cpu" and _onednn_weight_grad_may_crash(conv):
+            # A 1x1 convolution with stride s and no padding reads only x[:, :, ::s, ::s]: its weight gradient is
+            # that of a stride-1 convolution (a GEMM) of the subsampled input.
+            subsampled = x[:, :, ::conv.stride[0], ::conv.stride[1]].contiguous(memory_format=memory_format_of(x))
+            grad_w = self.conv_backward(grad_y, subsampled, conv._replace(bias=None, stride=(1, 1)), False, True,
+                                        False)[1]
+            grad_x, _, grad_b = self.conv_backward(grad_y, x, conv, need_input, False, need_bias)
+            return grad_x, grad_w, grad_b
         if need_weight and _onednn_low_precision_weight_grad_fails(x, conv):
             grad_w = self.conv_backward(grad_y.float(), x.float(), conv._replace(weight=weight.float(), bias=None),
                                         False, True, False)[1]
@@ -148,3 +156,14 @@ def _onednn_low_precision_weight_grad_fails(x: Tensor, conv: ConvParams) -> bool
     Such a gradient is computed in float32 and rounded once, which costs nothing at these sizes, on every CPU."""
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and tuple(conv.stride) != (1, 1)
             and min(x.shape[2:]) == 1)
+
+
+def _onednn_weight_grad_may_crash(conv: ConvParams) -> bool:
+    """Whether ATen's weight gradient of this convolution may crash the process: PyTorch 2.14's bundled oneDNN
+    segfaults in the AVX-512 weight gradient of 1x1 stride-2 convolutions with fewer than 16 input channels (2-15
+    crashed at some batches of 1-15 images and 14-112 pixels, channels_last input; 1 and 16-256 never did, nor
+    stride 1 or 3). Any stride above 1 counts here: the way around it costs nothing measurable at so few
+    channels, and it is taken on every CPU (by every kernel set, for CPU tensors), the crash being a property of
+    oneDNN's code path."""
+    return (conv.weight.shape[2:] == (1, 1) and tuple(conv.stride) != (1, 1) and tuple(conv.padding) == (0, 0)
+            and conv.weight.shape[1] * conv.groups < 16)

@@ -100,11 +100,10 @@ class OneDnnKernels(NativeKernels):
     """The `cpu` backend. On the CPU, channels_last inference runs conv+bias+ReLU (and conv+bias+add+ReLU) as single
     oneDNN primitives, the ones torch.compile's CPU backend uses, where oneDNN supports the dtype; else conv then one
     fused pass. 3x3 stride-1 convolutions run as winograd_conv3x3 where it suits them (_winograd_suits): in
-    inference from each folded weight's cached transform, where measured faster (CONVOLUTION_CHOICES); in training only under use_cpu_convolutions("winograd")
-    (forward, and backward's input gradient, a 3x3 convolution of the output gradient with the flipped, transposed
-    weight, transforming the weight each step, and their weight gradients as winograd_conv3x3_weight_grad). The
-    weight gradients of 1x1 strided convolutions with few input channels avoid a oneDNN crash
-    (_onednn_weight_grad_may_crash)."""
+    inference from each folded weight's cached transform, where measured faster (CONVOLUTION_CHOICES); in training
+    only under use_cpu_convolutions("winograd") (forward, and backward's input gradient, a 3x3 convolution of the
+    output gradient with the flipped, transposed weight, transforming the weight each step, and their weight
+    gradients as winograd_conv3x3_weight_grad)."""
 
     def conv(self, x: Tensor, conv: ConvParams) -> Tensor:
         if self._winograd_runs(x, conv):
@@ -117,18 +116,10 @@ class OneDnnKernels(NativeKernels):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         winograd_input = need_input and self._winograd_runs(grad_y, conv)
         winograd_weight = need_weight and self._winograd_runs(x, conv) and is_channels_last(grad_y)
-        subsampled_weight = need_weight and not winograd_weight and _onednn_weight_grad_may_crash(conv)
-        if not (winograd_input or winograd_weight or subsampled_weight):
+        if not (winograd_input or winograd_weight):
             return super().conv_backward(grad_y, x, conv, need_input, need_weight, need_bias)
-        aten_weight = need_weight and not (winograd_weight or subsampled_weight)
         grad_x, grad_weight, grad_bias = super().conv_backward(
-            grad_y, x, conv, need_input and not winograd_input, aten_weight, need_bias)
-        if subsampled_weight:
-            # A 1x1 convolution with stride s and no padding reads only x[:, :, ::s, ::s]: its weight gradient is
-            # that of a stride-1 convolution (a GEMM) of the subsampled input.
-            subsampled = x[:, :, ::conv.stride[0], ::conv.stride[1]].contiguous(memory_format=memory_format_of(x))
-            grad_weight = super().conv_backward(grad_y, subsampled, conv._replace(bias=None, stride=(1, 1)), False,
-                                                True, False)[1]
+            grad_y, x, conv, need_input and not winograd_input, need_weight and not winograd_weight, need_bias)
         if winograd_input:
             flipped = conv.weight.flip(2, 3).transpose(0, 1)
             grad_x = self.ops.winograd_conv3x3(grad_y, self.ops.winograd_weight_transform(flipped), None, None, False)
@@ -267,17 +258,6 @@ class OneDnnKernels(NativeKernels):
         # path, whose add has no bf16 kernel.
         return (x.dtype in self._onednn_dtypes and is_channels_last(x)
                 and (residual is None or is_channels_last(residual)))
-
-
-def _onednn_weight_grad_may_crash(conv: ConvParams) -> bool:
-    """Whether ATen's weight gradient of this convolution may crash the process: PyTorch 2.14's bundled oneDNN
-    segfaults in the AVX-512 weight gradient of 1x1 stride-2 convolutions with fewer than 16 input channels (2-15
-    crashed at some batches of 1-15 images and 14-112 pixels, channels_last input; 1 and 16-256 never did, nor
-    stride 1 or 3). Any stride above 1 counts here: the way around it costs nothing measurable at so few
-    channels, and it is taken on every CPU, the crash being a property of oneDNN's code path, not of this
-    backend."""
-    return (conv.weight.shape[2:] == (1, 1) and tuple(conv.stride) != (1, 1) and tuple(conv.padding) == (0, 0)
-            and conv.weight.shape[1] * conv.groups < 16)
 
 
 def _winograd_suits(x: Tensor, conv: ConvParams) -> bool:
