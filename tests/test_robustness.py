@@ -130,7 +130,11 @@ def test_large_mean_from_a_convolution_bias_inside_a_block(backend):
         return [out, x.grad, conv.weight.grad, conv.bias.grad, bn.weight.grad, bn.bias.grad], bn
 
     ours, bn_ours = step(conv, bn, x, g, True)
-    theirs, _ = step(copy.deepcopy(conv), copy.deepcopy(bn), x, g, False)
+    # On the cpu backend PyTorch's in channels_last, the layout the backend convolves in, so that both paths run the
+    # same convolution: on an AVX-512 CPU oneDNN's channels_last kernels round differently from its NCHW ones, and
+    # against PyTorch's NCHW path the fused output measured up to 1.41x its error (3 seeds in ~25 over 1.05x).
+    layout = torch.channels_last if backend == "cpu" else torch.contiguous_format
+    theirs, _ = step(copy.deepcopy(conv), copy.deepcopy(bn), x.contiguous(memory_format=layout), g, False)
     exact, bn_exact = step(copy.deepcopy(conv).double(), copy.deepcopy(bn).double(), x.double(), g.double(), False)
     assert rel_err(bn_ours.running_mean, bn_exact.running_mean) <= 1e-6
     assert rel_err(bn_ours.running_var, bn_exact.running_var) <= var_tol(backend)
