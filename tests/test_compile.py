@@ -202,7 +202,9 @@ def test_jit_trace_of_a_converted_model_matches_eager(mode, winograd_measured_fa
     inputs = [new_x.clone().requires_grad_(grad) for _ in range(2)]
     with use_backend("cpu"), torch.set_grad_enabled(grad):
         out, expected = traced(inputs[0]), eager(inputs[1])
-    assert_rel(out, expected, 1e-6, "output")
+    # Inference: eager runs oneDNN's fused convolution primitives where the trace records conv + one pass (it cannot
+    # record their optional scalars): two float32 orders, up to ~1e-6 apart on an AVX-512 CPU (1 run in 6 over it).
+    assert_rel(out, expected, 1e-5 if mode == "inference" else 1e-6, "output")
     for name, buffer in eager.named_buffers():
         assert_rel(dict(model.named_buffers())[name].double(), buffer.double(), 1e-6, name)
     if grad:
