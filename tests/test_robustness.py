@@ -103,11 +103,13 @@ def test_large_mean_from_a_convolution_bias_inside_a_block(backend):
     (an ulp of 1e-3 against a spread of ~3), which no BN can undo: outputs and gradients are judged against
     PyTorch's own fp32 conv + BatchNorm, by their error from the float64 computation, the statistics (running stats
     after a step with momentum 1) against the float64 ones. The output within 1.05x of PyTorch's error (+1e-6): the
-    centered form (y - mean) * scale + bias gives at most 1.021x on cpu (the same convolution as PyTorch's), 0.32x on
-    triton (its own convolution and statistics), over 190 seeds; the folded y * scale + (bias - mean * scale) reached
-    1.14x (the conv output's rounding dominates both), so the fused backends' normalization is also judged alone.
-    Gradients (which normalize with y - mean in every form) within 1.2x (+2e-5): measured up to 1.16x (triton's BN
-    weight), and up to 3x of PyTorch's ~1e-5 on triton's conv bias, zero in exact arithmetic."""
+    centered form (y - mean) * scale + bias gave at most 1.021x on an AVX2 CPU's cpu backend (the same convolution as
+    PyTorch's), 0.32x on triton (its own convolution and statistics), over 190 seeds; the folded
+    y * scale + (bias - mean * scale) reached 1.14x (the conv output's rounding dominates both), so the fused
+    backends' normalization is also judged alone. Gradients (which normalize with y - mean in every form) within 1.2x
+    (+2e-5): measured up to 1.16x (triton's BN weight), and up to 3x of PyTorch's ~1e-5 on triton's conv bias, zero in
+    exact arithmetic. Where PyTorch's convolution comes close to the unavoidable rounding of its output (an AVX-512
+    CPU), each result may instead be within 2.5x of that floor (below)."""
     conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6, momentum=1.0)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape))
@@ -123,9 +125,15 @@ def test_large_mean_from_a_convolution_bias_inside_a_block(backend):
         pre_relu = copy.deepcopy(bn).double()(copy.deepcopy(conv).double()(x.double()))
     g = torch.where(pre_relu.abs() < 1e-3, 0.0, g)
 
-    def step(conv, bn, x, g, fused):
+    def step(conv, bn, x, g, fused, round_conv_output=False):
         x = x.clone().requires_grad_()
-        out = ops.conv_bn_relu(x, conv_bn(conv, bn, "conv/bn"), backend=backend) if fused else torch.relu(bn(conv(x)))
+        if fused:
+            out = ops.conv_bn_relu(x, conv_bn(conv, bn, "conv/bn"), backend=backend)
+        else:
+            y = conv(x)
+            if round_conv_output:  # rounded to fp32 on the way forward, gradients straight through
+                y = y + (y.float().to(y.dtype) - y).detach()
+            out = torch.relu(bn(y))
         out.backward(g)
         return [out, x.grad, conv.weight.grad, conv.bias.grad, bn.weight.grad, bn.bias.grad], bn
 
@@ -151,14 +159,25 @@ def test_large_mean_from_a_convolution_bias_inside_a_block(backend):
                 bn.weight.double(), bn.bias.double(), training=False))
         norm_err = rel_err(ours[0], normalized)
         assert norm_err <= 1e-6, f"output error {norm_err:.2e} from its own convolution output, normalized exactly"
+    # No fp32 path can be closer than the conv output's own rounding allows: the float64 step with the convolution's
+    # output rounded once to fp32 (straight through, the gradients exact). Any fp32 convolution also rounds inside its
+    # sum, about as much again (the fused output measured 1.01-1.88x this floor over 1,500 seeds, median 1.39 ~
+    # sqrt(2)); PyTorch's, where its convolution sums more exactly, came within 1.06x of it, and two such draws of
+    # rounding noise differ by more than the ratios below (the triton backend's output against PyTorch's NCHW
+    # convolution on an AVX-512 CPU: over 1.05x in 22 seeds of 150; the cpu backend's BN weight gradient 1.85x in 1
+    # of 300). Each result is within its ratio of PyTorch's error or 2.5x this floor.
+    floor_step, _ = step(copy.deepcopy(conv).double(), copy.deepcopy(bn).double(), x.double(), g.double(), False,
+                         round_conv_output=True)
     names = ["output", "grad input", "grad conv weight", "grad conv bias", "grad bn weight", "grad bn bias"]
-    for what, a, t, e in zip(names, ours, theirs, exact):
+    for what, a, t, e, f in zip(names, ours, theirs, exact, floor_step):
         # The conv bias gradient is 0 in exact arithmetic (the BN removes any shift): judged against g's scale.
         floor = g.norm().item()
         ours_err, theirs_err = rel_err(a, e, floor if what == "grad conv bias" else 0.0), \
             rel_err(t, e, floor if what == "grad conv bias" else 0.0)
+        rounding_floor = rel_err(f, e, floor if what == "grad conv bias" else 0.0)
         ratio, slack = (1.05, 1e-6) if what == "output" else (1.2, 2e-5)
-        assert ours_err <= ratio * theirs_err + slack, f"{what}: error {ours_err:.3e}, PyTorch's {theirs_err:.3e}"
+        assert ours_err <= max(ratio * theirs_err + slack, 2.5 * rounding_floor), \
+            f"{what}: error {ours_err:.3e}, PyTorch's {theirs_err:.3e}, fp32 rounding floor {rounding_floor:.3e}"
 
 
 def pytorch_batch_norm(x, weight, bias, residual, relu):
