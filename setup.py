@@ -6,6 +6,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST        GPU architectures; default: the visible GPU's, or "8.0;9.0+PTX" (Ampere, Hopper, and
                               PTX for later cards) when none; either way with PTX for the newest
   MAX_JOBS                    parallel compile jobs (ninja)
+  FUSED_RESNET_EXTENSIONS     comma-separated modules to build (default: all), e.g. fused_resnet._C_avx2: the GPU
+                              check builds each in a process of its own, in parallel (benchmarks/gpu_check_build.py)
 """
 
 import glob
@@ -106,10 +108,24 @@ def extensions():
     ] + avx2
 
 
+def selected(all_extensions):
+    """The extensions FUSED_RESNET_EXTENSIONS names (all when it is unset or empty)."""
+    names = [name.strip() for name in os.environ.get("FUSED_RESNET_EXTENSIONS", "").split(",") if name.strip()]
+    if not names:
+        return all_extensions
+    known = [extension.name for extension in all_extensions]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        sys.exit(f"fused_resnet setup: FUSED_RESNET_EXTENSIONS names {unknown}, which this machine does not build; "
+                 f"it builds {known}")
+    log(f"FUSED_RESNET_EXTENSIONS: building {names} only")
+    return [extension for extension in all_extensions if extension.name in names]
+
+
 def build_ext_class():
     from torch.utils.cpp_extension import BuildExtension
 
     return BuildExtension.with_options(use_ninja=True)
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext_class()})
+setup(ext_modules=selected(extensions()), cmdclass={"build_ext": build_ext_class()})
