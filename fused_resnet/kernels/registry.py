@@ -14,7 +14,6 @@ takes on its first eager inference call instead.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import torch
 
@@ -65,7 +64,13 @@ def _registry() -> dict[str, Backend]:
     cuda_missing = _native.load_error or (
         None if _native.built_with_cuda() else "fused_resnet._C was built without its CUDA kernels (no CUDA toolkit "
                                                "at build time, or FUSED_RESNET_BUILD_CUDA=0)")
-    triton_missing = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+    triton_missing = triton_backend.missing_reason()
+    triton_kernels = None
+    if triton_missing is None:
+        try:
+            triton_kernels = TritonKernels()
+        except Exception as error:  # a Triton without an API the kernels use: that backend fails, not the import
+            triton_missing = f"the triton backend did not load with this triton: {error!r}"
     interpreted = triton_backend.interpreted()
     interpret = f"{triton_backend.INTERPRET_ENV_VAR}=1"
     backends = [
@@ -75,7 +80,7 @@ def _registry() -> dict[str, Backend]:
                 no_gpu="no CUDA GPU is visible to torch"),
         # Triton's interpreter runs the kernels on CPU tensors: the tests' way of running them without a GPU.
         Backend("triton", ("cuda", "cpu") if interpreted else ("cuda",),
-                f"cuda tensors (and on cpu tensors when {interpret})", None if triton_missing else TritonKernels(),
+                f"cuda tensors (and on cpu tensors when {interpret})", triton_kernels,
                 triton_missing,
                 no_gpu=None if interpreted else f"no CUDA GPU is visible to torch, and {interpret} (Triton's CPU "
                                                 "interpreter) is not set",
