@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 import fused_resnet
-from benchmarks import report
+from benchmarks import report, report_rows
 from fused_resnet.cpu_info import cpu_isa, onednn_crash_report
 from fused_resnet.kernels import REGISTRY
 
@@ -230,7 +230,7 @@ def benchmark_device(choice: str) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{report.cpu_name()} ({cpu_isa()}, {torch.get_num_threads()} threads)"
+    return f"{report_rows.cpu_name()} ({cpu_isa()}, {torch.get_num_threads()} threads)"
 
 
 def _triton_version() -> str | None:
@@ -408,8 +408,8 @@ def _reference_of(row: dict, rows: list[dict]) -> dict | None:
     """The reference provider's row of `row`'s case among `rows`, or None (not measured yet, or `row` is it)."""
     if row["is_reference"]:
         return None
-    key = report.case_key(row)
-    return next((other for other in rows if other["is_reference"] and report.case_key(other) == key), None)
+    key = report_rows.case_key(row)
+    return next((other for other in rows if other["is_reference"] and report_rows.case_key(other) == key), None)
 
 
 # What a progress line shows of a row, by suite: (the row's field, its unit's size, the unit); images/s elsewhere.
@@ -422,7 +422,7 @@ def progress_value(row: dict, rows: list[dict]) -> str:
     """What a finished case measured, as its progress line shows it, with the ratio to the reference provider of
     the same case measured earlier in the run (`rows`: the rows of its kind recorded so far)."""
     field, unit_size, unit = _SHOWN.get(row["suite"], ("images_per_s", 1, "images/s"))
-    shown = f"{report.format_number(row[field] / unit_size)} {unit}"
+    shown = f"{report_rows.format_number(row[field] / unit_size)} {unit}"
     if row.get("paired_ratio") is not None:
         return shown + f", {row['paired_ratio']:.2f}x {REFERENCE.name} (paired)"
     reference = _reference_of(row, rows)

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.harness import Layout, Provider, session_of
 from benchmarks.measure import to_benchmark_layout
-from benchmarks.report import TARGET_MODEL
+from benchmarks.report_targets import TARGET_MODEL
 from benchmarks.test_blocks import BlockCase, block_inputs, cases_of_size
 from benchmarks.test_models import build_model, cross_entropy_backward, model_inputs
 

@@ -1,5 +1,5 @@
-"""The benchmark machinery itself: the GPU check keeps going past failing and overrunning steps, the report's
-ratios, tables, chart and target verdicts, the providers, the activation-memory measurement, and the memory-traffic
+"""The benchmark machinery itself (the GPU check's in tests/test_gpu_check.py): the report's ratios, tables, chart
+and target verdicts, the providers, the activation-memory measurement, and the memory-traffic
 count."""
 
 from __future__ import annotations
@@ -19,76 +19,10 @@ from torchvision.models.resnet import BasicBlock
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fused_resnet  # noqa: E402
-from benchmarks import gpu_check, harness, report, traffic  # noqa: E402
+from benchmarks import harness, report, report_chart, report_tables, report_targets, traffic  # noqa: E402
 from benchmarks.measure import Measure, saved_for_backward_bytes  # noqa: E402
 from benchmarks.test_models import build_model, model_inputs  # noqa: E402
 from fused_resnet.kernels import REGISTRY  # noqa: E402
-
-# ---------------------------------------------------------------------------------------------------------------
-# The GPU check's steps
-
-
-def _python(code: str) -> list[str]:
-    return [sys.executable, "-c", code]
-
-
-def test_run_command_reports_failure_and_interrupts_an_overrunning_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_check, "INTERRUPT_GRACE_S", 5)
-    with open(tmp_path / "log", "ab") as log:
-        assert gpu_check.run_command(_python("print('fine')"), log, 30, {})[0] == "ok"
-        status, _, note = gpu_check.run_command(_python("import sys; sys.exit(3)"), log, 30, {})
-        assert (status, note) == ("failed", "exit status 3")
-        status, seconds, note = gpu_check.run_command(_python("import time; time.sleep(60)"), log, 0.5, {})
-        assert status == "timed out" and seconds < 10 and note == "interrupted after 0 s"
-    assert "fine" in (tmp_path / "log").read_text()
-
-
-def test_check_keeps_going_past_failed_and_overrunning_steps(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(gpu_check, "INTERRUPT_GRACE_S", 1)
-    steps = [
-        gpu_check.Step("fails", 2, lambda check: _python("import sys; print('broken'); sys.exit(2)")),
-        gpu_check.Step("overruns", 3, lambda check: _python("import time; time.sleep(60)")),
-        gpu_check.Step("skipped", 10, lambda check: "needs a GPU"),
-        gpu_check.Step("passes", 10, lambda check: _python("print('3 passed in 0.01s')"),
-                       conclude=gpu_check._note_pytest_outcome),
-    ]
-    deadline = 2 + 3 + 10 + 10 + gpu_check.SUMMARY_RESERVE_S
-    check = gpu_check.Check(tmp_path, rehearsal=True, deadline_s=deadline)
-    assert check.run(steps) == 1
-    results = {r.name: r for r in check.results}
-    assert [r.status for r in check.results] == ["failed", "timed out", "skipped", "ok"]
-    assert results["passes"].note == "3 passed in 0.01s"
-    # Each step may use its own budget plus what the earlier ones left unused; the later ones keep theirs.
-    assert results["fails"].allowed_s == pytest.approx(2, abs=0.5)
-    assert results["overruns"].allowed_s == pytest.approx(3 + 2, abs=0.5)
-    assert check.elapsed() < deadline
-    summary = (tmp_path / "summary.md").read_text()
-    assert "| overruns | timed out |" in summary and "| skipped | skipped |" in summary
-    assert summary in capsys.readouterr().out  # printed last
-    saved = json.loads((tmp_path / "report.json").read_text())
-    assert [s["status"] for s in saved["gpu_check"]["steps"]] == ["failed", "timed out", "skipped", "ok"]
-    assert "broken" in (tmp_path / "log.txt").read_text()
-
-
-def test_pytest_outcome_is_the_closing_line():
-    output = "....s\n[100%]\n==== 12 passed, 3 skipped in 4.20s ====\n"
-    assert gpu_check._pytest_outcome(output) == "12 passed, 3 skipped in 4.20s"
-    assert gpu_check._pytest_outcome("2619 tests collected in 2.50s\n") == "2619 tests collected in 2.50s"
-
-
-@pytest.mark.parametrize("status, output, note", [
-    ("ok", "44 passed in 30.0s\n========= ERROR SUMMARY: 0 errors\n", "clean: 0 memcheck errors; 44 passed in 30.0s"),
-    ("failed", "========= Invalid __global__ read of size 2\n========= ERROR SUMMARY: 3 errors\n",
-     "3 memcheck errors (see log.txt); exit status 1"),
-    ("timed out", "10 passed in 40.0s\n========= ERROR SUMMARY: 0 errors\n",
-     "clean: 0 memcheck errors in the tests that ran; 10 passed in 40.0s; interrupted after 30 s"),
-])
-def test_sanitizer_verdict(status, output, note):
-    result = gpu_check.StepResult("compute-sanitizer memcheck", status, 1.0, 45.0,
-                                  {"ok": "", "failed": "exit status 1", "timed out": "interrupted after 30 s"}[status])
-    gpu_check._conclude_sanitizer(None, result, output)
-    assert result.note == note
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The report
@@ -146,7 +80,7 @@ def test_a_paired_ratio_replaces_the_ratio_of_separate_medians_and_is_marked():
     assert [row["ratio"] for row in result.rows] == [1.0, 1.25]
     lines = result.text_lines()
     assert any(line.endswith("110 (1.25x*)") for line in lines)
-    assert report.PAIRED_NOTE in lines
+    assert report_tables.PAIRED_NOTE in lines
 
 
 class _StubBenchmark:
@@ -214,41 +148,41 @@ def test_tables_put_the_providers_side_by_side():
 
 def test_targets_are_judged_on_an_h100_at_the_full_configuration():
     """On the eager fused providers: torch-compile-fused-cuda's rows are shown, not judged."""
-    assert all("torch-compile-fused" not in c.what for c in report.target_checks(_h100_report()))
-    verdicts = {(c.key, c.verdict) for c in report.target_checks(_h100_report())}
+    assert all("torch-compile-fused" not in c.what for c in report_targets.target_checks(_h100_report()))
+    verdicts = {(c.key, c.verdict) for c in report_targets.target_checks(_h100_report())}
     assert verdicts == {("train_vs_eager", "met"), ("train_vs_compile", "met"), ("eval_vs_eager", "NOT MET"),
                         ("block_train_vs_eager", "met"), ("elementwise_vs_copy", "met"), ("memory", "NOT MET"),
                         ("memory", "met")}
     # Each memory policy against its own target: the default's 0.9x misses 0.88x, "min"'s 0.45x meets 0.5x.
-    memory = {c.what.rsplit(", ", 1)[-1]: (c.goal, c.verdict) for c in report.target_checks(_h100_report())
+    memory = {c.what.rsplit(", ", 1)[-1]: (c.goal, c.verdict) for c in report_targets.target_checks(_h100_report())
               if c.key == "memory"}
     assert memory == {"fused-cuda": ("<= 0.88x", "NOT MET"), "fused-cuda-lowmem": ("<= 0.50x", "met")}
-    block = next(c for c in report.target_checks(_h100_report()) if c.key == "block_train_vs_eager")
+    block = next(c for c in report_targets.target_checks(_h100_report()) if c.key == "block_train_vs_eager")
     assert block.value == pytest.approx((1.6 * 1.5) ** 0.5) and "geomean of 2 shapes, 1.50-1.60x" in block.measured
-    assert {c.key: c.verdict for c in report.target_checks(
+    assert {c.key: c.verdict for c in report_targets.target_checks(
         _h100_report(fused_train=2600, fused_memory=0.8, fused_block=(160.0, 260.0), lowmem_memory=0.5))} == {
         "train_vs_eager": "met", "train_vs_compile": "NOT MET", "eval_vs_eager": "NOT MET",
         "block_train_vs_eager": "NOT MET", "elementwise_vs_copy": "met", "memory": "met"}
 
 
 def test_targets_are_not_judged_elsewhere():
-    smaller = {c.key: c for c in report.target_checks(_h100_report(batch=32))}
+    smaller = {c.key: c for c in report_targets.target_checks(_h100_report(batch=32))}
     assert smaller["train_vs_eager"].verdict == "not judged" and "batch 32" in smaller["train_vs_eager"].note
     cpu = _h100_report()
     cpu.header.update(device="AMD EPYC (2 threads)", size="smoke")
-    checks = {c.key: c for c in report.target_checks(cpu)}
+    checks = {c.key: c for c in report_targets.target_checks(cpu)}
     assert checks["train_vs_eager"].verdict == "not judged" and checks["train_vs_eager"].measured == "1.50x"
     assert checks["elementwise_vs_copy"].verdict == "not judged"
     # bytes saved do not depend on the device
-    assert [c.verdict for c in report.target_checks(cpu) if c.key == "memory"] == ["NOT MET", "met"]
+    assert [c.verdict for c in report_targets.target_checks(cpu) if c.key == "memory"] == ["NOT MET", "met"]
 
 
 def test_results_readme_row():
     result = _h100_report()
-    row = report.results_readme_row(result, report.target_checks(result))
+    row = report_targets.results_readme_row(result, report_targets.target_checks(result))
     assert row.startswith("| NVIDIA H100 80GB HBM3 | 2026-11-27 | 2.11 / 13.0 | 1.50x met | 1.20x met |")
     assert "[nvidia-h100-80gb-hbm3-2026-11-27](nvidia-h100-80gb-hbm3-2026-11-27/summary.md)" in row
-    assert len(row.split(" | ")) == len(report.RESULTS_COLUMNS)
+    assert len(row.split(" | ")) == len(report_targets.RESULTS_COLUMNS)
 
 
 def test_report_writes_json_and_chart(tmp_path):
@@ -259,7 +193,7 @@ def test_report_writes_json_and_chart(tmp_path):
 
 
 def test_chart_draws_a_bar_for_every_provider_but_the_reference():
-    panels = {panel.title.split(":")[0]: panel for panel in report._panels(_h100_report())}
+    panels = {panel.title.split(":")[0]: panel for panel in report_chart._panels(_h100_report())}
     assert list(panels["models — train"].bars) == ["torch-compile", "fused-cuda", "torch-compile-fused-cuda"]
     assert panels["models — train"].bars["torch-compile-fused-cuda"] == [pytest.approx(1.6)]
     assert list(panels["ops"].bars) == ["fused-cuda", "torch-compile-fused-cuda"]
