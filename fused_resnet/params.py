@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tensors import conv_output_size, memory_format_of
+from .tensors import conv_output_size, memory_format_of, scalar_operand
 
 
 class ConvParams(NamedTuple):
@@ -152,7 +152,7 @@ def update_running_stats(bn: BatchNormParams, batch_mean: Tensor, batch_var: Ten
     if not bn.updates_running_stats:
         return
     assert bn.running_mean is not None and bn.running_var is not None
-    unbiased = batch_var * (count / (count - 1))
+    unbiased = batch_var * scalar_operand(count / (count - 1), batch_var)
     _lerp_into(bn.running_mean, batch_mean, factor)
     _lerp_into(bn.running_var, unbiased, factor)
 

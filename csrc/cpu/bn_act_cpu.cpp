@@ -27,10 +27,10 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& input_) {
   const at::Tensor input = dense_input("batch_stats", input_);
-  const auto dopts = input.options().dtype(at::kDouble);
-  at::Tensor mean = at::empty({input.size(1)}, dopts), var = at::empty({input.size(1)}, dopts);
+  const auto opts = input.options().dtype(accumulation_dtype(input));
+  at::Tensor mean = at::empty({input.size(1)}, opts), var = at::empty({input.size(1)}, opts);
   cpu_kernels().batch_stats(input, mean, var);
-  return {mean.to(accumulation_dtype(input)), var.to(accumulation_dtype(input))};
+  return {mean, var};
 }
 
 at::Tensor bn_act_cpu(const at::Tensor& input, const std::optional<at::Tensor>& mean, const at::Tensor& scale,
@@ -58,13 +58,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
   const BackwardReduceInputs in =
       bn_act_backward_reduce_inputs(grad_output, output, input, mean, input2, mean2, mask_scale, mask_shift);
   const int64_t C = in.input.size(1);
-  const auto dopts = in.input.options().dtype(at::kDouble);
-  at::Tensor sum_dy = at::empty({C}, dopts), sum_dy_xmu = at::empty({C}, dopts);
-  at::Tensor sum_dy_xmu2 = at::empty({in.input2.defined() ? C : 0}, dopts);
+  const auto opts = in.input.options().dtype(accumulation_dtype(in.input));
+  at::Tensor sum_dy = at::empty({C}, opts), sum_dy_xmu = at::empty({C}, opts);
+  at::Tensor sum_dy_xmu2 = at::empty({in.input2.defined() ? C : 0}, opts);
   cpu_kernels().backward_reduce(in.grad_output, in.output, in.input, in.mean, in.input2, in.mean2, in.mask_scale,
                                 in.mask_shift, sum_dy, sum_dy_xmu, sum_dy_xmu2);
-  const auto acc_dtype = accumulation_dtype(in.input);
-  return {sum_dy.to(acc_dtype), sum_dy_xmu.to(acc_dtype), sum_dy_xmu2.to(acc_dtype)};
+  return {sum_dy, sum_dy_xmu, sum_dy_xmu2};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cpu(

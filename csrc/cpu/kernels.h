@@ -1,7 +1,7 @@
 // The CPU kernel table: one per CPU capability; Python installs the one matching ATen's choice for this CPU.
 // Every tensor handed to a kernel is already checked and dense in the layout of `input` (NCHW or channels_last);
 // per-channel vectors are contiguous in the accumulation dtype (fp32 for fp16/bf16/fp32, fp64 for fp64);
-// sums and statistics are written in fp64. An undefined tensor means "absent".
+// sums and statistics are merged in fp64 and written in the accumulation dtype. An undefined tensor means "absent".
 #pragma once
 
 #include <ATen/core/Tensor.h>

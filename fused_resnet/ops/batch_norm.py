@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..kernels import BackwardCoefs
 from ..params import BatchNormParams
-from ..tensors import accumulation_dtype, as_dtype
+from ..tensors import accumulation_dtype, as_dtype, scalar_operand
 from .sync import sum_over_group
 
 
@@ -45,7 +45,7 @@ class BatchNormSpec(NamedTuple):
         acc = accumulation_dtype(y.dtype)
         if not self.use_batch_stats:
             mean, var = as_dtype(mean, acc), as_dtype(var, acc)
-        invstd = torch.rsqrt(var + self.eps)
+        invstd = torch.rsqrt(var + scalar_operand(self.eps, var))
         scale = invstd * as_dtype(weight, acc) if weight is not None else invstd
         shift = as_dtype(bias, acc) if bias is not None else torch.zeros_like(invstd)
         return BatchNormAffine(mean, invstd, scale, shift)
@@ -78,8 +78,9 @@ def backward_coefs(
     if use_batch_stats:
         # invstd^3 on its own underflows fp32 for a spread above ~4e12 (bf16 activations reach 1e38): multiplying
         # sum(g * x_hat) by invstd and then w*invstd keeps every intermediate in range.
-        coefs = (w_invstd, (sum_dy_xhat * invstd).mul_(w_invstd).mul_(-1.0 / count),
-                 (w_invstd * sum_dy).mul_(-1.0 / count))
+        minus_inv_count = scalar_operand(-1.0 / count, invstd)
+        coefs = (w_invstd, (sum_dy_xhat * invstd).mul_(w_invstd).mul_(minus_inv_count),
+                 (w_invstd * sum_dy).mul_(minus_inv_count))
     else:
         zeros = torch.zeros_like(invstd)
         coefs = (w_invstd, zeros, zeros)
