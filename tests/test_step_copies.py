@@ -1,0 +1,62 @@
+"""A converted model's train step copies no more than torchvision's: no per-step conversions of weights, gradients
+or activations, no casts of per-channel vectors or scalars. Counted with PyTorch's profiler over one SGD step
+(momentum, so that the optimizer's own copies are in both counts), NCHW and channels_last, on the cpu backend."""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import fused_resnet
+from fused_resnet import use_backend
+
+COPY_OPS = ("aten::copy_", "aten::_to_copy")
+
+
+def copies_in_a_train_step(model: torch.nn.Module, x: torch.Tensor) -> collections.Counter:
+    """{(op, 'scalar' | 'vector' | 'tensor'): calls} over the third of three train steps (the first two make what a
+    model makes once: the optimizer's momentum buffers, folded or packed weights)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+
+    step()
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
+        step()
+    counts = collections.Counter()
+    for event in profile.events():
+        if event.name in COPY_OPS:
+            rank = len(event.input_shapes[0]) if event.input_shapes and event.input_shapes[0] is not None else 0
+            counts[event.name, "scalar" if rank == 0 else "vector" if rank == 1 else "tensor"] += 1
+    return counts
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_a_converted_resnet18_train_step_copies_no_more_than_torchvision(memory_format):
+    """Two copies are the fused path's own, each counted exactly: (1) a projection block's two BatchNorms (main path
+    and shortcut) have the same bias gradient, the sum of the masked output gradient, which one reduction computes
+    (torchvision computes it twice), so AccumulateGrad copies it for one of the two parameters: one vector per
+    projection block (resnet18 has 3); (2) in channels_last the last block's output gradient comes from the average
+    pool's backward laid out NCHW, which the fused backward makes channels_last like the block's tensors (one
+    activation-sized copy a step; torchvision's ReLU backward reads it as it comes)."""
+    reference = torchvision.models.resnet18(num_classes=10).to(memory_format=memory_format)
+    fused = fused_resnet.convert(copy.deepcopy(reference)).to(memory_format=memory_format)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)
+    theirs = copies_in_a_train_step(reference.train(), x)
+    with use_backend("cpu"):
+        ours = copies_in_a_train_step(fused.train(), x)
+    projection_blocks = sum(1 for m in fused.modules() if getattr(m, "downsample", None) is not None)
+    assert projection_blocks == 3
+    pooled_gradient = 1 if memory_format == torch.channels_last else 0
+    allowed = {("aten::copy_", "vector"): projection_blocks, ("aten::copy_", "tensor"): pooled_gradient}
+    for key in set(ours) | set(theirs):
+        assert ours[key] <= theirs[key] + allowed.get(key, 0), \
+            f"{key}: {ours[key]} in a fused train step, torchvision's {theirs[key]} (all: {dict(ours)} vs {dict(theirs)})"
