@@ -20,6 +20,7 @@ from benchmarks.report_targets import (TargetCheck, results_folder_name, results
                                        targets_table)
 
 SUMMARY_NAME = "summary.md"
+EVERY_MEASUREMENT = "## Every measurement"
 
 
 def _now() -> str:
@@ -96,7 +97,12 @@ class Summary:
             self.write(check, final=False)
 
     def finish(self, check: Check) -> str:
-        return self.write(check, final=True)
+        """Writes the final summary.md, report.json and chart; returns the summary without its tables of every
+        measurement, which it points to: what the check prints last (a device run returns only the last 12,000
+        characters of the output, and the headline must be among them)."""
+        summary = self.write(check, final=True)
+        head, every, _ = summary.partition(EVERY_MEASUREMENT)
+        return head + (f"{EVERY_MEASUREMENT}\n\nin {check.out / SUMMARY_NAME}\n" if every else "")
 
     def write(self, check: Check, final: bool) -> str:
         rows = load_rows(check.out / HEADLINE_ROWS_NAME)
@@ -157,7 +163,7 @@ class Summary:
         if final:
             lines += ["", "## Targets", ""] + targets_table(checks).markdown_lines(with_title=False)
             if report.rows or report.memory_rows:
-                lines += ["", "## Every measurement", "", report.describe(), "", *report.markdown_lines()]
+                lines += ["", EVERY_MEASUREMENT, "", report.describe(), "", *report.markdown_lines()]
         return lines
 
 
