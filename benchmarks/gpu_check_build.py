@@ -58,11 +58,16 @@ def build(rehearsal: bool) -> int:
         # Each process's output goes to this one's (the check's log), lines interleaved.
         running.append((extension, subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env})))
     failed = []
-    for extension, process in running:
-        code = process.wait()
-        print(f"{extension}: exit status {code} at +{time.monotonic() - started:.0f} s", flush=True)
-        if code != 0:
-            failed.append(extension)
+    while running:  # each reported as it ends: the slower one is the build's critical path
+        time.sleep(0.5)
+        for extension, process in list(running):
+            code = process.poll()
+            if code is None:
+                continue
+            running.remove((extension, process))
+            print(f"{extension}: exit status {code} at +{time.monotonic() - started:.0f} s", flush=True)
+            if code != 0:
+                failed.append(extension)
     if failed:
         print(f"build failed: {', '.join(failed)}", flush=True)
         return 1
