@@ -39,7 +39,8 @@ def test_every_step_has_more_than_the_kill_grace_and_the_reserved_steps_fit_the_
     for step in steps.STEPS:
         assert step.budget_s > process.INTERRUPT_GRACE_S, step.name
     reserved = [step for step in steps.STEPS if step.reserved]
-    assert [step.name for step in reserved] == ["versions", "build", "environment", "GPU backend smoke", "headline"]
+    assert [step.name for step in reserved] == ["versions", "build", "environment", "GPU backend smoke",
+                                                "headline resnet50", "headline resnet18"]
     assert steps.STEPS[:len(reserved)] == reserved  # the head first, the optional rest after it
     assert sum(step.budget_s for step in reserved) + process.SUMMARY_RESERVE_S <= DEFAULT_DEADLINE_S
     with pytest.raises(ValueError, match=r"step 'x': budget_s must exceed the 15 s grace"):
@@ -222,7 +223,7 @@ def test_the_rehearsal_after_a_slow_build_writes_the_headline_rows(tmp_path):
     build, environment, smoke, headline) still passes, with a train and an eval row of each headline model and
     provider in headline.jsonl and summary.md. The steps after the headline run in `make test`'s rehearsal."""
     run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--rehearsal", "--simulate-build-seconds",
-                          "150", "--last-step", "headline", "--out", str(tmp_path)],
+                          "150", "--last-step", "headline resnet18", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stdout + run.stderr
@@ -234,10 +235,11 @@ def test_the_rehearsal_after_a_slow_build_writes_the_headline_rows(tmp_path):
     assert {row["suite"] for row in rows} == {"bandwidth", "traffic", "models"}
     text = (tmp_path / "summary.md").read_text()
     assert "| resnet50 @64 | 2 | train | fused-cpu |" in text
-    assert "150 s of it simulated" in text and "| headline | ok |" in text
+    assert "150 s of it simulated" in text
+    assert "| headline resnet50 | ok |" in text and "| headline resnet18 | ok |" in text
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert [s["name"] for s in saved["gpu_check"]["steps"]][-1] == "headline"
-    assert run.stdout.splitlines()[1].startswith("[+0:00] 1/5 versions: started")
+    assert [s["name"] for s in saved["gpu_check"]["steps"]][-1] == "headline resnet18"
+    assert run.stdout.splitlines()[1].startswith("[+0:00] 1/6 versions: started")
 
 
 def test_a_check_stopped_by_sigterm_kills_its_step_and_writes_the_summary(tmp_path):
@@ -248,7 +250,7 @@ def test_a_check_stopped_by_sigterm_kills_its_step_and_writes_the_summary(tmp_pa
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "GPU_CHECK_TEST_MARKER": marker})
     for line in check.stdout:
-        if "3/13 environment: started" in line:
+        if "3/14 environment: started" in line:
             break
     check.send_signal(signal.SIGTERM)
     output = check.communicate(timeout=60)[0]
