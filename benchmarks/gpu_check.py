@@ -11,7 +11,8 @@ benchmarks and the other tests; all into one folder, by a deadline (default 540 
 
 Every step runs in a subprocess with a time allowance (benchmarks/gpu_check_process.py says how allowances are
 given); a step that fails or times out is recorded and the next one runs. The exit status is 0 when every step
-that ran passed, else 1. The steps are in benchmarks/gpu_check_steps.py; the rehearsal runs the same steps,
+that ran passed, else 1; stopped by SIGTERM (`timeout`), the check kills its running step, writes the summary of
+the steps that ended and exits with 143. The steps are in benchmarks/gpu_check_steps.py; the rehearsal runs the same steps,
 skipping or only collecting what needs a GPU and saying so.
 
 The folder ends up with the layout of a benchmarks/results/<card>-<date>/ folder: summary.md (rewritten as each

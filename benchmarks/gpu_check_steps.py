@@ -2,8 +2,8 @@
 and its budget.
 
 The head is reserved (the steps before it leave it its budget): the versions, the build, the environment, a
-correctness smoke of each GPU backend, and the headline measurement, resnet50's then resnet18's. The rest runs in the time left, the most
-telling first, each only if its budget is still left (benchmarks/gpu_check_process.py).
+correctness smoke of each GPU backend, and the headline measurement, resnet50's then resnet18's. The rest runs in
+the time left, the most telling first, each only if its budget is still left (benchmarks/gpu_check_process.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from benchmarks.gpu_check_environment import describe_versions
 from benchmarks.gpu_check_process import Check, Step, StepResult
 from benchmarks.report import JSON_NAME
 
-# The file the headline step appends its rows to, in the check's folder. Its pytest run's own report.json and chart
-# (the same rows) go to a temporary folder: the device machine returns at most 8 files from a command's output
+# The file the headline steps append their rows to, in the check's folder. Their pytest runs' own report.json and
+# chart (the same rows) go to a temporary folder: the device machine returns at most 8 files from a command's output
 # folder, and the check's folder holds 7 without them (benchmarks/results/README.md).
 HEADLINE_ROWS_NAME = "headline.jsonl"
 HEADLINE_REPORT_DIR = Path(tempfile.gettempdir()) / "fused_resnet_gpu_check_headline"
