@@ -74,7 +74,7 @@ class FusedStem(Fusable):
         training entry point, resnet18 batch 32 @64, NCHW ran at 0.82x torchvision's, channels_last at 1.09x).
         Under torch.compile the preferred layout in training too: a compiled NCHW model with NCHW blocks trained
         slower than eager (resnet50 at batch 4, 128x128: 0.85x torchvision eager, against 0.98x with channels_last
-        blocks, paired runs on an AVX-512 Xeon; at batch 16, 160x160: 0.84x, against 1.11x measured earlier)."""
+        blocks, paired runs on an AVX-512 Xeon; at batch 16, 160x160: 0.84x, against 1.10x)."""
         if isinstance(x, Proxy):  # torch.fx traces the model: one node (fused_resnet/fx.py, which imports this)
             from . import fx
             return fx.traced_enter_blocks(x)
