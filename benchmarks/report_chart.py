@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from benchmarks.report_rows import layout_label
+from benchmarks.report_rows import RunRows, layout_label
 from benchmarks.report_targets import MEMORY_TARGETS
-
-if TYPE_CHECKING:
-    from benchmarks.report import Report
 
 
 @dataclasses.dataclass
@@ -22,7 +18,7 @@ class _Panel:
     xlabel: str
 
 
-def _panels(report: Report) -> list[_Panel]:
+def _panels(report: RunRows) -> list[_Panel]:
     panels = []
     timed = [row for row in report.rows if row["suite"] in ("blocks", "models", "ops")]
     memory = report.memory_rows
@@ -56,7 +52,7 @@ def _panel(title: str, rows: list[dict], lines: dict[str, float], xlabel: str) -
     return _Panel(title, categories, bars, lines, xlabel)
 
 
-def draw_chart(report: Report, path: Path) -> str | None:
+def draw_chart(report: RunRows, path: Path) -> str | None:
     """Draws one horizontal bar panel per suite and mode (each provider's ratio to the reference per case) into
     the PNG `path`. Returns None, or why nothing was drawn."""
     panels = _panels(report)

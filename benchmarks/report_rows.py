@@ -5,6 +5,19 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import Protocol
+
+
+class RunRows(Protocol):
+    """What the tables, the chart and the targets read of a run's report (benchmarks/report.py's Report): its
+    header and rows, typed here so that those modules need not import the report that imports them."""
+
+    header: dict
+    rows: list[dict]
+    memory_rows: list[dict]
+    traffic_rows: list[dict]
+
+    def describe(self) -> str: ...
 
 
 def cpu_name() -> str:

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
-from benchmarks.report_rows import case_key, copy_gb_per_s, format_number, grouped, layout_label
-
-if TYPE_CHECKING:
-    from benchmarks.report import Report
+from benchmarks.report_rows import RunRows, case_key, copy_gb_per_s, format_number, grouped, layout_label
 
 
 @dataclasses.dataclass
@@ -148,7 +144,7 @@ def _memory_cell(row: dict) -> str:
     return _with_details(format_number(row["saved_bytes_per_image"] / 2**20), [_ratio(row), peak])
 
 
-def tables_of(report: Report) -> list[Table]:
+def tables_of(report: RunRows) -> list[Table]:
     """The tables of a report: throughput, memory-bound ops, activation memory, memory traffic (those with rows)."""
     timed = [row for row in report.rows if row["suite"] in ("blocks", "models")]
     throughput = _pivot(

@@ -7,13 +7,9 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from benchmarks.report_rows import format_number, layout_label
+from benchmarks.report_rows import RunRows, format_number, layout_label
 from benchmarks.report_tables import Table
-
-if TYPE_CHECKING:
-    from benchmarks.report import Report
 
 TARGET_CARDS = ("H100", "H200")
 TARGET_MODEL, TARGET_BATCH, TARGET_RESOLUTION = "resnet50", 256, 224
@@ -39,7 +35,7 @@ class TargetCheck:
     note: str  # where it was measured, and why it is not judged
 
 
-def _on_target_card(report: Report) -> bool:
+def _on_target_card(report: RunRows) -> bool:
     return any(card in str(report.header.get("device")) for card in TARGET_CARDS)
 
 
@@ -57,7 +53,7 @@ def _verdict(value: float, goal: float, at_least: bool) -> str:
     return "met" if (value >= goal if at_least else value <= goal) else "NOT MET"
 
 
-def target_checks(report: Report) -> list[TargetCheck]:
+def target_checks(report: RunRows) -> list[TargetCheck]:
     """Each target with its measured value and verdict. Speed targets are judged only on an H100/H200 at the full
     configuration (bf16, channels_last, ResNet-50 at batch 256, 224x224); elsewhere the value is shown, not judged.
     The activation-memory ratio is judged wherever it was measured (it does not depend on the device)."""
@@ -69,7 +65,7 @@ def target_checks(report: Report) -> list[TargetCheck]:
             *_copy_checks(report, in_layout, off_card), *_memory_checks(report)]
 
 
-def _block_checks(report: Report, in_layout: list[dict], off_card: str | None) -> list[TargetCheck]:
+def _block_checks(report: RunRows, in_layout: list[dict], off_card: str | None) -> list[TargetCheck]:
     """Issues 4 and 5: a ResNet-50 Bottleneck's train step against torchvision eager, per fused provider: the
     geometric mean of its ratios over the Bottleneck shapes that ran (each one ResNet-50 stage's)."""
     layout, target = f"{TARGET_DTYPE} {TARGET_MEMORY_FORMAT}", f">= {BLOCK_TARGET:.2f}x"
@@ -94,7 +90,7 @@ def _block_checks(report: Report, in_layout: list[dict], off_card: str | None) -
     return checks
 
 
-def _speed_checks(report: Report, in_layout: list[dict], off_card: str | None) -> list[TargetCheck]:
+def _speed_checks(report: RunRows, in_layout: list[dict], off_card: str | None) -> list[TargetCheck]:
     layout = f"{TARGET_DTYPE} {TARGET_MEMORY_FORMAT}"
     models = [row for row in in_layout if row["suite"] == "models" and row.get("model") == TARGET_MODEL]
     checks = []
@@ -122,7 +118,7 @@ def _speed_checks(report: Report, in_layout: list[dict], off_card: str | None) -
     return checks
 
 
-def _copy_checks(report: Report, in_layout: list[dict], off_card: str | None) -> list[TargetCheck]:
+def _copy_checks(report: RunRows, in_layout: list[dict], off_card: str | None) -> list[TargetCheck]:
     layout, target = f"{TARGET_DTYPE} {TARGET_MEMORY_FORMAT}", f">= {COPY_FRACTION_TARGET:.0%}"
     ops = [row for row in in_layout if row["suite"] == "ops" and _is_judged(row["provider"])]
     if not ops:
@@ -145,7 +141,7 @@ def _copy_checks(report: Report, in_layout: list[dict], off_card: str | None) ->
     return checks
 
 
-def _memory_checks(report: Report) -> list[TargetCheck]:
+def _memory_checks(report: RunRows) -> list[TargetCheck]:
     what = "ResNet-50 training: bytes saved for backward vs torchvision"
     rows = [row for row in report.memory_rows
             if row.get("model") == TARGET_MODEL and row["ratio"] is not None and not row["is_reference"]]
@@ -173,13 +169,13 @@ RESULTS_COLUMNS = ["card", "date", "torch / CUDA", "ResNet-50 train vs eager (>=
                    "fused ops vs copy GB/s (>= 80%, worst)", "activation memory vs torchvision (<= 0.6x)", "run"]
 
 
-def results_folder_name(report: Report) -> str:
+def results_folder_name(report: RunRows) -> str:
     """`<card>-<date>`, e.g. nvidia-h100-80gb-hbm3-2026-11-27: the folder under benchmarks/results/ of a run."""
     card = re.sub(r"[^a-z0-9]+", "-", str(report.header.get("device", "unknown")).lower()).strip("-")
     return f"{card}-{str(report.header.get('date', 'undated'))[:10]}"
 
 
-def results_readme_row(report: Report, checks: list[TargetCheck]) -> str:
+def results_readme_row(report: RunRows, checks: list[TargetCheck]) -> str:
     """The line of benchmarks/results/README.md's table for this run: each target's first measured check (the
     first fused provider), the worst of the fused ops."""
     def cell(key: str, worst: Callable[[list[TargetCheck]], TargetCheck] = lambda found: found[0]) -> str:
