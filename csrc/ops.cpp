@@ -41,6 +41,25 @@ TORCH_LIBRARY(fused_resnet, m) {
       "Tensor coef_xmu, Tensor coef_const, Tensor? input2, Tensor? mean2, Tensor? coef2_dy, Tensor? coef2_xmu, "
       "Tensor? coef2_const, bool residual_grad, Tensor? mask_scale=None, Tensor? mask_shift=None) -> "
       "(Tensor grad_input, Tensor grad_other)");
+  // The per-channel arithmetic of a BatchNorm in training, on vectors in the accumulation dtype (CPU only,
+  // csrc/cpu/batch_norm_channels_cpu.cpp; other kernel sets run the same arithmetic as ATen ops, the reference in
+  // fused_resnet/kernels/base.py). The affine form: invstd = 1 / sqrt(var + eps), scale = invstd * weight,
+  // shift = bias (weight 1 and bias 0 when absent).
+  m.def(
+      "batch_norm_affine(Tensor var, Tensor? weight, Tensor? bias, float eps) -> (Tensor invstd, Tensor scale, "
+      "Tensor shift)");
+  // bn_act_backward_elemt's coefficients from bn_act_backward_reduce's sums over `count` values per channel, and
+  // the weight's gradient (the bias's is sum_dy): coef_dy = weight * invstd; with batch statistics coef_xmu =
+  // -sum_dy_xmu * invstd^2 * coef_dy / count and coef_const = -coef_dy * sum_dy / count, else both 0.
+  m.def(
+      "batch_norm_backward_coefs(Tensor sum_dy, Tensor sum_dy_xmu, Tensor invstd, Tensor? weight, "
+      "bool use_batch_stats, float count) -> (Tensor coef_dy, Tensor coef_xmu, Tensor coef_const, "
+      "Tensor grad_weight)");
+  // running += factor * (batch - running) for the mean and, with the unbiased variance var * count / (count - 1),
+  // the variance: nn.BatchNorm2d's update, with running statistics in the batch statistics' dtype.
+  m.def(
+      "batch_norm_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+      "float factor, float count) -> ()");
   // A 3x3 convolution by Winograd's F(4x4, 3x3) (CPU, float32; csrc/cpu/winograd_impl.h): [relu](conv(input,
   // weight, stride 1, padding 1) [+ bias] [+ residual]), the output channels_last, from weight_transform =
   // winograd_weight_transform(weight) (36 x C x K).

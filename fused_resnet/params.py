@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tensors import conv_output_size, memory_format_of, scalar_operand
+from .tensors import conv_output_size, memory_format_of
 
 
 class ConvParams(NamedTuple):
@@ -140,27 +140,3 @@ def advance_batch_count(bn: BatchNormParams, factor_like: Tensor | None = None) 
             return bn.num_batches_tracked.to(torch.float64).reciprocal().to(factor_like.dtype)
         return 1.0 / float(bn.num_batches_tracked)
     return bn.momentum
-
-
-def update_running_stats(bn: BatchNormParams, batch_mean: Tensor, batch_var: Tensor, count: int | Tensor) -> None:
-    """The running-statistics update of one training forward, as nn.BatchNorm2d does it: the running variance
-    takes the unbiased batch variance. `batch_var` is the biased one; `count` the values per channel: an int, or
-    for a synchronized BatchNorm the whole process group's, a 0-d float64 tensor on the device (count / (count - 1)
-    is then the same float64). The batch statistics come without autograd history, so the in-place updates record
-    none either."""
-    factor = advance_batch_count(bn, batch_mean)
-    if not bn.updates_running_stats:
-        return
-    assert bn.running_mean is not None and bn.running_var is not None
-    unbiased = batch_var * scalar_operand(count / (count - 1), batch_var)
-    _lerp_into(bn.running_mean, batch_mean, factor)
-    _lerp_into(bn.running_var, unbiased, factor)
-
-
-def _lerp_into(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
-    """running += factor * (batch - running), computed in `batch`'s (accumulation) dtype and rounded once into
-    `running`'s, as nn.BatchNorm2d does for low-precision running statistics. A tensor `factor` has that dtype."""
-    if running.dtype == batch.dtype:
-        running.lerp_(batch, factor)
-    else:
-        running.copy_(torch.lerp(running.to(batch.dtype), batch, factor))

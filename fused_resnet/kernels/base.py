@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..params import ConvParams, ZeroPadIdentity
-from ..tensors import as_dtype, memory_format_of
+from ..tensors import as_dtype, memory_format_of, scalar_operand
 
 BackwardCoefs = tuple[Tensor, Tensor, Tensor]  # (coef_dy, coef_xmu, coef_const) of bn_act_backward_elemt
 
@@ -78,6 +78,58 @@ class KernelSet(abc.ABC):
             grad, output, y, mean, *coefs, y2, mean2, *k2, residual_grad, mask_scale, mask_shift
         )
         return grad_y, (grad_other if (y2 is not None or residual_grad) else None)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # BatchNorm's per-channel arithmetic in training, on vectors in the accumulation dtype: ATen ops here, the
+    # reference; the cpu set runs each as one compiled op with the same rounding (csrc/ops.cpp).
+
+    def bn_affine(self, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """(invstd, scale, shift) of a BatchNorm with variance `var`: 1 / sqrt(var + eps), invstd * weight, bias,
+        in var's dtype."""
+        invstd = torch.rsqrt(var + scalar_operand(eps, var))
+        scale = invstd * as_dtype(weight, var.dtype) if weight is not None else invstd
+        shift = as_dtype(bias, var.dtype) if bias is not None else torch.zeros_like(invstd)
+        return invstd, scale, shift
+
+    def bn_backward_coefs(
+        self, sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None, use_batch_stats: bool,
+        count: int | Tensor,
+    ) -> tuple[BackwardCoefs, Tensor]:
+        """The coefficients of BN's input gradient, grad_y = k_dy*g + k_xmu*(y - mean) + k_0 (g masked by the
+        ReLU), and the weight's gradient (the bias's is sum_dy). With batch statistics the mean and variance
+        depend on y:
+            grad_y = w*invstd * (g - mean(g) - (y - mean) * invstd^2 * mean(g * (y - mean))).
+        `count` (the values the sums run over) is an int, or a synchronized BatchNorm's 0-d float64 tensor of the
+        group's count, on the device: -1.0 / count is then the same float64 as with an int."""
+        w_invstd = invstd * as_dtype(weight, invstd.dtype) if weight is not None else invstd
+        sum_dy_xhat = sum_dy_xmu * invstd  # also the weight's gradient
+        if use_batch_stats:
+            # invstd^3 on its own underflows fp32 for a spread above ~4e12 (bf16 activations reach 1e38):
+            # multiplying sum(g * x_hat) by invstd and then w*invstd keeps every intermediate in range.
+            minus_inv_count = scalar_operand(-1.0 / count, invstd)
+            coefs = (w_invstd, (sum_dy_xhat * invstd).mul_(w_invstd).mul_(minus_inv_count),
+                     (w_invstd * sum_dy).mul_(minus_inv_count))
+        else:
+            zeros = torch.zeros_like(invstd)
+            coefs = (w_invstd, zeros, zeros)
+        return coefs, sum_dy_xhat
+
+    def update_running_stats(
+        self, running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float | Tensor,
+        count: int | Tensor,
+    ) -> None:
+        """nn.BatchNorm2d's running-statistics update from the batch's mean and biased variance over `count`
+        values per channel (an int, or a synchronized BatchNorm's 0-d float64 tensor: count / (count - 1) is then
+        the same float64): running += factor * (batch - running), with the unbiased variance, computed in the
+        batch statistics' (accumulation) dtype and rounded once into the running statistics' own, as
+        nn.BatchNorm2d does for low-precision ones. A tensor `factor` (momentum=None) has the batch's dtype."""
+        unbiased = var * scalar_operand(count / (count - 1), var)
+        for running, batch in ((running_mean, mean), (running_var, unbiased)):
+            if running.dtype == batch.dtype:
+                running.lerp_(batch, factor)
+            else:
+                running.copy_(torch.lerp(running.to(batch.dtype), batch, factor))
 
     # -----------------------------------------------------------------------------------------------------------
     # Convolutions: each set's own forward, ATen's backward

@@ -28,7 +28,8 @@ from torch import Tensor
 from .. import reference
 from ..backends import select_backend
 from ..kernels import kernels_for
-from ..params import BatchNormParams, ConvBN, MaxPoolParams, update_running_stats
+from ..params import BatchNormParams, ConvBN, MaxPoolParams
+from .batch_norm import update_running_stats
 from .block import Shortcut, preferred_memory_format, run_block
 from .checks import check_activation, check_batch_norm, check_like
 from .folding import FoldedWeights, clear_folded_weights, fold_batch_norm
@@ -74,7 +75,7 @@ def batch_norm_act(
     stats = kernels.batch_stats(input.detach()) if bn.use_batch_stats else ()
     out = run_bn_act(kernels, bn, input, stats, relu, residual)
     if bn.use_batch_stats:
-        update_running_stats(bn, *stats, input.numel() // input.shape[1])
+        update_running_stats(kernels, bn, *stats, input.numel() // input.shape[1])
     return out
 
 

@@ -1,16 +1,18 @@
 """BatchNorm arithmetic of the autograd nodes, on per-channel vectors in the accumulation dtype: the centered
-affine form of a BatchNorm in forward, and the coefficients of its input gradient in backward."""
+affine form of a BatchNorm in forward, the coefficients of its input gradient in backward, and the running
+statistics' update after the block. The arithmetic itself is the kernel set's (KernelSet.bn_affine,
+bn_backward_coefs, update_running_stats); what a BatchNorm's configuration changes (running statistics in place of
+batch ones, a process group's sums, momentum=None) is decided here."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
-from ..kernels import BackwardCoefs
-from ..params import BatchNormParams
-from ..tensors import accumulation_dtype, as_dtype, scalar_operand
+from ..kernels import BackwardCoefs, KernelSet
+from ..params import BatchNormParams, advance_batch_count
+from ..tensors import accumulation_dtype, as_dtype
 from .sync import sum_over_group
 
 
@@ -37,51 +39,41 @@ class BatchNormSpec(NamedTuple):
         return BatchNormSpec(bn.eps, bn.use_batch_stats, bn.process_group)
 
     def affine(
-        self, y: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None
+        self, kernels: KernelSet, y: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None
     ) -> BatchNormAffine:
         """The BatchNorm of y in its centered form. `mean` and `var` are the batch statistics (mean, biased
         variance, computed where y was made, in the accumulation dtype) when the BN uses them, else the running
         ones."""
-        acc = accumulation_dtype(y.dtype)
         if not self.use_batch_stats:
+            acc = accumulation_dtype(y.dtype)
             mean, var = as_dtype(mean, acc), as_dtype(var, acc)
-        invstd = torch.rsqrt(var + scalar_operand(self.eps, var))
-        scale = invstd * as_dtype(weight, acc) if weight is not None else invstd
-        shift = as_dtype(bias, acc) if bias is not None else torch.zeros_like(invstd)
-        return BatchNormAffine(mean, invstd, scale, shift)
+        return BatchNormAffine(mean, *kernels.bn_affine(var, weight, bias, self.eps))
 
     def gradients(
-        self, sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None, count: int
+        self, kernels: KernelSet, sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None,
+        count: int,
     ) -> tuple[BackwardCoefs, Tensor, Tensor]:
-        """:func:`backward_coefs` of this BatchNorm from its backward's per-channel sums over `count` values. A
-        synchronized one normalized with the group's mean and variance, so its input gradient takes sum_dy and
-        sum_dy_xmu summed over the group; its weight and bias gradients stay this rank's, for
-        DistributedDataParallel to average, as in nn.SyncBatchNorm's backward."""
-        coefs, grad_weight, grad_bias = backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, self.use_batch_stats, count)
+        """(input-gradient coefficients, weight gradient, bias gradient) of this BatchNorm from its backward's
+        per-channel sums over `count` values (KernelSet.bn_backward_coefs). A synchronized one normalized with the
+        group's mean and variance, so its input gradient takes sum_dy and sum_dy_xmu summed over the group; its
+        weight and bias gradients stay this rank's, for DistributedDataParallel to average, as in
+        nn.SyncBatchNorm's backward."""
+        coefs, grad_weight = kernels.bn_backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, self.use_batch_stats, count)
         if self.process_group is not None:
             group_sum_dy, group_sum_dy_xmu, group_count = sum_over_group(self.process_group, sum_dy, sum_dy_xmu, count)
-            coefs = backward_coefs(group_sum_dy, group_sum_dy_xmu, invstd, weight, True, group_count)[0]
-        return coefs, grad_weight, grad_bias
+            coefs = kernels.bn_backward_coefs(group_sum_dy, group_sum_dy_xmu, invstd, weight, True, group_count)[0]
+        return coefs, grad_weight, sum_dy
 
 
-def backward_coefs(
-    sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None, use_batch_stats: bool,
-    count: int | Tensor,
-) -> tuple[BackwardCoefs, Tensor, Tensor]:
-    """The coefficients of BN's input gradient, grad_y = k_dy*g + k_xmu*(y - mean) + k_0 (g masked by the ReLU),
-    and the gradients of the BN weight and bias. With batch statistics the mean and variance depend on y:
-        grad_y = w*invstd * (g - mean(g) - (y - mean) * invstd^2 * mean(g * (y - mean))).
-    `count` (the values the sums run over) is an int, or a synchronized BatchNorm's 0-d float64 tensor of the
-    group's count, on the device: -1.0 / count is then the same float64 as with an int."""
-    w_invstd = invstd * as_dtype(weight, invstd.dtype) if weight is not None else invstd
-    sum_dy_xhat = sum_dy_xmu * invstd  # also the weight's gradient
-    if use_batch_stats:
-        # invstd^3 on its own underflows fp32 for a spread above ~4e12 (bf16 activations reach 1e38): multiplying
-        # sum(g * x_hat) by invstd and then w*invstd keeps every intermediate in range.
-        minus_inv_count = scalar_operand(-1.0 / count, invstd)
-        coefs = (w_invstd, (sum_dy_xhat * invstd).mul_(w_invstd).mul_(minus_inv_count),
-                 (w_invstd * sum_dy).mul_(minus_inv_count))
-    else:
-        zeros = torch.zeros_like(invstd)
-        coefs = (w_invstd, zeros, zeros)
-    return coefs, sum_dy_xhat, sum_dy
+def update_running_stats(
+    kernels: KernelSet, bn: BatchNormParams, batch_mean: Tensor, batch_var: Tensor, count: int | Tensor
+) -> None:
+    """The running-statistics update of one training forward, as nn.BatchNorm2d does it (num_batches_tracked
+    too). `batch_var` is the biased variance; `count` the values per channel: an int, or for a synchronized
+    BatchNorm the whole process group's, a 0-d float64 tensor on the device. The batch statistics come without
+    autograd history, so the in-place updates record none either."""
+    factor = advance_batch_count(bn, batch_mean)
+    if not bn.updates_running_stats:
+        return
+    assert bn.running_mean is not None and bn.running_var is not None
+    kernels.update_running_stats(bn.running_mean, bn.running_var, batch_mean, batch_var, factor, count)

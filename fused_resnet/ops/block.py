@@ -13,8 +13,9 @@ from .. import reference
 from ..backends import select_backend
 from ..kernels import kernels_for
 from ..memory import requested_memory_policy
-from ..params import ConvBN, MaxPoolParams, ZeroPadIdentity, update_running_stats
+from ..params import ConvBN, MaxPoolParams, ZeroPadIdentity
 from ..tensors import memory_format_of
+from .batch_norm import update_running_stats
 from .checks import check_block
 from .folding import FoldedWeights
 from .inference import inference_block
@@ -72,7 +73,7 @@ def run_block(
     # The running statistics move only once every node has run.
     for bn, stats, count in batch_stats:
         if stats:
-            update_running_stats(bn, *stats, count)
+            update_running_stats(kernels, bn, *stats, count)
     return out
 
 
