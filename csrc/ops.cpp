@@ -49,12 +49,14 @@ TORCH_LIBRARY(fused_resnet, m) {
       "batch_norm_affine(Tensor var, Tensor? weight, Tensor? bias, float eps) -> (Tensor invstd, Tensor scale, "
       "Tensor shift)");
   // bn_act_backward_elemt's coefficients from bn_act_backward_reduce's sums over `count` values per channel, and
-  // the weight's gradient (the bias's is sum_dy): coef_dy = weight * invstd; with batch statistics coef_xmu =
-  // -sum_dy_xmu * invstd^2 * coef_dy / count and coef_const = -coef_dy * sum_dy / count, else both 0.
+  // the weight's and bias's gradients: coef_dy = weight * invstd; with batch statistics coef_xmu =
+  // -sum_dy_xmu * invstd^2 * coef_dy / count and coef_const = -coef_dy * sum_dy / count, else both 0;
+  // grad_weight = sum_dy_xmu * invstd; grad_bias = sum_dy, a tensor of its own (two BatchNorms adding into one
+  // ReLU share sum_dy, and AccumulateGrad would copy a gradient given to two parameters).
   m.def(
       "batch_norm_backward_coefs(Tensor sum_dy, Tensor sum_dy_xmu, Tensor invstd, Tensor? weight, "
       "bool use_batch_stats, float count) -> (Tensor coef_dy, Tensor coef_xmu, Tensor coef_const, "
-      "Tensor grad_weight)");
+      "Tensor grad_weight, Tensor grad_bias)");
   // running += factor * (batch - running) for the mean and, with the unbiased variance var * count / (count - 1),
   // the variance: nn.BatchNorm2d's update, with running statistics in the batch statistics' dtype.
   m.def(

@@ -62,10 +62,12 @@ def test_backward_coefs_are_the_references(acc, channels, weight_kind, use_batch
     weight = optional_param(generator, weight_kind, channels, acc)
     cpu = kernels_for("cpu")
     for count in (2, 36, 12544):
-        coefs, grad_weight = cpu.bn_backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, use_batch_stats, count)
-        ref_coefs, ref_grad_weight = KernelSet.bn_backward_coefs(cpu, sum_dy, sum_dy_xmu, invstd, weight,
-                                                                 use_batch_stats, count)
-        assert_bitwise([*coefs, grad_weight], [*ref_coefs, ref_grad_weight])
+        coefs, grad_weight, grad_bias = cpu.bn_backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, use_batch_stats,
+                                                              count)
+        ref_coefs, *ref_grads = KernelSet.bn_backward_coefs(cpu, sum_dy, sum_dy_xmu, invstd, weight,
+                                                            use_batch_stats, count)
+        assert_bitwise([*coefs, grad_weight, grad_bias], [*ref_coefs, *ref_grads])
+        assert grad_bias.data_ptr() != sum_dy.data_ptr()  # its own tensor, for AccumulateGrad to keep
 
 
 @pytest.mark.parametrize("acc", ACC_DTYPES, ids=str)

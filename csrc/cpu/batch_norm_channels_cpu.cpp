@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_affine_cpu(const at::T
   return {invstd, scale, shift};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_coefs_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_coefs_cpu(
     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
     const std::optional<at::Tensor>& weight_, bool use_batch_stats, double count) {
   check_accumulation_vector("batch_norm_backward_coefs", "invstd", invstd);
@@ -83,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
   const at::Tensor weight = channel_operand("batch_norm_backward_coefs", "weight", weight_, invstd);
   at::Tensor coef_dy = at::empty_like(invstd), coef_xmu = at::empty_like(invstd);
   at::Tensor coef_const = at::empty_like(invstd), grad_weight = at::empty_like(invstd);
+  at::Tensor grad_bias = at::empty_like(invstd);
   AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "batch_norm_backward_coefs", [&] {
     const scalar_t* s_dy = sum_dy.const_data_ptr<scalar_t>();
     const scalar_t* s_dy_xmu = sum_dy_xmu.const_data_ptr<scalar_t>();
@@ -92,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     scalar_t* k_xmu = coef_xmu.mutable_data_ptr<scalar_t>();
     scalar_t* k_0 = coef_const.mutable_data_ptr<scalar_t>();
     scalar_t* g_w = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* g_b = grad_bias.mutable_data_ptr<scalar_t>();
     // -1/count rounded once to the accumulation dtype, as the reference's 0-d operand is.
     const scalar_t minus_inv_count = use_batch_stats ? static_cast<scalar_t>(-1.0 / count) : scalar_t(0);
     for (int64_t c = 0; c < invstd.size(0); ++c) {
@@ -99,12 +101,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
       const scalar_t sum_dy_xhat = s_dy_xmu[c] * i[c];
       k_dy[c] = w_invstd;
       g_w[c] = sum_dy_xhat;
+      g_b[c] = s_dy[c];
       // invstd^3 on its own underflows fp32 for a spread above ~4e12: (sum * invstd) * w_invstd stays in range.
       k_xmu[c] = use_batch_stats ? sum_dy_xhat * i[c] * w_invstd * minus_inv_count : scalar_t(0);
       k_0[c] = use_batch_stats ? w_invstd * s_dy[c] * minus_inv_count : scalar_t(0);
     }
   });
-  return {coef_dy, coef_xmu, coef_const, grad_weight};
+  return {coef_dy, coef_xmu, coef_const, grad_weight, grad_bias};
 }
 
 // ATen's vectorized CPU lerp: start + weight * (end - start) for |weight| < 0.5, else

@@ -95,10 +95,10 @@ class KernelSet(abc.ABC):
     def bn_backward_coefs(
         self, sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None, use_batch_stats: bool,
         count: int | Tensor,
-    ) -> tuple[BackwardCoefs, Tensor]:
+    ) -> tuple[BackwardCoefs, Tensor, Tensor]:
         """The coefficients of BN's input gradient, grad_y = k_dy*g + k_xmu*(y - mean) + k_0 (g masked by the
-        ReLU), and the weight's gradient (the bias's is sum_dy). With batch statistics the mean and variance
-        depend on y:
+        ReLU), and the weight's and bias's gradients (the bias's is sum_dy itself). With batch statistics the mean
+        and variance depend on y:
             grad_y = w*invstd * (g - mean(g) - (y - mean) * invstd^2 * mean(g * (y - mean))).
         `count` (the values the sums run over) is an int, or a synchronized BatchNorm's 0-d float64 tensor of the
         group's count, on the device: -1.0 / count is then the same float64 as with an int."""
@@ -113,7 +113,7 @@ class KernelSet(abc.ABC):
         else:
             zeros = torch.zeros_like(invstd)
             coefs = (w_invstd, zeros, zeros)
-        return coefs, sum_dy_xhat
+        return coefs, sum_dy_xhat, sum_dy
 
     def update_running_stats(
         self, running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float | Tensor,

@@ -106,8 +106,10 @@ class OneDnnKernels(NativeKernels):
     gradients as winograd_conv3x3_weight_grad)."""
 
     # BatchNorm's per-channel arithmetic as one compiled op each (csrc/cpu/batch_norm_channels_cpu.cpp), the
-    # reference's rounding: ~15 ATen calls a BatchNorm fewer in a training step. A synchronized BatchNorm's count (a
-    # tensor), momentum=None's tensor factor and low-precision running statistics take the reference.
+    # reference's rounding: ~15 ATen calls a BatchNorm fewer in a training step, and each bias gradient a tensor of
+    # its own (a projection block's two BatchNorms no longer share one, which AccumulateGrad copied). A
+    # synchronized BatchNorm's count (a tensor), momentum=None's tensor factor and low-precision running
+    # statistics take the reference.
 
     def bn_affine(self, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
                   ) -> tuple[Tensor, Tensor, Tensor]:
@@ -116,12 +118,12 @@ class OneDnnKernels(NativeKernels):
     def bn_backward_coefs(
         self, sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, weight: Tensor | None, use_batch_stats: bool,
         count: int | Tensor,
-    ) -> tuple[BackwardCoefs, Tensor]:
+    ) -> tuple[BackwardCoefs, Tensor, Tensor]:
         if isinstance(count, Tensor):
             return super().bn_backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, use_batch_stats, count)
-        *coefs, grad_weight = self.ops.batch_norm_backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, use_batch_stats,
-                                                                 count)
-        return tuple(coefs), grad_weight
+        *coefs, grad_weight, grad_bias = self.ops.batch_norm_backward_coefs(sum_dy, sum_dy_xmu, invstd, weight,
+                                                                            use_batch_stats, count)
+        return tuple(coefs), grad_weight, grad_bias
 
     def update_running_stats(
         self, running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float | Tensor,
@@ -376,7 +378,7 @@ def _register_fake_implementations() -> None:
 
     @torch.library.register_fake("fused_resnet::batch_norm_backward_coefs")
     def _(sum_dy, sum_dy_xmu, invstd, weight, use_batch_stats, count):
-        return tuple(torch.empty_like(invstd) for _ in range(4))
+        return tuple(torch.empty_like(invstd) for _ in range(5))
 
     @torch.library.register_fake("fused_resnet::batch_norm_update_running_stats_")
     def _(running_mean, running_var, mean, var, factor, count):

@@ -58,11 +58,12 @@ class BatchNormSpec(NamedTuple):
         group's mean and variance, so its input gradient takes sum_dy and sum_dy_xmu summed over the group; its
         weight and bias gradients stay this rank's, for DistributedDataParallel to average, as in
         nn.SyncBatchNorm's backward."""
-        coefs, grad_weight = kernels.bn_backward_coefs(sum_dy, sum_dy_xmu, invstd, weight, self.use_batch_stats, count)
+        coefs, grad_weight, grad_bias = kernels.bn_backward_coefs(sum_dy, sum_dy_xmu, invstd, weight,
+                                                                  self.use_batch_stats, count)
         if self.process_group is not None:
             group_sum_dy, group_sum_dy_xmu, group_count = sum_over_group(self.process_group, sum_dy, sum_dy_xmu, count)
             coefs = kernels.bn_backward_coefs(group_sum_dy, group_sum_dy_xmu, invstd, weight, True, group_count)[0]
-        return coefs, grad_weight, sum_dy
+        return coefs, grad_weight, grad_bias
 
 
 def update_running_stats(
