@@ -87,6 +87,24 @@ def test_running_stats_update_is_the_references(acc, channels, factor):
         assert not torch.equal(ours[0], running_mean)
 
 
+def test_strided_vectors_give_the_same_results():
+    """Every-other-element views (a user's running statistics or parameters can be views): read through
+    .contiguous(), and the running statistics, written in place, updated by the reference."""
+    generator = torch.Generator().manual_seed(4)
+    a, b, c, d = (v[::2] for v in vectors(generator, 16, torch.float32, 4))
+    p, q = (v[::2] for v in vectors(generator, 16, torch.float32, 2, positive=True))
+    cpu = kernels_for("cpu")
+    assert_bitwise(cpu.bn_affine(p, a, b, 1e-5), KernelSet.bn_affine(cpu, p, a, b, 1e-5))
+    ours, *grads = cpu.bn_backward_coefs(a, b, p, c, True, 36)
+    theirs, *ref_grads = KernelSet.bn_backward_coefs(cpu, a, b, p, c, True, 36)
+    assert_bitwise([*ours, *grads], [*theirs, *ref_grads])
+    running = [torch.rand(16)[::2], torch.rand(16)[::2] + 0.5]
+    expected = [t.clone() for t in running]
+    cpu.update_running_stats(*running, d, q, 0.1, 36)
+    KernelSet.update_running_stats(cpu, *expected, d, q, 0.1, 36)
+    assert_bitwise(running, expected)
+
+
 def test_what_the_compiled_ops_do_not_take_runs_the_reference():
     """A synchronized BatchNorm's tensor count, momentum=None's tensor factor and bfloat16 running statistics."""
     generator = torch.Generator().manual_seed(3)

@@ -16,12 +16,14 @@
 namespace fused_resnet {
 namespace {
 
-// A 1-D contiguous floating-point vector in fp32 or fp64 (an accumulation dtype), on the CPU.
-void check_accumulation_vector(const char* op, const char* name, const at::Tensor& t) {
+// A 1-D floating-point vector in fp32 or fp64 (an accumulation dtype), on the CPU. The ops read their inputs
+// through .contiguous(); the running statistics, written in place, must be contiguous (KernelSet's reference
+// updates any others).
+void check_accumulation_vector(const char* op, const char* name, const at::Tensor& t, bool written = false) {
   TORCH_CHECK(t.dim() == 1, "fused_resnet::", op, ": expected ", name, " to be 1-D (C,), got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fused_resnet::", op, ": expected ",
               name, " in an accumulation dtype (float32 or float64), got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "fused_resnet::", op, ": expected ", name, " to be contiguous");
+  TORCH_CHECK(!written || t.is_contiguous(), "fused_resnet::", op, ": expected ", name, " to be contiguous");
 }
 
 // `t` (C,) as the contiguous vector of `like`'s dtype the loop reads, or undefined when absent.
@@ -42,11 +44,12 @@ const scalar_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_affine_cpu(const at::Tensor& var,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_affine_cpu(const at::Tensor& var_,
                                                                      const std::optional<at::Tensor>& weight_,
                                                                      const std::optional<at::Tensor>& bias_,
                                                                      double eps) {
-  check_accumulation_vector("batch_norm_affine", "var", var);
+  check_accumulation_vector("batch_norm_affine", "var", var_);
+  const at::Tensor var = var_.contiguous();
   const at::Tensor weight = channel_operand("batch_norm_affine", "weight", weight_, var);
   const at::Tensor bias = channel_operand("batch_norm_affine", "bias", bias_, var);
   at::Tensor invstd = at::empty_like(var), scale = at::empty_like(var), shift = at::empty_like(var);
@@ -69,9 +72,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_affine_cpu(const at::T
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_coefs_cpu(
-    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
+    const at::Tensor& sum_dy_, const at::Tensor& sum_dy_xmu_, const at::Tensor& invstd_,
     const std::optional<at::Tensor>& weight_, bool use_batch_stats, double count) {
-  check_accumulation_vector("batch_norm_backward_coefs", "invstd", invstd);
+  check_accumulation_vector("batch_norm_backward_coefs", "invstd", invstd_);
+  const at::Tensor sum_dy = sum_dy_.contiguous(), sum_dy_xmu = sum_dy_xmu_.contiguous();
+  const at::Tensor invstd = invstd_.contiguous();
   for (const auto& [name, t] : {std::pair{"sum_dy", &sum_dy}, std::pair{"sum_dy_xmu", &sum_dy_xmu}}) {
     check_accumulation_vector("batch_norm_backward_coefs", name, *t);
     TORCH_CHECK(t->size(0) == invstd.size(0) && t->scalar_type() == invstd.scalar_type(),
@@ -118,14 +123,16 @@ scalar_t lerp(scalar_t start, scalar_t end, scalar_t weight) {
   return std::fma(small ? weight : weight - scalar_t(1), end - start, small ? start : end);
 }
 
-void batch_norm_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                                         const at::Tensor& var, double factor, double count) {
+void batch_norm_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean_,
+                                         const at::Tensor& var_, double factor, double count) {
   const char* op = "batch_norm_update_running_stats_";
-  check_accumulation_vector(op, "mean", mean);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"running_mean", &running_mean},
-                                std::pair<const char*, const at::Tensor*>{"running_var", &running_var},
-                                std::pair<const char*, const at::Tensor*>{"var", &var}}) {
-    check_accumulation_vector(op, name, *t);
+  check_accumulation_vector(op, "mean", mean_);
+  const at::Tensor mean = mean_.contiguous(), var = var_.contiguous();
+  for (const auto& [name, t, written] :
+       {std::tuple<const char*, const at::Tensor*, bool>{"running_mean", &running_mean, true},
+        std::tuple<const char*, const at::Tensor*, bool>{"running_var", &running_var, true},
+        std::tuple<const char*, const at::Tensor*, bool>{"var", &var, false}}) {
+    check_accumulation_vector(op, name, *t, written);
     TORCH_CHECK(t->size(0) == mean.size(0) && t->scalar_type() == mean.scalar_type(), "fused_resnet::", op,
                 ": expected ", name, " of shape (", mean.size(0), ",) and dtype ", mean.scalar_type(), ", got ",
                 t->sizes(), " and ", t->scalar_type());

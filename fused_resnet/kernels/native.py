@@ -108,8 +108,8 @@ class OneDnnKernels(NativeKernels):
     # BatchNorm's per-channel arithmetic as one compiled op each (csrc/cpu/batch_norm_channels_cpu.cpp), the
     # reference's rounding: ~15 ATen calls a BatchNorm fewer in a training step, and each bias gradient a tensor of
     # its own (a projection block's two BatchNorms no longer share one, which AccumulateGrad copied). A
-    # synchronized BatchNorm's count (a tensor), momentum=None's tensor factor and low-precision running
-    # statistics take the reference.
+    # synchronized BatchNorm's count (a tensor), momentum=None's tensor factor and low-precision or non-contiguous
+    # running statistics take the reference.
 
     def bn_affine(self, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
                   ) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,7 +129,8 @@ class OneDnnKernels(NativeKernels):
         self, running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float | Tensor,
         count: int | Tensor,
     ) -> None:
-        if isinstance(factor, Tensor) or isinstance(count, Tensor) or running_mean.dtype != mean.dtype:
+        if (isinstance(factor, Tensor) or isinstance(count, Tensor) or running_mean.dtype != mean.dtype
+                or not (running_mean.is_contiguous() and running_var.is_contiguous())):
             return super().update_running_stats(running_mean, running_var, mean, var, factor, count)
         self.ops.batch_norm_update_running_stats_(running_mean, running_var, mean, var, factor, count)
 
