@@ -64,15 +64,25 @@ def note_pytest_outcome(check: Check, result: StepResult, output: str) -> None:
         _add_note(result, "the selection matched no test")
 
 
-def _report(output: str) -> dict | None:
-    """The JSON line an environment step printed last, or None."""
+def _report(output: str, result: StepResult, what: str) -> dict | None:
+    """The JSON line an environment step printed last; or None, the step marked failed for want of its `what`
+    report."""
     for line in reversed(output.splitlines()):
         if line.startswith("{"):
             try:
                 return json.loads(line)
             except json.JSONDecodeError:
-                return None
+                break
+    result.status = "failed"
+    _add_note(result, f"no {what} report (see log.txt)")
     return None
+
+
+def _fail_on(result: StepResult, problems: list[str]) -> None:
+    """Marks the step failed when there are problems, each appended to its note."""
+    if problems:
+        result.status = "failed"
+        result.note += "".join(f"; {problem}" for problem in problems)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,10 +94,8 @@ def _plan_versions(check: Check) -> list[str]:
 
 
 def _conclude_versions(check: Check, result: StepResult, output: str) -> None:
-    info = _report(output)
+    info = _report(output, result, "versions")
     if info is None:
-        result.status = "failed"
-        _add_note(result, "no versions report (see log.txt)")
         return
     check.versions = info
     problems = []
@@ -97,9 +105,8 @@ def _conclude_versions(check: Check, result: StepResult, output: str) -> None:
                  info.get("below_declared_minimum", {}).items()]
     if info.get("missing_modules"):
         problems.append(f"missing modules: {', '.join(info['missing_modules'])}")
-    result.note = describe_versions(info) + "".join(f"; {p}" for p in problems)
-    if problems:
-        result.status = "failed"
+    result.note = describe_versions(info)
+    _fail_on(result, problems)
 
 
 def _plan_build(check: Check) -> list[str]:
@@ -117,10 +124,8 @@ def _plan_environment(check: Check) -> list[str]:
 
 
 def _conclude_environment(check: Check, result: StepResult, output: str) -> None:
-    env = _report(output)
+    env = _report(output, result, "environment")
     if env is None:
-        result.status = "failed"
-        _add_note(result, "no environment report (see log.txt)")
         return
     check.environment = env
     problems = []
@@ -133,9 +138,7 @@ def _conclude_environment(check: Check, result: StepResult, output: str) -> None
     unavailable = [f"{name}: {status}" for name, status in env["backends"].items() if status != "available"]
     if unavailable and not check.rehearsal:
         result.note += f" (not: {'; '.join(unavailable)})"
-    if problems:
-        result.status = "failed"
-        result.note += "; " + "; ".join(problems)
+    _fail_on(result, problems)
 
 
 # A block's train step on each GPU backend against torchvision in float64, both memory formats, and the bf16 and
