@@ -56,12 +56,16 @@ ALLOCATIONS = frozenset({"aten::empty", "aten::empty_strided", "aten::empty_like
 # In-place ops that overwrite their self without reading it.
 OVERWRITES = frozenset({"aten::copy_", "aten::fill_", "aten::zero_"})
 TRITON_CONVOLUTION = "fused_resnet_triton::conv2d"
+# The extension's own convolutions on the CPU (their names do not say "convolution").
+EXTENSION_CONVOLUTIONS = frozenset({TRITON_CONVOLUTION, "fused_resnet::winograd_conv3x3",
+                                    "fused_resnet::winograd_conv3x3_weight_grad",
+                                    "fused_resnet::conv_weight_grad_gemm"})
 MODES = ("train", "eval")
 
 
 def is_convolution(op: str) -> bool:
     """Whether the op named `op` (e.g. ``aten::convolution_backward``) is a convolution."""
-    return "convolution" in op or op == TRITON_CONVOLUTION
+    return "convolution" in op or op in EXTENSION_CONVOLUTIONS
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -225,13 +229,18 @@ def meta_model(model_name: str, layout: Layout) -> nn.Module:
 def count_step(module: nn.Module, x: torch.Tensor, labels: torch.Tensor, provider: Provider, mode: str) -> Traffic:
     """The traffic of one `mode` step of `provider`'s `module` on images `x`, as the benchmarks run it
     (benchmarks/test_models.py): "train", the forward in training mode, then the cross-entropy loss against `labels`
-    and the backward (no parameter update); "eval", an inference forward, counted on its second call (the first
-    fills the folded-weight cache)."""
+    and the backward (no parameter update); "eval", an inference forward. Each is counted on its second call: the
+    first fills the folded-weight cache, and on real tensors makes the cpu backend's measured choices, whose
+    candidates it runs. On fake tensors nothing is measured: a configuration this process has not measured on real
+    ones runs oneDNN's convolutions and weight gradients."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     counter = TrafficCounter()
     if mode == "train":
         module.train()
+        with provider.context():
+            logits = module(x)
+        cross_entropy_backward(labels)(logits)
         module.zero_grad(set_to_none=True)
         with counter:
             with provider.context():

@@ -70,6 +70,11 @@ TORCH_LIBRARY(fused_resnet, m) {
   // The weight gradient of that convolution (K x C x 3 x 3) from its input and output gradient, by the same
   // algorithm transposed.
   m.def("winograd_conv3x3_weight_grad(Tensor input, Tensor grad_output) -> Tensor");
+  // A convolution's weight gradient (one group, CPU, float32 or float64; csrc/cpu/conv_weight_grad_gemm_cpu.cpp)
+  // as one GEMM of the output gradient with the input's patches: (K, C, kh, kw), channels_last when the input is.
+  m.def(
+      "conv_weight_grad_gemm(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> Tensor");
 }
 
 // `import fused_resnet._C` loads this library, which registers the ops above.

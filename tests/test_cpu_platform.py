@@ -14,7 +14,7 @@ import fused_resnet
 from conftest import CPU_BACKENDS, assert_rel, fused_copy, randomize_batchnorms, run_model, to_layout
 from fused_resnet import cpu_info, use_backend
 from fused_resnet.kernels import kernels_for
-from fused_resnet.kernels.base import _onednn_low_precision_weight_grad_fails, _onednn_weight_grad_may_crash
+from fused_resnet.kernels.base import _onednn_low_precision_weight_grad_fails, onednn_weight_grad_may_crash
 from fused_resnet.params import ConvParams
 
 
@@ -49,14 +49,14 @@ def conv(in_channels: int, kernel: int, stride: int, padding: int = 0, groups: i
 
 def test_which_weight_gradients_go_around_onednn():
     """1x1 strided convolutions without padding and with fewer than 16 input channels; nothing else."""
-    assert _onednn_weight_grad_may_crash(conv(8, 1, 2))
-    assert _onednn_weight_grad_may_crash(conv(15, 1, 3))
-    assert _onednn_weight_grad_may_crash(conv(2, 1, 2))
-    assert not _onednn_weight_grad_may_crash(conv(16, 1, 2))
-    assert not _onednn_weight_grad_may_crash(conv(8, 1, 1))
-    assert not _onednn_weight_grad_may_crash(conv(8, 3, 2, padding=1))
-    assert not _onednn_weight_grad_may_crash(conv(8, 1, 2, padding=1))
-    assert not _onednn_weight_grad_may_crash(conv(16, 1, 2, groups=2))
+    assert onednn_weight_grad_may_crash(conv(8, 1, 2))
+    assert onednn_weight_grad_may_crash(conv(15, 1, 3))
+    assert onednn_weight_grad_may_crash(conv(2, 1, 2))
+    assert not onednn_weight_grad_may_crash(conv(16, 1, 2))
+    assert not onednn_weight_grad_may_crash(conv(8, 1, 1))
+    assert not onednn_weight_grad_may_crash(conv(8, 3, 2, padding=1))
+    assert not onednn_weight_grad_may_crash(conv(8, 1, 2, padding=1))
+    assert not onednn_weight_grad_may_crash(conv(16, 1, 2, groups=2))
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the cpu backend is not available here")

@@ -170,7 +170,7 @@ class KernelSet(abc.ABC):
         # Under autocast the forward convolved in x's lower precision with the weight cast to it; the backward
         # does the same, and hands the parameter gradients back in the parameters' dtype.
         weight = as_dtype(conv.weight, x.dtype)
-        if need_weight and x.device.type == "cpu" and _onednn_weight_grad_may_crash(conv):
+        if need_weight and x.device.type == "cpu" and onednn_weight_grad_may_crash(conv):
             # A 1x1 convolution with stride s and no padding reads only x[:, :, ::s, ::s]: its weight gradient is
             # that of a stride-1 convolution (a GEMM) of the subsampled input.
             subsampled = x[:, :, ::conv.stride[0], ::conv.stride[1]].contiguous(memory_format=memory_format_of(x))
@@ -210,7 +210,7 @@ def _onednn_low_precision_weight_grad_fails(x: Tensor, conv: ConvParams) -> bool
             and min(x.shape[2:]) == 1)
 
 
-def _onednn_weight_grad_may_crash(conv: ConvParams) -> bool:
+def onednn_weight_grad_may_crash(conv: ConvParams) -> bool:
     """Whether ATen's weight gradient of this convolution may crash the process: PyTorch 2.14's bundled oneDNN
     segfaults in the AVX-512 weight gradient of 1x1 stride-2 convolutions with fewer than 16 input channels (2-15
     crashed at some batches of 1-15 images and 14-112 pixels, channels_last input; 1 and 16-256 never did, nor

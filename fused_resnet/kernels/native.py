@@ -16,13 +16,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _native
 from ..params import ConvParams, ZeroPadIdentity
 from ..settings import Setting
 from ..tensors import accumulation_dtype, as_dtype, is_channels_last, memory_format_of
-from .base import BackwardCoefs, KernelSet
+from .base import BackwardCoefs, KernelSet, onednn_weight_grad_may_crash
 from .choices import MeasuredChoices
 
 CPU_CONVOLUTIONS = ("auto", "direct", "winograd")
@@ -36,34 +37,51 @@ def use_cpu_convolutions(choice: str) -> contextlib.AbstractContextManager[None]
     - ``"auto"``: inference runs float32 3x3 stride-1 layers as Winograd's F(4x4, 3x3) where that was measured
       faster on this machine, each configuration timed both ways at its first call (cpu_convolution_choices() lists
       them; docs/design.md §4); training runs oneDNN's direct convolutions, so that its gradients are as accurate
-      as torchvision's.
-    - ``"direct"``: oneDNN's direct convolutions only, in inference too.
+      as torchvision's, and computes each float32 weight gradient either by oneDNN or as one GEMM of the output
+      gradient with the input's patches (conv_weight_grad_gemm), whichever was measured faster for its
+      configuration: both are exact float32 sums, in another order.
+    - ``"direct"``: oneDNN's direct convolutions only, in inference and in every gradient.
     - ``"winograd"``: Winograd in training too (forward, input and weight gradients), by explicit choice. Its float32
       results differ from the exact ones by ~5e-6 of a layer's largest output (as cuDNN's Winograd kernels do on a
       GPU), ~30x a direct convolution's rounding; a training step's activations end up 1.5-2.8x as far from the
       exact ones as torchvision's, so ~2x as many ReLU inputs near zero land on the other side, and where
       BatchNorm normalizes over few values (late stages at small images and batches) one such flip moves a
-      channel's gradients by a few percent (docs/design.md §4)."""
+      channel's gradients by a few percent (docs/design.md §4). Weight gradients Winograd does not suit are chosen
+      as under "auto"."""
     return _CPU_CONVOLUTIONS.use(choice, "use_cpu_convolutions")
 
 
-# The cpu backend's inference algorithm for each 3x3 convolution configuration that Winograd suits, measured here.
+# The cpu backend's algorithm for each configuration it measured, on this machine: ("conv3x3", ...) for an
+# inference convolution Winograd suits, ("weight_grad", ...) for a training weight gradient.
 CONVOLUTION_CHOICES = MeasuredChoices()
 
 
 def cpu_convolution_choices() -> dict[str, dict]:
-    """What the cpu backend's inference runs for each 3x3 convolution configuration it has measured so far
-    (use_cpu_convolutions("auto")): {"<input shape> -> <output channels>[ + residual][, relu], <n> threads":
-    {"algorithm": "winograd" or "direct", "ms": each candidate's median milliseconds per call}}. Each
-    configuration is measured once, at its first call, and runs the chosen algorithm from then on."""
+    """What the cpu backend runs for each convolution configuration it has measured so far
+    (use_cpu_convolutions("auto")): {"<input shape> -> <output channels>[ + residual][, relu], <n> threads" for an
+    inference 3x3 convolution, "weight gradient <input shape> [channels_last] -> <weight shape>, stride <s>, padding
+    <p>[, dilation <d>], <n> threads" for a training one: {"algorithm": "winograd" or "direct", or "gemm" or
+    "direct", "ms": each candidate's median milliseconds per call}}. Each configuration is measured once, at its
+    first call, and runs the chosen algorithm from then on."""
     choices = {}
     for configuration, choice in CONVOLUTION_CHOICES.items():
-        _, input_shape, weight_shape, residual, relu, threads = configuration
-        name = (f"{'x'.join(map(str, input_shape))} -> {weight_shape[0]}{' + residual' if residual else ''}"
-                f"{', relu' if relu else ''}, {threads} threads")
-        choices[name] = {"algorithm": choice.algorithm,
-                         "ms": {algorithm: round(seconds * 1e3, 3) for algorithm, seconds in choice.seconds.items()}}
+        choices[_describe(configuration)] = {
+            "algorithm": choice.algorithm,
+            "ms": {algorithm: round(seconds * 1e3, 3) for algorithm, seconds in choice.seconds.items()}}
     return choices
+
+
+def _describe(configuration: tuple) -> str:
+    kind, input_shape, weight_shape, *rest = configuration
+    shape = "x".join(map(str, input_shape))
+    if kind == "conv3x3":
+        residual, relu, threads = rest
+        return (f"{shape} -> {weight_shape[0]}{' + residual' if residual else ''}{', relu' if relu else ''}, "
+                f"{threads} threads")
+    stride, padding, dilation, channels_last, threads = rest
+    return (f"weight gradient {shape}{' channels_last' if channels_last else ''} -> "
+            f"{'x'.join(map(str, weight_shape))}, stride {stride[0]}, padding {padding[0]}"
+            f"{f', dilation {dilation[0]}' if dilation != (1, 1) else ''}, {threads} threads")
 
 
 class NativeKernels(KernelSet):
@@ -145,17 +163,47 @@ class OneDnnKernels(NativeKernels):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         winograd_input = need_input and self._winograd_runs(grad_y, conv)
         winograd_weight = need_weight and self._winograd_runs(x, conv) and is_channels_last(grad_y)
-        if not (winograd_input or winograd_weight):
+        gemm_weight = need_weight and not winograd_weight and self._weight_grad_algorithm(grad_y, x, conv) == "gemm"
+        if not (winograd_input or winograd_weight or gemm_weight):
             return super().conv_backward(grad_y, x, conv, need_input, need_weight, need_bias)
         grad_x, grad_weight, grad_bias = super().conv_backward(
-            grad_y, x, conv, need_input and not winograd_input, need_weight and not winograd_weight, need_bias)
+            grad_y, x, conv, need_input and not winograd_input,
+            need_weight and not (winograd_weight or gemm_weight), need_bias)
         if winograd_input:
             flipped = conv.weight.flip(2, 3).transpose(0, 1)
             grad_x = self.ops.winograd_conv3x3(grad_y, self.ops.winograd_weight_transform(flipped), None, None, False)
         if winograd_weight:
             grad_weight = self.ops.winograd_conv3x3_weight_grad(x, grad_y).contiguous(
-                memory_format=torch.channels_last if is_channels_last(conv.weight) else torch.contiguous_format)
+                memory_format=memory_format_of(conv.weight))
+        if gemm_weight:
+            grad_weight = self._gemm_weight_grad(grad_y, x, conv)
         return grad_x, grad_weight, grad_bias
+
+    def _gemm_weight_grad(self, grad_y: Tensor, x: Tensor, conv: ConvParams) -> Tensor:
+        """conv's weight gradient as one GEMM over the input's patches, in the weight's own layout."""
+        return self.ops.conv_weight_grad_gemm(
+            x, grad_y, list(conv.weight.shape[2:]), list(conv.stride), list(conv.padding), list(conv.dilation)
+        ).contiguous(memory_format=memory_format_of(conv.weight))
+
+    def _weight_grad_algorithm(self, grad_y: Tensor, x: Tensor, conv: ConvParams) -> str:
+        """"gemm" or "direct" (oneDNN's) for this weight gradient: measured the first time its configuration (input
+        and weight shapes, geometry, layout, thread count) comes, on these very tensors, and fixed from then on
+        (CONVOLUTION_CHOICES). Candidates: float32 convolutions of one group, eagerly, under "auto" (or
+        "winograd"); never the strided 1x1 ones whose oneDNN gradient may crash (KernelSet.conv_backward goes
+        around it). oneDNN's direct weight gradient runs far below the GEMM's speed on small images with many
+        channels: on a 2-core AVX-512 Xeon, ResNet's 512-channel 3x3 layer at 4x4 pixels, batch 4, channels_last
+        took 8.9 ms against 1.2 for the GEMM; the GEMM loses on large images with few channels (64 channels at
+        40x40, batch 16: 6.1 ms against 9.4), so the machine at hand decides (_measured_choice)."""
+        if (_CPU_CONVOLUTIONS.requested() == "direct" or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled("cpu") or x.device.type != "cpu" or conv.groups != 1
+                or not (x.dtype == grad_y.dtype == conv.weight.dtype == torch.float32)
+                or onednn_weight_grad_may_crash(conv)):
+            return "direct"
+        configuration = ("weight_grad", tuple(x.shape), tuple(conv.weight.shape), tuple(conv.stride),
+                         tuple(conv.padding), tuple(conv.dilation), is_channels_last(x), torch.get_num_threads())
+        return _measured_choice(configuration, {
+            "direct": lambda: super(OneDnnKernels, self).conv_backward(grad_y, x, conv, False, True, False)[1],
+            "gemm": lambda: self._gemm_weight_grad(grad_y, x, conv)}, x)
 
     def conv_bias_act(
         self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
@@ -201,14 +249,10 @@ class OneDnnKernels(NativeKernels):
                              winograd: Callable[[], Tensor], direct: Callable[[], Tensor]) -> str:
         """"winograd" or "direct" for this inference convolution, measured the first time its configuration (input
         and weight shapes, residual, ReLU, thread count) comes, on these very tensors, and fixed from then on
-        (CONVOLUTION_CHOICES). Inside torch.jit.trace nothing is measured (it would be recorded): a configuration
-        chosen before runs as chosen, any other directly."""
+        (CONVOLUTION_CHOICES; _measured_choice)."""
         configuration = ("conv3x3", tuple(x.shape), tuple(weight.shape), residual is not None, relu,
                          torch.get_num_threads())
-        if torch.jit.is_tracing():
-            made = CONVOLUTION_CHOICES.made(configuration)
-            return made.algorithm if made is not None else "direct"
-        return CONVOLUTION_CHOICES.choose(configuration, {"winograd": winograd, "direct": direct})
+        return _measured_choice(configuration, {"winograd": winograd, "direct": direct}, x)
 
     def preferred_memory_format(self, x: Tensor) -> torch.memory_format:
         # oneDNN runs NCHW convolutions through reorders to and from its blocked layouts: a converted resnet50's
@@ -287,6 +331,17 @@ class OneDnnKernels(NativeKernels):
         # path, whose add has no bf16 kernel.
         return (x.dtype in self._onednn_dtypes and is_channels_last(x)
                 and (residual is None or is_channels_last(residual)))
+
+
+def _measured_choice(configuration: tuple, candidates: dict[str, Callable[[], object]], x: Tensor) -> str:
+    """CONVOLUTION_CHOICES.choose(configuration, candidates), measured only on real tensors and outside
+    torch.jit.trace (which would record the candidates). On fake tensors (the benchmarks' traffic count) timings
+    mean nothing, and a choice made on them would hold for real tensors of that shape too: there, and in a trace, a
+    configuration chosen before runs as chosen, any other directly."""
+    if torch.jit.is_tracing() or isinstance(x, FakeTensor):
+        made = CONVOLUTION_CHOICES.made(configuration)
+        return made.algorithm if made is not None else "direct"
+    return CONVOLUTION_CHOICES.choose(configuration, candidates)
 
 
 def _winograd_suits(x: Tensor, conv: ConvParams) -> bool:
@@ -397,6 +452,13 @@ def _register_fake_implementations() -> None:
     @torch.library.register_fake("fused_resnet::winograd_conv3x3_weight_grad")
     def _(input, grad_output):
         return input.new_empty((grad_output.shape[1], input.shape[1], 3, 3))
+
+    @torch.library.register_fake("fused_resnet::conv_weight_grad_gemm")
+    def _(input, grad_output, kernel_size, stride, padding, dilation):
+        channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+        return torch.empty((grad_output.shape[1], input.shape[1], *kernel_size), dtype=input.dtype,
+                           device=input.device,
+                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     @torch.library.register_fake("fused_resnet::bn_act_backward_elemt")
     def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,
