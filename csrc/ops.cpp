@@ -70,8 +70,13 @@ TORCH_LIBRARY(fused_resnet, m) {
   // The weight gradient of that convolution (K x C x 3 x 3) from its input and output gradient, by the same
   // algorithm transposed.
   m.def("winograd_conv3x3_weight_grad(Tensor input, Tensor grad_output) -> Tensor");
-  // A convolution's weight gradient (one group, CPU, float32 or float64; csrc/cpu/conv_weight_grad_gemm_cpu.cpp)
-  // as one GEMM of the output gradient with the input's patches: (K, C, kh, kw), channels_last when the input is.
+  // A convolution without bias (one group; CPU, float32 or float64; csrc/cpu/conv_gemm_cpu.cpp), its input gradient
+  // and its weight gradient, each as one GEMM with the input's patches (im2col). Each result is laid out as its first
+  // argument (channels_last or NCHW).
+  m.def("conv_gemm(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "conv_input_grad_gemm(Tensor grad_output, Tensor weight, int[4] input_size, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> Tensor");
   m.def(
       "conv_weight_grad_gemm(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation) -> Tensor");

@@ -37,32 +37,32 @@ def use_cpu_convolutions(choice: str) -> contextlib.AbstractContextManager[None]
     - ``"auto"``: inference runs float32 3x3 stride-1 layers as Winograd's F(4x4, 3x3) where that was measured
       faster on this machine, each configuration timed both ways at its first call (cpu_convolution_choices() lists
       them; docs/design.md §4); training runs oneDNN's direct convolutions, so that its gradients are as accurate
-      as torchvision's, and computes each float32 weight gradient either by oneDNN or as one GEMM of the output
-      gradient with the input's patches (conv_weight_grad_gemm), whichever was measured faster for its
-      configuration: both are exact float32 sums, in another order.
+      as torchvision's, and runs each float32 convolution, input gradient and weight gradient either by oneDNN or
+      as one GEMM with the input's patches (conv_gemm, conv_input_grad_gemm, conv_weight_grad_gemm), whichever was
+      measured faster for its configuration: both are plain float32 sums of the same products, in another order.
     - ``"direct"``: oneDNN's direct convolutions only, in inference and in every gradient.
     - ``"winograd"``: Winograd in training too (forward, input and weight gradients), by explicit choice. Its float32
       results differ from the exact ones by ~5e-6 of a layer's largest output (as cuDNN's Winograd kernels do on a
       GPU), ~30x a direct convolution's rounding; a training step's activations end up 1.5-2.8x as far from the
       exact ones as torchvision's, so ~2x as many ReLU inputs near zero land on the other side, and where
       BatchNorm normalizes over few values (late stages at small images and batches) one such flip moves a
-      channel's gradients by a few percent (docs/design.md §4). Weight gradients Winograd does not suit are chosen
-      as under "auto"."""
+      channel's gradients by a few percent (docs/design.md §4). Convolutions Winograd does not suit are chosen as
+      under "auto"."""
     return _CPU_CONVOLUTIONS.use(choice, "use_cpu_convolutions")
 
 
 # The cpu backend's algorithm for each configuration it measured, on this machine: ("conv3x3", ...) for an
-# inference convolution Winograd suits, ("weight_grad", ...) for a training weight gradient.
+# inference convolution Winograd suits, ("forward" | "input_grad" | "weight_grad", ...) for a training one.
 CONVOLUTION_CHOICES = MeasuredChoices()
 
 
 def cpu_convolution_choices() -> dict[str, dict]:
     """What the cpu backend runs for each convolution configuration it has measured so far
     (use_cpu_convolutions("auto")): {"<input shape> -> <output channels>[ + residual][, relu], <n> threads" for an
-    inference 3x3 convolution, "weight gradient <input shape> [channels_last] -> <weight shape>, stride <s>, padding
-    <p>[, dilation <d>], <n> threads" for a training one: {"algorithm": "winograd" or "direct", or "gemm" or
-    "direct", "ms": each candidate's median milliseconds per call}}. Each configuration is measured once, at its
-    first call, and runs the chosen algorithm from then on."""
+    inference 3x3 convolution, "<forward | input gradient | weight gradient> <input shape> [channels_last] ->
+    <weight shape>, stride <s>, padding <p>[, dilation <d>], <n> threads" for a training one: {"algorithm":
+    "winograd" or "direct", or "gemm" or "direct", "ms": each candidate's median milliseconds per call}}. Each
+    configuration is measured once, at its first call, and runs the chosen algorithm from then on."""
     choices = {}
     for configuration, choice in CONVOLUTION_CHOICES.items():
         choices[_describe(configuration)] = {
@@ -79,9 +79,13 @@ def _describe(configuration: tuple) -> str:
         return (f"{shape} -> {weight_shape[0]}{' + residual' if residual else ''}{', relu' if relu else ''}, "
                 f"{threads} threads")
     stride, padding, dilation, channels_last, threads = rest
-    return (f"weight gradient {shape}{' channels_last' if channels_last else ''} -> "
+    return (f"{_GEMM_KINDS[kind]} {shape}{' channels_last' if channels_last else ''} -> "
             f"{'x'.join(map(str, weight_shape))}, stride {stride[0]}, padding {padding[0]}"
             f"{f', dilation {dilation[0]}' if dilation != (1, 1) else ''}, {threads} threads")
+
+
+# What each kind of training choice computes, as cpu_convolution_choices() names it.
+_GEMM_KINDS = {"forward": "forward", "input_grad": "input gradient", "weight_grad": "weight gradient"}
 
 
 class NativeKernels(KernelSet):
@@ -156,6 +160,8 @@ class OneDnnKernels(NativeKernels):
         if self._winograd_runs(x, conv):
             return self.ops.winograd_conv3x3(x, self.ops.winograd_weight_transform(conv.weight), conv.bias, None,
                                              False)
+        if self._gemm_chosen("forward", x, conv):
+            return self._gemm("forward", x, conv)
         return super().conv(x, conv)
 
     def conv_backward(
@@ -163,11 +169,12 @@ class OneDnnKernels(NativeKernels):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         winograd_input = need_input and self._winograd_runs(grad_y, conv)
         winograd_weight = need_weight and self._winograd_runs(x, conv) and is_channels_last(grad_y)
-        gemm_weight = need_weight and not winograd_weight and self._weight_grad_algorithm(grad_y, x, conv) == "gemm"
-        if not (winograd_input or winograd_weight or gemm_weight):
+        gemm_input = need_input and not winograd_input and self._gemm_chosen("input_grad", x, conv, grad_y)
+        gemm_weight = need_weight and not winograd_weight and self._gemm_chosen("weight_grad", x, conv, grad_y)
+        if not (winograd_input or winograd_weight or gemm_input or gemm_weight):
             return super().conv_backward(grad_y, x, conv, need_input, need_weight, need_bias)
         grad_x, grad_weight, grad_bias = super().conv_backward(
-            grad_y, x, conv, need_input and not winograd_input,
+            grad_y, x, conv, need_input and not (winograd_input or gemm_input),
             need_weight and not (winograd_weight or gemm_weight), need_bias)
         if winograd_input:
             flipped = conv.weight.flip(2, 3).transpose(0, 1)
@@ -175,35 +182,63 @@ class OneDnnKernels(NativeKernels):
         if winograd_weight:
             grad_weight = self.ops.winograd_conv3x3_weight_grad(x, grad_y).contiguous(
                 memory_format=memory_format_of(conv.weight))
+        if gemm_input:
+            grad_x = self._gemm("input_grad", x, conv, grad_y)
         if gemm_weight:
-            grad_weight = self._gemm_weight_grad(grad_y, x, conv)
+            grad_weight = self._gemm("weight_grad", x, conv, grad_y)
         return grad_x, grad_weight, grad_bias
 
-    def _gemm_weight_grad(self, grad_y: Tensor, x: Tensor, conv: ConvParams) -> Tensor:
-        """conv's weight gradient as one GEMM over the input's patches, in the weight's own layout."""
-        return self.ops.conv_weight_grad_gemm(
-            x, grad_y, list(conv.weight.shape[2:]), list(conv.stride), list(conv.padding), list(conv.dilation)
-        ).contiguous(memory_format=memory_format_of(conv.weight))
+    def _gemm(self, kind: str, x: Tensor, conv: ConvParams, grad_y: Tensor | None = None) -> Tensor:
+        """The convolution ("forward"), its input gradient ("input_grad") or its weight gradient ("weight_grad") as
+        one GEMM with the input's patches (csrc/cpu/conv_gemm_cpu.cpp)."""
+        geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
+        if kind == "forward":
+            return self.ops.conv_gemm(x, conv.weight, *geometry)
+        if kind == "input_grad":
+            return self.ops.conv_input_grad_gemm(grad_y, conv.weight, list(x.shape), *geometry)
+        return self.ops.conv_weight_grad_gemm(x, grad_y, list(conv.weight.shape[2:]), *geometry)
 
-    def _weight_grad_algorithm(self, grad_y: Tensor, x: Tensor, conv: ConvParams) -> str:
-        """"gemm" or "direct" (oneDNN's) for this weight gradient: measured the first time its configuration (input
-        and weight shapes, geometry, layout, thread count) comes, on these very tensors, and fixed from then on
-        (CONVOLUTION_CHOICES). Candidates: float32 convolutions of one group, eagerly, under "auto" (or
-        "winograd"); never the strided 1x1 ones whose oneDNN gradient may crash (KernelSet.conv_backward goes
-        around it). oneDNN's direct weight gradient runs far below the GEMM's speed on small images with many
-        channels: on a 2-core AVX-512 Xeon, ResNet's 512-channel 3x3 layer at 4x4 pixels, batch 4, channels_last
-        took 8.9 ms against 1.2 for the GEMM; the GEMM loses on large images with few channels (64 channels at
-        40x40, batch 16: 6.1 ms against 9.4), so the machine at hand decides (_measured_choice)."""
-        if (_CPU_CONVOLUTIONS.requested() == "direct" or torch.compiler.is_compiling()
-                or torch.is_autocast_enabled("cpu") or x.device.type != "cpu" or conv.groups != 1
-                or not (x.dtype == grad_y.dtype == conv.weight.dtype == torch.float32)
-                or onednn_weight_grad_may_crash(conv)):
-            return "direct"
-        configuration = ("weight_grad", tuple(x.shape), tuple(conv.weight.shape), tuple(conv.stride),
-                         tuple(conv.padding), tuple(conv.dilation), is_channels_last(x), torch.get_num_threads())
-        return _measured_choice(configuration, {
-            "direct": lambda: super(OneDnnKernels, self).conv_backward(grad_y, x, conv, False, True, False)[1],
-            "gemm": lambda: self._gemm_weight_grad(grad_y, x, conv)}, x)
+    def _gemm_chosen(self, kind: str, x: Tensor, conv: ConvParams, grad_y: Tensor | None = None) -> bool:
+        """Whether this convolution's `kind` (see _gemm) runs as a GEMM rather than oneDNN's direct convolution:
+        measured the first time its configuration (kind, input and weight shapes, geometry, layout, thread count)
+        comes, on these very tensors, and fixed from then on (CONVOLUTION_CHOICES, _measured_choice). oneDNN's
+        direct convolutions run far below the GEMM's speed on small images with many channels: on a 2-core AVX-512
+        Xeon, ResNet's 512-channel 3x3 layer at 4x4 pixels, batch 4, channels_last, took 2.2 ms forward, 2.4 for
+        the input gradient and 8.9 for the weight gradient, against 1.5, 1.5 and 1.2 as GEMMs; the GEMMs lose on
+        large images with few channels (64 channels at 40x40, batch 16: 5.6 ms forward against 9.8), so the
+        machine at hand decides. Candidates (_gemm_suits): float32 convolutions of one group, eagerly, under "auto"
+        (or "winograd", where Winograd does not run)."""
+        if not self._gemm_suits(kind, x, conv, grad_y):
+            return False
+        if kind == "forward":
+            direct = lambda: super(OneDnnKernels, self).conv(x, conv)  # noqa: E731
+        else:
+            need = (kind == "input_grad", kind == "weight_grad", False)
+            index = need.index(True)
+            direct = lambda: super(OneDnnKernels, self).conv_backward(grad_y, x, conv, *need)[index]  # noqa: E731
+        configuration = (kind, tuple(x.shape), tuple(conv.weight.shape), tuple(conv.stride), tuple(conv.padding),
+                         tuple(conv.dilation), is_channels_last(x), torch.get_num_threads())
+        candidates = {"direct": direct, "gemm": lambda: self._gemm(kind, x, conv, grad_y)}
+        return _measured_choice(configuration, candidates, x) == "gemm"
+
+    @staticmethod
+    def _gemm_suits(kind: str, x: Tensor, conv: ConvParams, grad_y: Tensor | None) -> bool:
+        """Whether the GEMM is a candidate: float32 CPU tensors of one layout (the weight's too, unless 1x1, so that
+        no operand is converted), one group, no bias in the forward, outside torch.compile's trace and autocast,
+        under "auto" or "winograd"; not under autograd (the ops have no derivative: the fused nodes call them
+        from their forward and backward); not the weight gradients whose oneDNN form may crash (a candidate runs
+        it; KernelSet.conv_backward goes around them, through the stride-1 gradient of the subsampled input, itself
+        a candidate)."""
+        tensors = (x, conv.weight) if grad_y is None else (x, conv.weight, grad_y)
+        layout = is_channels_last(x)
+        return (_CPU_CONVOLUTIONS.requested() != "direct" and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled("cpu") and x.device.type == "cpu" and conv.groups == 1
+                and all(t.dtype == torch.float32 and t.dim() == 4 for t in tensors)
+                and (grad_y is None or is_channels_last(grad_y) == layout)
+                and (conv.weight.shape[2:] == (1, 1) or is_channels_last(conv.weight) == layout)
+                and not (kind == "forward" and conv.bias is not None)
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                and not (kind == "weight_grad" and onednn_weight_grad_may_crash(conv)))
 
     def conv_bias_act(
         self, x: Tensor, conv: ConvParams, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool,
@@ -453,12 +488,22 @@ def _register_fake_implementations() -> None:
     def _(input, grad_output):
         return input.new_empty((grad_output.shape[1], input.shape[1], 3, 3))
 
+    def laid_out_as(t: Tensor, shape) -> Tensor:
+        return torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=memory_format_of(t))
+
+    @torch.library.register_fake("fused_resnet::conv_gemm")
+    def _(input, weight, stride, padding, dilation):
+        sizes = [(size + 2 * pad - dil * (k - 1) - 1) // s + 1
+                 for size, k, s, pad, dil in zip(input.shape[2:], weight.shape[2:], stride, padding, dilation)]
+        return laid_out_as(input, (input.shape[0], weight.shape[0], *sizes))
+
+    @torch.library.register_fake("fused_resnet::conv_input_grad_gemm")
+    def _(grad_output, weight, input_size, stride, padding, dilation):
+        return laid_out_as(grad_output, input_size)
+
     @torch.library.register_fake("fused_resnet::conv_weight_grad_gemm")
     def _(input, grad_output, kernel_size, stride, padding, dilation):
-        channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
-        return torch.empty((grad_output.shape[1], input.shape[1], *kernel_size), dtype=input.dtype,
-                           device=input.device,
-                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return laid_out_as(input, (grad_output.shape[1], input.shape[1], *kernel_size))
 
     @torch.library.register_fake("fused_resnet::bn_act_backward_elemt")
     def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,

@@ -1,0 +1,301 @@
+"""conv_gemm, conv_input_grad_gemm and conv_weight_grad_gemm (a convolution, its input gradient and its weight
+gradient as GEMMs with the input's patches) against float64, their argument errors, and the cpu backend's measured
+choice between them and oneDNN's direct convolutions in training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_resnet
+from conftest import assert_rel, randomize_batchnorms
+from fused_resnet import _native, use_backend
+from fused_resnet.kernels import kernels_for
+from fused_resnet.kernels.native import CONVOLUTION_CHOICES
+from fused_resnet.params import ConvParams
+from fused_resnet.tensors import memory_format_of
+from kernel_cases import poisoned_outputs  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.skipif(not _native.has_extension(), reason="the compiled extension is not built")
+
+ops = torch.ops.fused_resnet
+# float32 against float64, relative to the result's largest magnitude: sums of up to a few thousand products,
+# measured 1-7e-7 on these cases (oneDNN's own: 1-30e-7).
+TOLERANCE = 1e-5
+
+# N, C, K, H, W, kernel, stride, padding, dilation: ResNet's 3x3, strided 3x3, 1x1 and strided 1x1 layers and its
+# 7x7 stem; padding wider than the kernel's reach, dilation, non-square images, one pixel, one image, channel
+# counts off the vector width.
+CASES = [
+    (2, 8, 16, 8, 8, 3, 1, 1, 1),
+    (3, 5, 4, 7, 6, 3, 2, 1, 1),
+    (2, 7, 3, 9, 9, 1, 2, 0, 1),
+    (2, 16, 24, 5, 5, 1, 1, 0, 1),
+    (2, 3, 8, 17, 15, 7, 2, 3, 1),
+    (2, 4, 6, 8, 8, 3, 1, 2, 2),
+    (1, 11, 5, 1, 1, 3, 1, 1, 1),
+    (1, 6, 9, 4, 11, 3, 2, 1, 1),
+]
+KINDS = ["forward", "input_grad", "weight_grad"]
+
+
+def random_case(case, memory_format, dtype):
+    """(input, weight, output gradient), fresh random values laid out in `memory_format`."""
+    N, C, K, H, W, kernel, stride, padding, dilation = case
+    x = torch.randn(N, C, H, W, dtype=dtype).contiguous(memory_format=memory_format)
+    weight = torch.randn(K, C, kernel, kernel, dtype=dtype).contiguous(memory_format=memory_format)
+    out_h = (H + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    out_w = (W + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    grad = torch.randn(N, K, out_h, out_w, dtype=dtype).contiguous(memory_format=memory_format)
+    return x, weight, grad
+
+
+def run_op(kind, x, weight, grad, case):
+    *_, kernel, stride, padding, dilation = case
+    geometry = ([stride] * 2, [padding] * 2, [dilation] * 2)
+    if kind == "forward":
+        return ops.conv_gemm(x, weight, *geometry)
+    if kind == "input_grad":
+        return ops.conv_input_grad_gemm(grad, weight, list(x.shape), *geometry)
+    return ops.conv_weight_grad_gemm(x, grad, [kernel] * 2, *geometry)
+
+
+def reference(kind, x, weight, grad, case):
+    """The float64 result, by ATen."""
+    *_, stride, padding, dilation = case
+    x, weight, grad = x.double(), weight.double(), grad.double()
+    if kind == "forward":
+        return F.conv2d(x, weight, None, stride, padding, dilation)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], 1, [True, True, False])
+    return grad_x if kind == "input_grad" else grad_w
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_float64(kind, case, layout, dtype):
+    """Laid out as the first argument (channels_last gives channels_last, a tensor that is NCHW too an NCHW one, as
+    the kernel sets lay out outputs), every element written."""
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, weight, grad = random_case(case, memory_format, dtype)
+    out = run_op(kind, x, weight, grad, case)
+    expected = reference(kind, x, weight, grad, case)
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=memory_format_of(grad if kind == "input_grad" else x))
+    assert_rel(out, expected, TOLERANCE if dtype == torch.float32 else 1e-12, f"{kind} {case} {layout}")
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_batch_larger_than_one_piece_is_computed_piece_by_piece(kind, layout):
+    """The patches are made a few images at a time (16 MB each): 64 channels at 40x40 are 3.7 MB of patches an
+    image, so 6 images take two pieces, the second a partial one."""
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    case = (6, 64, 8, 40, 40, 3, 1, 1, 1)
+    x, weight, grad = random_case(case, memory_format, torch.float32)
+    assert_rel(run_op(kind, x, weight, grad, case), reference(kind, x, weight, grad, case), TOLERANCE, "two pieces")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_layouts_follow_the_first_argument(kind):
+    case = CASES[0]
+    x, weight, grad = random_case(case, torch.channels_last, torch.float32)
+    expected = reference(kind, x, weight, grad, case)
+    for args in ((x, weight.contiguous(), grad.contiguous()), (x.contiguous(), weight, grad)):
+        out = run_op(kind, *args, case)
+        first = args[2] if kind == "input_grad" else args[0]
+        assert out.is_contiguous(memory_format=memory_format_of(first))
+        assert_rel(out, expected, TOLERANCE, f"{kind}, mixed layouts")
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda: ops.conv_gemm(_t(2, 4, 5, 5, dtype=torch.bfloat16), _t(6, 4, 3, 3), [1, 1], [1, 1], [1, 1]),
+     "conv_gemm: expected input of dtype float32 or float64, got BFloat16"),
+    (lambda: ops.conv_gemm(_t(2, 4, 5, 5), _t(6, 4, 3, 3).double(), [1, 1], [1, 1], [1, 1]),
+     "conv_gemm: expected weight of the same dtype as the first argument, Float, got Double"),
+    (lambda: ops.conv_gemm(_t(2, 4, 5, 5), _t(6, 3, 3, 3), [1, 1], [1, 1], [1, 1]),
+     r"conv_gemm: expected weight of shape \(K, 4, kh, kw\) for the input's 4 channels, got \[6, 3, 3, 3\]"),
+    (lambda: ops.conv_gemm(_t(4, 5, 5), _t(6, 4, 3, 3), [1, 1], [1, 1], [1, 1]),
+     r"conv_gemm: expected input to be 4-D, got shape \[4, 5, 5\]"),
+    (lambda: ops.conv_gemm(_t(2, 4, 5, 5), _t(6, 4, 3, 3), [0, 1], [1, 1], [1, 1]),
+     r"conv_gemm: expected stride values >= 1, got \[0, 1\]"),
+    (lambda: ops.conv_gemm(_t(2, 4, 2, 2), _t(6, 4, 5, 5), [1, 1], [0, 0], [1, 1]),
+     r"conv_gemm: the input \[2, 4, 2, 2\] is smaller than the kernel \[5, 5\]"),
+    (lambda: ops.conv_input_grad_gemm(_t(2, 6, 5, 5), _t(6, 4, 3, 3), [2, 3, 5, 5], [1, 1], [1, 1], [1, 1]),
+     r"conv_input_grad_gemm: expected input_size \(N, 4, H, W\) for the weight's 4 input channels, got \[2, 3, 5, 5\]"),
+    (lambda: ops.conv_input_grad_gemm(_t(2, 6, 5, 4), _t(6, 4, 3, 3), [2, 4, 5, 5], [1, 1], [1, 1], [1, 1]),
+     r"conv_input_grad_gemm: expected grad_output of shape \[2, 6, 5, 5\] \(the convolution's output\), got "
+     r"\[2, 6, 5, 4\]"),
+    (lambda: ops.conv_input_grad_gemm(_t(2, 6, 5, 5), _t(6, 4, 3, 3), [2, 4, 5, 5], [1, 1], [-1, 1], [1, 1]),
+     r"conv_input_grad_gemm: expected padding values >= 0, got \[-1, 1\]"),
+    (lambda: ops.conv_weight_grad_gemm(_t(2, 4, 5, 5), _t(2, 6, 5, 5).double(), [3, 3], [1, 1], [1, 1], [1, 1]),
+     "conv_weight_grad_gemm: expected grad_output of the same dtype as the first argument, Float, got Double"),
+    (lambda: ops.conv_weight_grad_gemm(_t(2, 4, 5, 5), _t(2, 6, 5, 4), [3, 3], [1, 1], [1, 1], [1, 1]),
+     r"conv_weight_grad_gemm: expected grad_output of shape \[2, K, 5, 5\] \(the convolution's output\), got "
+     r"\[2, 6, 5, 4\]"),
+    (lambda: ops.conv_weight_grad_gemm(_t(2, 4, 5, 5), _t(2, 6, 5, 5), [3], [1, 1], [1, 1], [1, 1]),
+     r"conv_weight_grad_gemm: expected kernel_size of 2 values, got \[3\]"),
+])
+def test_names_the_bad_argument(call, expected):
+    with pytest.raises(RuntimeError, match=expected):
+        call()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck(kind):
+    """Schema, fake implementation (its layout the real one's) and dispatch."""
+    op = {"forward": ops.conv_gemm, "input_grad": ops.conv_input_grad_gemm,
+          "weight_grad": ops.conv_weight_grad_gemm}[kind].default
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        x, weight, grad = random_case(CASES[1], memory_format, torch.float32)
+        args = {"forward": (x, weight, [2, 2], [1, 1], [1, 1]),
+                "input_grad": (grad, weight, list(x.shape), [2, 2], [1, 1], [1, 1]),
+                "weight_grad": (x, grad, [3, 3], [2, 2], [1, 1], [1, 1])}[kind]
+        torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The measured choice in training
+
+
+GEMM_OPS = ("fused_resnet::conv_gemm", "fused_resnet::conv_input_grad_gemm", "fused_resnet::conv_weight_grad_gemm")
+
+
+def gemm_calls(block, x):
+    """How many times a training step of `block` on `x` (fresh output gradient) runs each GEMM op, all together."""
+    with use_backend("cpu"), torch.profiler.profile() as profile:
+        out = block(x)
+        out.backward(torch.randn_like(out))
+    return sum(e.count for e in profile.key_averages() if e.key in GEMM_OPS)
+
+
+class Measured:
+    """CONVOLUTION_CHOICES's measure: runs each candidate once, checks that they agree (values and layout), and
+    gives the GEMM the smaller time where `gemm_wins`; `calls` lists the measurements."""
+
+    def __init__(self) -> None:
+        self.gemm_wins = True
+        self.calls: list[list[str]] = []
+
+    def __call__(self, candidates):
+        self.calls.append(sorted(candidates))
+        results = {name: run() for name, run in candidates.items()}
+        assert_rel(results["gemm"], results["direct"], TOLERANCE, "the candidates compute the same")
+        assert results["gemm"].stride() == results["direct"].stride()
+        return {"gemm": 1e-3, "direct": 2e-3} if self.gemm_wins else {"gemm": 2e-3, "direct": 1e-3}
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Every choice made afresh inside the test by a Measured, and forgotten after it."""
+    measure = Measured()
+    CONVOLUTION_CHOICES.clear()
+    monkeypatch.setattr(CONVOLUTION_CHOICES, "measure", measure)
+    yield measure
+    CONVOLUTION_CHOICES.clear()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_training_runs_each_convolution_as_measured_faster_once(measured, layout):
+    """Each configuration (forward, input gradient, weight gradient) is measured at its first call and computed as
+    chosen from then on; cpu_convolution_choices() names each with its times."""
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    block = randomize_batchnorms(fused_resnet.BasicBlock(8, 16, stride=2, downsample=torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), torch.nn.BatchNorm2d(16)))).to(memory_format=memory_format)
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=memory_format)
+    suffix = " channels_last" if layout == "channels_last" else ""
+    threads = torch.get_num_threads()
+    expected_names = [
+        f"forward 2x8x12x12{suffix} -> 16x8x3x3, stride 2, padding 1",  # conv1
+        f"forward 2x16x6x6{suffix} -> 16x16x3x3, stride 1, padding 1",  # conv2
+        f"forward 2x8x12x12{suffix} -> 16x8x1x1, stride 2, padding 0",  # the projection
+        f"input gradient 2x16x6x6{suffix} -> 16x16x3x3, stride 1, padding 1",  # conv2's (x needs none)
+        f"weight gradient 2x16x6x6{suffix} -> 16x16x3x3, stride 1, padding 1",
+        f"weight gradient 2x8x12x12{suffix} -> 16x8x3x3, stride 2, padding 1",
+        # the projection's: oneDNN's may crash at 8 channels, so it is the stride-1 gradient of the subsampled
+        # input, itself a candidate
+        f"weight gradient 2x8x6x6{suffix} -> 16x8x1x1, stride 1, padding 0",
+    ]
+    # each measurement runs the GEMM once, then the step runs it
+    assert gemm_calls(block, x) == 2 * 7 and len(measured.calls) == 7
+    assert gemm_calls(block, x) == 7 and len(measured.calls) == 7
+    assert fused_resnet.cpu_convolution_choices() == {
+        f"{name}, {threads} threads": {"algorithm": "gemm", "ms": {"direct": 2.0, "gemm": 1.0}}
+        for name in expected_names}
+    measured.gemm_wins = False  # a new batch size: new configurations, measured, then run directly
+    assert gemm_calls(block, torch.randn(3, 8, 12, 12).contiguous(memory_format=memory_format)) == 7
+    assert len(measured.calls) == 14
+    assert gemm_calls(block, torch.randn(3, 8, 12, 12).contiguous(memory_format=memory_format)) == 0
+
+
+def test_only_eager_float32_single_group_convolutions_are_candidates(measured):
+    """use_cpu_convolutions("direct") keeps oneDNN's; bfloat16, grouped convolutions, autocast and a weight laid
+    out unlike the input are not measured."""
+    block = fused_resnet.BasicBlock(8, 8)
+    x = torch.randn(2, 8, 6, 6)
+    with fused_resnet.use_cpu_convolutions("direct"):
+        assert gemm_calls(block, x) == 0
+    assert gemm_calls(copy.deepcopy(block).to(torch.bfloat16), x.to(torch.bfloat16)) == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm_calls(copy.deepcopy(block), x) == 0
+    assert measured.calls == []
+    # a 3x3 weight laid out unlike the input (one operand would be converted)
+    kernels = kernels_for("cpu")
+    conv = ConvParams(torch.randn(8, 8, 3, 3).contiguous(memory_format=torch.channels_last), None, (1, 1), (1, 1),
+                      (1, 1), 1)
+    out = kernels.conv(x, conv)
+    kernels.conv_backward(torch.randn_like(out), x, conv, True, True, False)
+    assert measured.calls == []
+    # the grouped 3x3 is not a candidate; the two 1x1s are, forward and weight gradient, and conv3's input
+    # gradient (x needs none): 5 measurements, each running the GEMM once, then the step running it
+    assert gemm_calls(fused_resnet.Bottleneck(16, 4, groups=2, base_width=64), torch.randn(2, 16, 6, 6)) == 10
+    assert len(measured.calls) == 5
+
+
+@pytest.mark.parametrize("gemm_wins", [True, False])
+@pytest.mark.parametrize("memory", ["default", "min"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_a_training_step_through_either_algorithm_matches_float64(measured, layout, gemm_wins, memory):
+    """Output, every gradient (in its parameter's layout) and the running statistics against the float64 module,
+    in both memory policies, on a step after the one that chose."""
+    measured.gemm_wins = gemm_wins
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    block = randomize_batchnorms(fused_resnet.Bottleneck(64, 16, stride=2, downsample=torch.nn.Sequential(
+        torch.nn.Conv2d(64, 64, 1, stride=2, bias=False), torch.nn.BatchNorm2d(64)), memory=memory))
+    block = block.to(memory_format=memory_format)
+    exact = copy.deepcopy(block).double()
+    x = torch.randn(3, 64, 10, 10).contiguous(memory_format=memory_format).requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    grad = torch.randn(3, 64, 5, 5).contiguous(memory_format=memory_format)
+    # 4 convolutions, each forward, input and weight gradient measured; "min" recomputes conv3's and the
+    # projection's outputs in backward
+    runs = 12 + (12 + (2 if memory == "min" else 0) if gemm_wins else 0)
+    assert gemm_calls(block, x) == runs and len(measured.calls) == 12
+    x.grad = None
+    block.zero_grad()
+    block.load_state_dict(exact.state_dict())  # the same starting point
+    with use_backend("cpu"):
+        out = block(x)
+        out.backward(grad)
+    with use_backend("torch"):
+        expected = exact(xd)
+        expected.backward(grad.double())
+    assert len(measured.calls) == 12
+    assert_rel(out, expected, TOLERANCE, "output")
+    assert_rel(x.grad, xd.grad, TOLERANCE, "grad x")
+    for (name, p), q in zip(block.named_parameters(), exact.parameters()):
+        assert p.grad.stride() == p.stride(), f"grad {name} in the parameter's layout"
+        assert_rel(p.grad, q.grad, TOLERANCE, f"grad {name}")
+    for (name, b), c in zip(block.named_buffers(), exact.buffers()):
+        assert_rel(b, c, TOLERANCE, name)
