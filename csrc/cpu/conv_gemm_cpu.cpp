@@ -17,12 +17,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/OpMathType.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 namespace fused_resnet {
 
@@ -87,12 +89,13 @@ void im2col_channels_last(const scalar_t* input, const Geometry& g, int64_t firs
 template <typename scalar_t>
 void col2im_channels_last(const scalar_t* grad_col, const Geometry& g, int64_t first, int64_t count,
                           scalar_t* grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t row_length = g.patch();
   at::parallel_for(0, count * g.height * g.width, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(g.channels);
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const int64_t iw = pixel % g.width, ih = (pixel / g.width) % g.height, image = pixel / (g.height * g.width);
-      scalar_t* out = grad_input + ((first + image) * g.height * g.width + ih * g.width + iw) * g.channels;
-      std::fill(out, out + g.channels, scalar_t(0));
+      std::fill(sum.begin(), sum.end(), acc_t(0));
       for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
         const int64_t th = ih + g.pad_h - kh * g.dilation_h;
         if (th < 0 || th % g.stride_h != 0 || th / g.stride_h >= g.out_h) {
@@ -106,10 +109,12 @@ void col2im_channels_last(const scalar_t* grad_col, const Geometry& g, int64_t f
           const int64_t row = (image * g.out_h + th / g.stride_h) * g.out_w + tw / g.stride_w;
           const scalar_t* in = grad_col + row * row_length + (kh * g.kernel_w + kw) * g.channels;
           for (int64_t c = 0; c < g.channels; ++c) {
-            out[c] += in[c];
+            sum[c] += static_cast<acc_t>(in[c]);
           }
         }
       }
+      scalar_t* out = grad_input + ((first + image) * g.height * g.width + ih * g.width + iw) * g.channels;
+      std::copy(sum.begin(), sum.end(), out);
     }
   });
 }
@@ -156,32 +161,35 @@ void im2col_contiguous(const scalar_t* input, const Geometry& g, int64_t first, 
 template <typename scalar_t>
 void col2im_contiguous(const scalar_t* grad_col, const Geometry& g, int64_t first, int64_t count,
                        scalar_t* grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t row_length = count * g.pixels(), plane_size = g.height * g.width;
   at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(count * plane_size);  // the channel's planes of the piece's images
     for (int64_t c = begin; c < end; ++c) {
-      for (int64_t image = first; image < first + count; ++image) {
-        scalar_t* plane = grad_input + (image * g.channels + c) * plane_size;
-        std::fill(plane, plane + plane_size, scalar_t(0));
-      }
+      std::fill(sums.begin(), sums.end(), acc_t(0));
       for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
         for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
           const int64_t offset = kw * g.dilation_w - g.pad_w;
           const auto [ow_begin, ow_end] = inside_columns(g, offset);
           const scalar_t* in = grad_col + ((c * g.kernel_h + kh) * g.kernel_w + kw) * row_length;
-          for (int64_t image = first; image < first + count; ++image) {
-            scalar_t* plane = grad_input + (image * g.channels + c) * plane_size;
+          for (int64_t image = 0; image < count; ++image) {
+            acc_t* plane = sums.data() + image * plane_size;
             for (int64_t oh = 0; oh < g.out_h; ++oh, in += g.out_w) {
               const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dilation_h;
               if (ih < 0 || ih >= g.height) {
                 continue;
               }
-              scalar_t* line = plane + ih * g.width;
+              acc_t* line = plane + ih * g.width;
               for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
-                line[ow * g.stride_w + offset] += in[ow];
+                line[ow * g.stride_w + offset] += static_cast<acc_t>(in[ow]);
               }
             }
           }
         }
+      }
+      for (int64_t image = 0; image < count; ++image) {
+        std::copy(sums.begin() + image * plane_size, sums.begin() + (image + 1) * plane_size,
+                  grad_input + ((first + image) * g.channels + c) * plane_size);
       }
     }
   });
@@ -221,8 +229,8 @@ void unpack_channels(const scalar_t* matrix, int64_t channels, int64_t pixels, i
 
 void check_operand(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), "fused_resnet::", op, ": expected ", name, " on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fused_resnet::", op, ": expected ",
-              name, " of dtype float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fused_resnet::", op, ": expected ", name,
+              " of a floating-point dtype (float32, float64, bfloat16 or float16), got ", t.scalar_type());
   TORCH_CHECK(t.scalar_type() == dtype, "fused_resnet::", op, ": expected ", name, " of the same dtype as the first ",
               "argument, ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 4, "fused_resnet::", op, ": expected ", name, " to be 4-D, got shape ", t.sizes());
@@ -293,7 +301,7 @@ at::Tensor conv_gemm_cpu(const at::Tensor& input_, const at::Tensor& weight_, at
   const int64_t piece = g.piece_images(input.element_size());
   for (int64_t first = 0; first < g.images; first += piece) {
     const int64_t count = std::min(piece, g.images - first);
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_gemm", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "conv_gemm", [&] {
       if (format == at::MemoryFormat::ChannelsLast) {
         // output rows (image, oh, ow) x K: a view of the channels_last output
         at::Tensor rows = output.narrow(0, first, count).permute({0, 2, 3, 1}).view({count * pixels, out_channels});
@@ -344,7 +352,7 @@ at::Tensor conv_input_grad_gemm_cpu(const at::Tensor& grad_output_, const at::Te
   const int64_t piece = g.piece_images(grad_output.element_size());
   for (int64_t first = 0; first < g.images; first += piece) {
     const int64_t count = std::min(piece, g.images - first);
-    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "conv_input_grad_gemm", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_output.scalar_type(), "conv_input_grad_gemm", [&] {
       if (format == at::MemoryFormat::ChannelsLast) {
         at::Tensor rows =
             grad_output.narrow(0, first, count).permute({0, 2, 3, 1}).view({count * pixels, out_channels});
@@ -384,15 +392,19 @@ at::Tensor conv_weight_grad_gemm_cpu(const at::Tensor& input_, const at::Tensor&
   const auto format = layout_of(input_);
   const at::Tensor input = input_.contiguous(format);
   const at::Tensor grad_output = grad_output_.contiguous(format);
-  at::Tensor grad_weight = at::empty({out_channels, g.patch()}, input.options());
-  if (g.images == 0) {
+  const int64_t piece = g.piece_images(input.element_size());
+  // Pieces accumulate in the GEMM's dtype, or in float32 for bfloat16 and float16 (each piece's product rounded
+  // once, as its smaller sum, then the total once).
+  const bool low_precision = at::isReducedFloatingType(input.scalar_type()) && g.images > piece;
+  at::Tensor grad_weight = at::empty({out_channels, g.patch()},
+                                     low_precision ? input.options().dtype(at::kFloat) : input.options());
+  if (g.images == 0 || low_precision) {
     grad_weight.zero_();
   }
-  const int64_t piece = g.piece_images(input.element_size());
   for (int64_t first = 0; first < g.images; first += piece) {
     const int64_t count = std::min(piece, g.images - first);
     at::Tensor col, rows;  // (count * pixels, patch) and (K, count * pixels)
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_weight_grad_gemm", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "conv_weight_grad_gemm", [&] {
       if (format == at::MemoryFormat::ChannelsLast) {
         if (g.pointwise()) {
           col = input.narrow(0, first, count).permute({0, 2, 3, 1}).view({count * pixels, g.channels});
@@ -410,11 +422,16 @@ at::Tensor conv_weight_grad_gemm_cpu(const at::Tensor& input_, const at::Tensor&
                       rows.mutable_data_ptr<scalar_t>());
       }
     });
-    if (first == 0) {
+    if (low_precision) {
+      grad_weight.add_(at::mm(rows, col));
+    } else if (first == 0) {
       at::mm_out(grad_weight, rows, col);
     } else {
       grad_weight.addmm_(rows, col);
     }
+  }
+  if (low_precision) {
+    grad_weight = grad_weight.to(input.scalar_type());
   }
   if (format == at::MemoryFormat::ChannelsLast) {
     return grad_weight.view({out_channels, g.kernel_h, g.kernel_w, g.channels}).permute({0, 3, 1, 2});

@@ -37,9 +37,10 @@ def use_cpu_convolutions(choice: str) -> contextlib.AbstractContextManager[None]
     - ``"auto"``: inference runs float32 3x3 stride-1 layers as Winograd's F(4x4, 3x3) where that was measured
       faster on this machine, each configuration timed both ways at its first call (cpu_convolution_choices() lists
       them; docs/design.md §4); training runs oneDNN's direct convolutions, so that its gradients are as accurate
-      as torchvision's, and runs each float32 convolution, input gradient and weight gradient either by oneDNN or
-      as one GEMM with the input's patches (conv_gemm, conv_input_grad_gemm, conv_weight_grad_gemm), whichever was
-      measured faster for its configuration: both are plain float32 sums of the same products, in another order.
+      as torchvision's, and runs each convolution, input gradient and weight gradient (float32, bfloat16 or
+      float16) either by oneDNN or as one GEMM with the input's patches (conv_gemm, conv_input_grad_gemm,
+      conv_weight_grad_gemm), whichever was measured faster for its configuration: both are float32 sums of the
+      same products, in another order, each rounded once.
     - ``"direct"``: oneDNN's direct convolutions only, in inference and in every gradient.
     - ``"winograd"``: Winograd in training too (forward, input and weight gradients), by explicit choice. Its float32
       results differ from the exact ones by ~5e-6 of a layer's largest output (as cuDNN's Winograd kernels do on a
@@ -84,6 +85,9 @@ def _describe(configuration: tuple) -> str:
             f"{f', dilation {dilation[0]}' if dilation != (1, 1) else ''}, {threads} threads")
 
 
+# The dtypes whose training convolutions may run as GEMMs (bfloat16 and float16 multiply in MKL's or oneDNN's
+# matrix units, accumulating in float32, as oneDNN's convolutions do).
+_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # What each kind of training choice computes, as cpu_convolution_choices() names it.
 _GEMM_KINDS = {"forward": "forward", "input_grad": "input gradient", "weight_grad": "weight gradient"}
 
@@ -223,8 +227,11 @@ class OneDnnKernels(NativeKernels):
 
     @staticmethod
     def _gemm_suits(kind: str, x: Tensor, conv: ConvParams, grad_y: Tensor | None) -> bool:
-        """Whether the GEMM is a candidate: float32 CPU tensors of one layout (the weight's too, unless 1x1, so that
-        no operand is converted), one group, no bias in the forward, outside torch.compile's trace and autocast,
+        """Whether the GEMM is a candidate: float32, bfloat16 or float16 CPU tensors of one dtype and one layout (the
+        weight's too, unless 1x1, so that no operand is converted), one group, no bias in the forward, outside
+        torch.compile's trace and autocast, not the bfloat16 or float16 input gradient of a kernel larger than 1x1
+        (its GEMM rounds each patch's gradient before col2im sums up to kh x kw of them: 1.5-1.8x the rounding of
+        oneDNN's, which rounds each sum once; forward, weight gradients and 1x1 input gradients round as oneDNN's),
         under "auto" or "winograd"; not under autograd (the ops have no derivative: the fused nodes call them
         from their forward and backward); not the weight gradients whose oneDNN form may crash (a candidate runs
         it; KernelSet.conv_backward goes around them, through the stride-1 gradient of the subsampled input, itself
@@ -233,10 +240,11 @@ class OneDnnKernels(NativeKernels):
         layout = is_channels_last(x)
         return (_CPU_CONVOLUTIONS.requested() != "direct" and not torch.compiler.is_compiling()
                 and not torch.is_autocast_enabled("cpu") and x.device.type == "cpu" and conv.groups == 1
-                and all(t.dtype == torch.float32 and t.dim() == 4 for t in tensors)
+                and x.dtype in _GEMM_DTYPES and all(t.dtype == x.dtype and t.dim() == 4 for t in tensors)
                 and (grad_y is None or is_channels_last(grad_y) == layout)
                 and (conv.weight.shape[2:] == (1, 1) or is_channels_last(conv.weight) == layout)
                 and not (kind == "forward" and conv.bias is not None)
+                and not (kind == "input_grad" and x.dtype != torch.float32 and conv.weight.shape[2:] != (1, 1))
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
                 and not (kind == "weight_grad" and onednn_weight_grad_may_crash(conv)))
 
