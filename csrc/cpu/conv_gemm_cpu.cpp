@@ -195,6 +195,13 @@ void col2im_contiguous(const scalar_t* grad_col, const Geometry& g, int64_t firs
   });
 }
 
+// The GEMM's operands and results, viewed or laid out.
+
+// A channels_last tensor's images [first, first + count) as a (count * pixels, channels) matrix: a view.
+at::Tensor pixel_rows(const at::Tensor& t, int64_t first, int64_t count) {
+  return t.narrow(0, first, count).permute({0, 2, 3, 1}).view({-1, t.size(1)});
+}
+
 // An NCHW tensor's images [first, first + count) as a (channels, count * pixels) matrix, each channel's planes side
 // by side (a GEMM operand); unpack_channels writes such a matrix (a GEMM's result) back into the images. Done here,
 // as oneDNN reorders NCHW operands inside its own convolutions.
@@ -304,10 +311,10 @@ at::Tensor conv_gemm_cpu(const at::Tensor& input_, const at::Tensor& weight_, at
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "conv_gemm", [&] {
       if (format == at::MemoryFormat::ChannelsLast) {
         // output rows (image, oh, ow) x K: a view of the channels_last output
-        at::Tensor rows = output.narrow(0, first, count).permute({0, 2, 3, 1}).view({count * pixels, out_channels});
+        at::Tensor rows = pixel_rows(output, first, count);
         at::Tensor col;
         if (g.pointwise()) {
-          col = input.narrow(0, first, count).permute({0, 2, 3, 1}).view({count * pixels, g.channels});
+          col = pixel_rows(input, first, count);
         } else {
           col = at::empty({count * pixels, g.patch()}, input.options());
           im2col_channels_last(input.const_data_ptr<scalar_t>(), g, first, count, col.mutable_data_ptr<scalar_t>());
@@ -354,11 +361,9 @@ at::Tensor conv_input_grad_gemm_cpu(const at::Tensor& grad_output_, const at::Te
     const int64_t count = std::min(piece, g.images - first);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_output.scalar_type(), "conv_input_grad_gemm", [&] {
       if (format == at::MemoryFormat::ChannelsLast) {
-        at::Tensor rows =
-            grad_output.narrow(0, first, count).permute({0, 2, 3, 1}).view({count * pixels, out_channels});
+        const at::Tensor rows = pixel_rows(grad_output, first, count);
         if (g.pointwise()) {
-          at::Tensor grad_rows =
-              grad_input.narrow(0, first, count).permute({0, 2, 3, 1}).view({count * pixels, g.channels});
+          at::Tensor grad_rows = pixel_rows(grad_input, first, count);
           at::mm_out(grad_rows, rows, weight);
         } else {
           const at::Tensor grad_col = at::mm(rows, weight);
@@ -407,12 +412,12 @@ at::Tensor conv_weight_grad_gemm_cpu(const at::Tensor& input_, const at::Tensor&
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "conv_weight_grad_gemm", [&] {
       if (format == at::MemoryFormat::ChannelsLast) {
         if (g.pointwise()) {
-          col = input.narrow(0, first, count).permute({0, 2, 3, 1}).view({count * pixels, g.channels});
+          col = pixel_rows(input, first, count);
         } else {
           col = at::empty({count * pixels, g.patch()}, input.options());
           im2col_channels_last(input.const_data_ptr<scalar_t>(), g, first, count, col.mutable_data_ptr<scalar_t>());
         }
-        rows = grad_output.narrow(0, first, count).permute({0, 2, 3, 1}).view({count * pixels, out_channels}).t();
+        rows = pixel_rows(grad_output, first, count).t();
       } else {
         col = at::empty({g.patch(), count * pixels}, input.options());
         im2col_contiguous(input.const_data_ptr<scalar_t>(), g, first, count, col.mutable_data_ptr<scalar_t>());

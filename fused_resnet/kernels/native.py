@@ -214,12 +214,13 @@ class OneDnnKernels(NativeKernels):
         (or "winograd", where Winograd does not run)."""
         if not self._gemm_suits(kind, x, conv, grad_y):
             return False
-        if kind == "forward":
-            direct = lambda: super(OneDnnKernels, self).conv(x, conv)  # noqa: E731
-        else:
-            need = (kind == "input_grad", kind == "weight_grad", False)
-            index = need.index(True)
-            direct = lambda: super(OneDnnKernels, self).conv_backward(grad_y, x, conv, *need)[index]  # noqa: E731
+        def direct() -> Tensor:
+            if kind == "forward":
+                return super(OneDnnKernels, self).conv(x, conv)
+            need_input = kind == "input_grad"
+            grads = super(OneDnnKernels, self).conv_backward(grad_y, x, conv, need_input, not need_input, False)
+            return grads[0 if need_input else 1]
+
         configuration = (kind, tuple(x.shape), tuple(conv.weight.shape), tuple(conv.stride), tuple(conv.padding),
                          tuple(conv.dilation), is_channels_last(x), torch.get_num_threads())
         candidates = {"direct": direct, "gemm": lambda: self._gemm(kind, x, conv, grad_y)}
