@@ -70,16 +70,17 @@ TORCH_LIBRARY(fused_resnet, m) {
   // The weight gradient of that convolution (K x C x 3 x 3) from its input and output gradient, by the same
   // algorithm transposed.
   m.def("winograd_conv3x3_weight_grad(Tensor input, Tensor grad_output) -> Tensor");
-  // A convolution without bias (one group; CPU, float32 or float64; csrc/cpu/conv_gemm_cpu.cpp), its input gradient
-  // and its weight gradient, each as one GEMM with the input's patches (im2col). Each result is laid out as its first
-  // argument (channels_last or NCHW).
+  // A convolution without bias (one group; CPU, float32, float64, bfloat16 or float16; csrc/cpu/conv_gemm_cpu.cpp),
+  // its input gradient and its weight gradient, each as one GEMM with the input's patches (im2col). Each activation
+  // result is laid out as its first argument (channels_last or NCHW); the weight may be laid out either way. The weight
+  // gradient is laid out as weight_format (default: the input's; channels_last needs a channels_last input).
   m.def("conv_gemm(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   m.def(
       "conv_input_grad_gemm(Tensor grad_output, Tensor weight, int[4] input_size, int[2] stride, int[2] padding, "
       "int[2] dilation) -> Tensor");
   m.def(
       "conv_weight_grad_gemm(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, "
-      "int[2] dilation) -> Tensor");
+      "int[2] dilation, MemoryFormat? weight_format=None) -> Tensor");
 }
 
 // `import fused_resnet._C` loads this library, which registers the ops above.

@@ -6,6 +6,8 @@ One home for each, imported by the ops, the kernel sets, the Triton launchers, t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,21 @@ def is_channels_last(t: Tensor) -> bool:
 def memory_format_of(t: Tensor) -> torch.memory_format:
     """The memory format the kernels lay outputs out in for an input like `t` (see :func:`is_channels_last`)."""
     return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def dense_strides(shape: Sequence[int], memory_format: torch.memory_format) -> tuple[int, ...]:
+    """The strides of torch.empty(shape, memory_format=memory_format) for a 4-D shape, without making one."""
+    _, channels, height, width = shape
+    if memory_format == torch.channels_last:
+        return (height * width * channels, 1, width * channels, channels)
+    return (channels * height * width, height * width, width, 1)
+
+
+def strides_format(t: Tensor) -> torch.memory_format:
+    """The memory format whose dense strides a 4-D `t` has exactly: channels_last or NCHW. Unlike memory_format_of it
+    tells apart the two dense layouts of a tensor that is both (a 1x1 convolution's weight: the strides of its
+    size-1 dimensions differ), which a gradient must copy to have exactly its parameter's strides."""
+    return torch.channels_last if t.stride() == dense_strides(t.shape, torch.channels_last) else torch.contiguous_format
 
 
 def dense_like(t: Tensor, ref: Tensor) -> Tensor:

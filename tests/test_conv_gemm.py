@@ -45,25 +45,36 @@ KINDS = ["forward", "input_grad", "weight_grad"]
 LOW_PRECISION_TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 
-def random_case(case, memory_format, dtype):
-    """(input, weight, output gradient), fresh random values laid out in `memory_format`."""
+# The test layouts: (the activations', the weight's). An NCHW model's blocks train with channels_last activations and
+# NCHW weights (models.py, enter_blocks).
+LAYOUTS = {"channels_last": (torch.channels_last, torch.channels_last),
+           "nchw": (torch.contiguous_format, torch.contiguous_format),
+           "nchw_weight": (torch.channels_last, torch.contiguous_format)}
+
+
+def random_case(case, memory_format, dtype, weight_format=None):
+    """(input, weight, output gradient), fresh random values laid out in `memory_format` (the weight in
+    `weight_format`, by default the same)."""
     N, C, K, H, W, kernel, stride, padding, dilation = case
     x = torch.randn(N, C, H, W, dtype=dtype).contiguous(memory_format=memory_format)
-    weight = torch.randn(K, C, kernel, kernel, dtype=dtype).contiguous(memory_format=memory_format)
+    weight = torch.randn(K, C, kernel, kernel, dtype=dtype).contiguous(memory_format=weight_format or memory_format)
     out_h = (H + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     out_w = (W + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     grad = torch.randn(N, K, out_h, out_w, dtype=dtype).contiguous(memory_format=memory_format)
     return x, weight, grad
 
 
-def run_op(kind, x, weight, grad, case):
+def run_op(kind, x, weight, grad, case, weight_format=None):
+    """The op of `kind`; the weight gradient laid out as `weight_format` where given, else by default (x's)."""
     *_, kernel, stride, padding, dilation = case
     geometry = ([stride] * 2, [padding] * 2, [dilation] * 2)
     if kind == "forward":
         return ops.conv_gemm(x, weight, *geometry)
     if kind == "input_grad":
         return ops.conv_input_grad_gemm(grad, weight, list(x.shape), *geometry)
-    return ops.conv_weight_grad_gemm(x, grad, [kernel] * 2, *geometry)
+    if weight_format is None:
+        return ops.conv_weight_grad_gemm(x, grad, [kernel] * 2, *geometry)
+    return ops.conv_weight_grad_gemm(x, grad, [kernel] * 2, *geometry, weight_format)
 
 
 def reference(kind, x, weight, grad, case):
@@ -83,20 +94,23 @@ def onednn(kind, x, weight, grad, case):
 
 @pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_float64(kind, case, layout, dtype):
     """Laid out as the first argument (channels_last gives channels_last, a tensor that is NCHW too an NCHW one, as
-    the kernel sets lay out outputs), every element written. bfloat16 and float16 round as oneDNN's convolutions
-    do where the cpu backend lets the GEMM run (forward, weight gradient, 1x1 input gradient): each output once,
-    from float32 sums."""
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x, weight, grad = random_case(case, memory_format, dtype)
-    out = run_op(kind, x, weight, grad, case)
+    the kernel sets lay out outputs), every element written; with channels_last activations and an NCHW weight
+    (the patches then in the weight's order), the weight gradient asked for NCHW. bfloat16 and float16 round as
+    oneDNN's convolutions do where the cpu backend lets the GEMM run (forward, weight gradient, 1x1 input
+    gradient): each output once, from float32 sums."""
+    memory_format, weight_format = LAYOUTS[layout]
+    x, weight, grad = random_case(case, memory_format, dtype, weight_format)
+    out = run_op(kind, x, weight, grad, case, weight_format if layout == "nchw_weight" else None)
     expected = reference(kind, x, weight, grad, case)
     assert out.dtype == dtype
-    assert out.is_contiguous(memory_format=memory_format_of(grad if kind == "input_grad" else x))
+    first = grad if kind == "input_grad" else x
+    asked = kind == "weight_grad" and layout == "nchw_weight"  # the weight gradient's layout asked for
+    assert out.is_contiguous(memory_format=weight_format if asked else memory_format_of(first))
     assert_rel(out, expected, LOW_PRECISION_TOLERANCE.get(dtype, TOLERANCE if dtype == torch.float32 else 1e-12),
                f"{kind} {case} {layout}")
     if dtype in LOW_PRECISION_TOLERANCE and (kind != "input_grad" or case[5] == 1):
@@ -105,15 +119,16 @@ def test_matches_float64(kind, case, layout, dtype):
 
 
 @pytest.mark.usefixtures("poisoned_outputs")
-@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_batch_larger_than_one_piece_is_computed_piece_by_piece(kind, layout):
     """The patches are made a few images at a time (16 MB each): 64 channels at 40x40 are 3.7 MB of patches an
     image, so 6 images take two pieces, the second a partial one."""
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    memory_format, weight_format = LAYOUTS[layout]
     case = (6, 64, 8, 40, 40, 3, 1, 1, 1)
-    x, weight, grad = random_case(case, memory_format, torch.float32)
-    assert_rel(run_op(kind, x, weight, grad, case), reference(kind, x, weight, grad, case), TOLERANCE, "two pieces")
+    x, weight, grad = random_case(case, memory_format, torch.float32, weight_format)
+    out = run_op(kind, x, weight, grad, case, weight_format if layout == "nchw_weight" else None)
+    assert_rel(out, reference(kind, x, weight, grad, case), TOLERANCE, "two pieces")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -159,6 +174,10 @@ def _t(*shape, dtype=torch.float32):
      r"\[2, 6, 5, 4\]"),
     (lambda: ops.conv_weight_grad_gemm(_t(2, 4, 5, 5), _t(2, 6, 5, 5), [3], [1, 1], [1, 1], [1, 1]),
      r"conv_weight_grad_gemm: expected kernel_size of 2 values, got \[3\]"),
+    (lambda: ops.conv_weight_grad_gemm(_t(2, 4, 5, 5), _t(2, 6, 5, 5), [3, 3], [1, 1], [1, 1], [1, 1],
+                                       torch.channels_last),
+     "conv_weight_grad_gemm: expected weight_format torch.contiguous_format, or torch.channels_last for a "
+     "channels_last input or a 1x1 kernel, got ChannelsLast for a Contiguous input"),
 ])
 def test_names_the_bad_argument(call, expected):
     with pytest.raises(RuntimeError, match=expected):
@@ -170,11 +189,11 @@ def test_opcheck(kind):
     """Schema, fake implementation (its layout the real one's) and dispatch."""
     op = {"forward": ops.conv_gemm, "input_grad": ops.conv_input_grad_gemm,
           "weight_grad": ops.conv_weight_grad_gemm}[kind].default
-    for memory_format in (torch.channels_last, torch.contiguous_format):
-        x, weight, grad = random_case(CASES[1], memory_format, torch.float32)
+    for memory_format, weight_format in LAYOUTS.values():
+        x, weight, grad = random_case(CASES[1], memory_format, torch.float32, weight_format)
         args = {"forward": (x, weight, [2, 2], [1, 1], [1, 1]),
                 "input_grad": (grad, weight, list(x.shape), [2, 2], [1, 1], [1, 1]),
-                "weight_grad": (x, grad, [3, 3], [2, 2], [1, 1], [1, 1])}[kind]
+                "weight_grad": (x, grad, [3, 3], [2, 2], [1, 1], [1, 1], weight_format)}[kind]
         torch.library.opcheck(op, args)
 
 
@@ -183,6 +202,12 @@ def test_opcheck(kind):
 
 
 GEMM_OPS = ("fused_resnet::conv_gemm", "fused_resnet::conv_input_grad_gemm", "fused_resnet::conv_weight_grad_gemm")
+
+
+def layout_strides(t):
+    """t's strides in its dimensions longer than 1: what AccumulateGrad's layout contract compares (a 1x1 weight's
+    size-1 dimensions may have any stride)."""
+    return tuple(stride for stride, size in zip(t.stride(), t.shape) if size != 1)
 
 
 def gemm_calls(block, x):
@@ -206,7 +231,7 @@ class Measured:
         results = {name: run() for name, run in candidates.items()}
         tolerance = LOW_PRECISION_TOLERANCE.get(results["gemm"].dtype, TOLERANCE)
         assert_rel(results["gemm"], results["direct"], tolerance, "the candidates compute the same")
-        assert results["gemm"].stride() == results["direct"].stride()
+        assert layout_strides(results["gemm"]) == layout_strides(results["direct"])
         return {"gemm": 1e-3, "direct": 2e-3} if self.gemm_wins else {"gemm": 2e-3, "direct": 1e-3}
 
 
@@ -220,23 +245,25 @@ def measured(monkeypatch):
     CONVOLUTION_CHOICES.clear()
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_training_runs_each_convolution_as_measured_faster_once(measured, layout):
     """Each configuration (forward, input gradient, weight gradient) is measured at its first call and computed as
-    chosen from then on; cpu_convolution_choices() names each with its times."""
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    chosen from then on; cpu_convolution_choices() names each with its times (an NCHW weight with channels_last
+    activations as such: its own configuration)."""
+    memory_format, weight_format = LAYOUTS[layout]
     block = randomize_batchnorms(fused_resnet.BasicBlock(8, 16, stride=2, downsample=torch.nn.Sequential(
-        torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), torch.nn.BatchNorm2d(16)))).to(memory_format=memory_format)
+        torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), torch.nn.BatchNorm2d(16)))).to(memory_format=weight_format)
     x = torch.randn(2, 8, 12, 12).contiguous(memory_format=memory_format)
-    suffix = " channels_last" if layout == "channels_last" else ""
+    suffix = " channels_last" if memory_format == torch.channels_last else ""
+    nchw = " NCHW" if layout == "nchw_weight" else ""  # the 3x3 weights' (a 1x1 weight is both)
     threads = torch.get_num_threads()
     expected_names = [
-        f"forward 2x8x12x12{suffix} -> 16x8x3x3, stride 2, padding 1",  # conv1
-        f"forward 2x16x6x6{suffix} -> 16x16x3x3, stride 1, padding 1",  # conv2
+        f"forward 2x8x12x12{suffix} -> 16x8x3x3{nchw}, stride 2, padding 1",  # conv1
+        f"forward 2x16x6x6{suffix} -> 16x16x3x3{nchw}, stride 1, padding 1",  # conv2
         f"forward 2x8x12x12{suffix} -> 16x8x1x1, stride 2, padding 0",  # the projection
-        f"input gradient 2x16x6x6{suffix} -> 16x16x3x3, stride 1, padding 1",  # conv2's (x needs none)
-        f"weight gradient 2x16x6x6{suffix} -> 16x16x3x3, stride 1, padding 1",
-        f"weight gradient 2x8x12x12{suffix} -> 16x8x3x3, stride 2, padding 1",
+        f"input gradient 2x16x6x6{suffix} -> 16x16x3x3{nchw}, stride 1, padding 1",  # conv2's (x needs none)
+        f"weight gradient 2x16x6x6{suffix} -> 16x16x3x3{nchw}, stride 1, padding 1",
+        f"weight gradient 2x8x12x12{suffix} -> 16x8x3x3{nchw}, stride 2, padding 1",
         # the projection's: oneDNN's may crash at 8 channels, so it is the stride-1 gradient of the subsampled
         # input, itself a candidate
         f"weight gradient 2x8x6x6{suffix} -> 16x8x1x1, stride 1, padding 0",
@@ -254,8 +281,8 @@ def test_training_runs_each_convolution_as_measured_faster_once(measured, layout
 
 
 def test_what_is_not_a_candidate(measured):
-    """use_cpu_convolutions("direct") keeps oneDNN's; grouped convolutions, autocast, a weight laid out unlike the
-    input and a bfloat16 3x3 input gradient are not measured."""
+    """use_cpu_convolutions("direct") keeps oneDNN's; grouped convolutions, autocast, a channels_last 3x3 weight with
+    NCHW activations and a bfloat16 3x3 input gradient are not measured."""
     block = fused_resnet.BasicBlock(8, 8)
     x = torch.randn(2, 8, 6, 6)
     with fused_resnet.use_cpu_convolutions("direct"):
@@ -263,7 +290,7 @@ def test_what_is_not_a_candidate(measured):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert gemm_calls(copy.deepcopy(block), x) == 0
     assert measured.calls == []
-    # a 3x3 weight laid out unlike the input (one operand would be converted)
+    # a channels_last 3x3 weight with NCHW activations (one operand would be converted)
     kernels = kernels_for("cpu")
     conv = ConvParams(torch.randn(8, 8, 3, 3).contiguous(memory_format=torch.channels_last), None, (1, 1), (1, 1),
                       (1, 1), 1)
@@ -284,15 +311,15 @@ def test_what_is_not_a_candidate(measured):
 
 @pytest.mark.parametrize("gemm_wins", [True, False])
 @pytest.mark.parametrize("memory", ["default", "min"])
-@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_training_step_through_either_algorithm_matches_float64(measured, layout, gemm_wins, memory):
-    """Output, every gradient (in its parameter's layout) and the running statistics against the float64 module,
-    in both memory policies, on a step after the one that chose."""
+    """Output, every gradient (in its parameter's layout, NCHW ones too under channels_last activations) and the
+    running statistics against the float64 module, in both memory policies, on a step after the one that chose."""
     measured.gemm_wins = gemm_wins
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    memory_format, weight_format = LAYOUTS[layout]
     block = randomize_batchnorms(fused_resnet.Bottleneck(64, 16, stride=2, downsample=torch.nn.Sequential(
         torch.nn.Conv2d(64, 64, 1, stride=2, bias=False), torch.nn.BatchNorm2d(64)), memory=memory))
-    block = block.to(memory_format=memory_format)
+    block = block.to(memory_format=weight_format)
     exact = copy.deepcopy(block).double()
     x = torch.randn(3, 64, 10, 10).contiguous(memory_format=memory_format).requires_grad_()
     xd = x.detach().double().requires_grad_()
@@ -314,7 +341,7 @@ def test_a_training_step_through_either_algorithm_matches_float64(measured, layo
     assert_rel(out, expected, TOLERANCE, "output")
     assert_rel(x.grad, xd.grad, TOLERANCE, "grad x")
     for (name, p), q in zip(block.named_parameters(), exact.parameters()):
-        assert p.grad.stride() == p.stride(), f"grad {name} in the parameter's layout"
+        assert layout_strides(p.grad) == layout_strides(p), f"grad {name} in the parameter's layout"
         assert_rel(p.grad, q.grad, TOLERANCE, f"grad {name}")
     for (name, b), c in zip(block.named_buffers(), exact.buffers()):
         assert_rel(b, c, TOLERANCE, name)

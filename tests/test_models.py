@@ -133,19 +133,22 @@ def test_nchw_input_runs_inference_channels_last_and_returns_nchw():
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the cpu backend is not available here")
+@pytest.mark.parametrize("convolutions", ["auto", "direct"])
 @pytest.mark.parametrize("train", [False, True])
-def test_nchw_input_runs_nchw_under_autograd_as_torchvision(train):
-    """Under autograd (training, or eval with gradients) the blocks run in the input's own layout, as torchvision's
-    model does, so that no weight is converted and no gradient converted back in any step: an NCHW input's
-    features, input gradient and parameter gradients are all NCHW, and agree with torchvision's."""
+def test_nchw_input_under_autograd_keeps_nchw_parameters_and_gradients(train, convolutions):
+    """Under autograd (training, or eval with gradients) an NCHW input's blocks run channels_last where the cpu
+    backend's GEMMs may run ("auto"), which read the NCHW weights as they are and give NCHW weight gradients; with
+    oneDNN's convolutions alone ("direct") in the input's own layout, as torchvision's model does, since oneDNN
+    would convert each weight in every call. Either way the features come back NCHW, the input gradient and every
+    parameter gradient are NCHW, and they agree with torchvision's."""
     tv = randomize_batchnorms(torchvision.models.resnet18(num_classes=10)).train(train)
     fused = fused_copy(tv)
     layouts = record_block_layouts(fused)
     x = torch.randn(2, 3, 64, 64)
-    with use_backend("cpu"):
+    with use_backend("cpu"), fused_resnet.use_cpu_convolutions(convolutions):
         out, grad_x, grads, buffers = run_model(fused, x, train)
     out_tv, _, grads_tv, buffers_tv = run_model(tv, x, train)
-    assert layouts == {"layer1": "nchw", "avgpool input": "nchw"}
+    assert layouts == {"layer1": "cl" if convolutions == "auto" else "nchw", "avgpool input": "nchw"}
     assert grad_x.is_contiguous()
     assert_rel(out, out_tv, 1e-4)
     # (Not torchvision's float32 input gradient: at this size a rounding difference flips a ReLU kink in about 1 draw

@@ -12,10 +12,11 @@ random for any float32 path that is not bitwise torchvision's. What decides how 
 forward is from the exact one, which has no lottery in it: a flipped element is near zero, so it moves the forward by
 near nothing. That distance is bounded here, for every block output and the logits of a training step.
 
-The reference is torchvision in the input's own layout: under autograd a fused model's blocks run in that layout
-(docs/design.md §4), through the same oneDNN direct convolutions as torchvision's model, and on an AVX-512 CPU
-oneDNN's channels_last convolutions round about twice as much as its NCHW ones (torchvision resnet18 at 96x96: 2.4e-6
-against 1.3e-6 of the exact block outputs), so each layout is held to its own. Winograd's F(4x4, 3x3) in training
+The reference is torchvision in the input's own layout: on an AVX-512 CPU oneDNN's channels_last convolutions round
+about twice as much as its NCHW ones (torchvision resnet18 at 96x96: 2.4e-6 against 1.3e-6 of the exact block
+outputs), so each layout is held to its own. An NCHW model's blocks train channels_last on the cpu backend, but each
+forward convolution runs as a GEMM or as oneDNN's NCHW convolution, never oneDNN's channels_last one (docs/design.md
+§4; with it resnet18 at 96x96 measured 1.3-1.7x torchvision's NCHW distance, and failed here). Winograd's F(4x4, 3x3) in training
 (use_cpu_convolutions("winograd"), channels_last only) measured 1.7-2.3x torchvision's distance (resnet18) and fails
 here in channels_last. The forward runs with autograd recording, as in a training step: under no_grad a model's
 blocks run channels_last whatever the input's layout (inference's preferred layout)."""

@@ -4,8 +4,11 @@
 //   forward        out[p, k]     = sum_j col[p, j] * weight[k, j]
 //   input grad     grad_col[p, j] = sum_k grad_output[p, k] * weight[k, j], then summed back onto the pixels (col2im)
 //   weight grad    grad_weight[k, j] = sum_p grad_output[p, k] * col[p, j], accumulated over the pieces
-// with p an output pixel (image, oh, ow), j a patch element (kh, kw, c) channels_last or (c, kh, kw) NCHW, k an
-// output channel. The input's (for the input gradient, the output gradient's) layout decides every operand's.
+// with p an output pixel (image, oh, ow), j a patch element and k an output channel. The input's (for the input
+// gradient, the output gradient's) layout decides the activations' and the patches' layout; the weight's layout
+// decides the order of a channels_last patch's elements (PatchOrder), so that the weight is the GEMM's operand as it
+// is, never copied: an NCHW model trains with channels_last activations inside (models.py, enter_blocks) and keeps
+// its NCHW parameters and gradients.
 //
 // Why: oneDNN's direct convolutions run far below the machine's GEMM speed where the images are small and the
 // channels many. On a 2-core AVX-512 Xeon, ResNet's 512-channel 3x3 layer at 4x4 pixels, batch 4, channels_last:
@@ -23,6 +26,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -51,6 +55,18 @@ struct Geometry {
   }
 };
 
+// The order of a patch's elements j: (kh, kw, c), a channels_last weight's order, or (c, kh, kw), an NCHW weight's.
+// NCHW activations always have (c, kh, kw) patches (each row one channel's shifted image, im2col_contiguous).
+enum class PatchOrder { kKernelMajor, kChannelMajor };
+
+// Where element (kh, kw, c) of a channels_last patch lies: tap (kh, kw) * tap_step + c * channel_step.
+struct PatchSteps {
+  int64_t tap_step, channel_step;
+  PatchSteps(const Geometry& g, PatchOrder order)
+      : tap_step(order == PatchOrder::kKernelMajor ? g.channels : 1),
+        channel_step(order == PatchOrder::kKernelMajor ? 1 : g.kernel_h * g.kernel_w) {}
+};
+
 int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
 
 // The output columns ow whose input column ow * stride_w + offset lies inside the image: [begin, end).
@@ -59,24 +75,34 @@ std::pair<int64_t, int64_t> inside_columns(const Geometry& g, int64_t offset) {
   return {begin, std::clamp<int64_t>(ceil_div(g.width - offset, g.stride_w), begin, g.out_w)};
 }
 
-// Channels_last patches of images [first, first + count): col[(image, oh, ow), (kh, kw, c)], each (kh, kw) block a
-// copy of one input pixel's channels or zeros in the padding.
+// Channels_last patches of images [first, first + count): col[(image, oh, ow), j], tap (kh, kw) of each patch a copy
+// of one input pixel's channels (one block, or every kh * kw-th element in PatchOrder::kChannelMajor) or zeros in
+// the padding.
 template <typename scalar_t>
-void im2col_channels_last(const scalar_t* input, const Geometry& g, int64_t first, int64_t count, scalar_t* col) {
+void im2col_channels_last(const scalar_t* input, const Geometry& g, int64_t first, int64_t count, PatchOrder order,
+                          scalar_t* col) {
   const int64_t row_length = g.patch();
+  const PatchSteps steps(g, order);
   at::parallel_for(0, count * g.pixels(), 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t ow = row % g.out_w, oh = (row / g.out_w) % g.out_h, image = first + row / g.pixels();
-      scalar_t* out = col + row * row_length;
       for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
         const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dilation_h;
-        for (int64_t kw = 0; kw < g.kernel_w; ++kw, out += g.channels) {
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
           const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dilation_w;
-          if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) {
-            std::fill(out, out + g.channels, scalar_t(0));
+          scalar_t* out = col + row * row_length + (kh * g.kernel_w + kw) * steps.tap_step;
+          const bool padding = ih < 0 || ih >= g.height || iw < 0 || iw >= g.width;
+          const scalar_t* pixel = input + ((image * g.height + ih) * g.width + iw) * g.channels;
+          if (steps.channel_step == 1) {
+            if (padding) {
+              std::fill(out, out + g.channels, scalar_t(0));
+            } else {
+              std::memcpy(out, pixel, g.channels * sizeof(scalar_t));
+            }
           } else {
-            std::memcpy(out, input + ((image * g.height + ih) * g.width + iw) * g.channels,
-                        g.channels * sizeof(scalar_t));
+            for (int64_t c = 0; c < g.channels; ++c) {
+              out[c * steps.channel_step] = padding ? scalar_t(0) : pixel[c];
+            }
           }
         }
       }
@@ -84,13 +110,14 @@ void im2col_channels_last(const scalar_t* input, const Geometry& g, int64_t firs
   });
 }
 
-// The input gradient of images [first, first + count), channels_last, from grad_col[(image, oh, ow), (kh, kw, c)]:
-// each input pixel gathers the patch entries that read it (no two threads write one pixel).
+// The input gradient of images [first, first + count), channels_last, from grad_col[(image, oh, ow), j] (patches in
+// `order`): each input pixel gathers the patch entries that read it (no two threads write one pixel).
 template <typename scalar_t>
-void col2im_channels_last(const scalar_t* grad_col, const Geometry& g, int64_t first, int64_t count,
+void col2im_channels_last(const scalar_t* grad_col, const Geometry& g, int64_t first, int64_t count, PatchOrder order,
                           scalar_t* grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row_length = g.patch();
+  const PatchSteps steps(g, order);
   at::parallel_for(0, count * g.height * g.width, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(g.channels);
     for (int64_t pixel = begin; pixel < end; ++pixel) {
@@ -107,9 +134,9 @@ void col2im_channels_last(const scalar_t* grad_col, const Geometry& g, int64_t f
             continue;
           }
           const int64_t row = (image * g.out_h + th / g.stride_h) * g.out_w + tw / g.stride_w;
-          const scalar_t* in = grad_col + row * row_length + (kh * g.kernel_w + kw) * g.channels;
+          const scalar_t* in = grad_col + row * row_length + (kh * g.kernel_w + kw) * steps.tap_step;
           for (int64_t c = 0; c < g.channels; ++c) {
-            sum[c] += static_cast<acc_t>(in[c]);
+            sum[c] += static_cast<acc_t>(in[c * steps.channel_step]);
           }
         }
       }
@@ -281,12 +308,27 @@ at::MemoryFormat layout_of(const at::Tensor& t) {
                                                                               : at::MemoryFormat::Contiguous;
 }
 
-// The weight as the GEMM's (K, patch) matrix, its columns in the patches' order for `format`.
-at::Tensor weight_matrix(const at::Tensor& weight, at::MemoryFormat format) {
-  return weight.contiguous(format).permute(format == at::MemoryFormat::ChannelsLast
-                                               ? at::IntArrayRef{0, 2, 3, 1}
-                                               : at::IntArrayRef{0, 1, 2, 3})
-      .reshape({weight.size(0), -1});
+// The patch order of a convolution with activations in `format` and a weight laid out as `weight_format`: the
+// weight's own where the activations are channels_last (a 1x1 weight is both), else NCHW's.
+PatchOrder patch_order(at::MemoryFormat format, at::MemoryFormat weight_format) {
+  return format == at::MemoryFormat::ChannelsLast && weight_format == at::MemoryFormat::ChannelsLast
+             ? PatchOrder::kKernelMajor
+             : PatchOrder::kChannelMajor;
+}
+
+// A weight's layout, as patch_order takes it: channels_last when it is dense channels_last (a 1x1 weight, dense in
+// both, counts as channels_last, its one order serving either).
+at::MemoryFormat weight_layout_of(const at::Tensor& weight) {
+  return weight.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous;
+}
+
+// The weight as the GEMM's (K, patch) matrix, its columns in `order`: a view of a weight laid out in that order.
+at::Tensor weight_matrix(const at::Tensor& weight, PatchOrder order) {
+  if (order == PatchOrder::kKernelMajor) {
+    return weight.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({weight.size(0), -1});
+  }
+  return weight.contiguous().view({weight.size(0), -1});
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -302,7 +344,8 @@ at::Tensor conv_gemm_cpu(const at::Tensor& input_, const at::Tensor& weight_, at
   const Geometry g = geometry_of(op, input_.sizes(), weight_.sizes().slice(2), stride, padding, dilation);
   const auto format = layout_of(input_);
   const at::Tensor input = input_.contiguous(format);
-  const at::Tensor weight = weight_matrix(weight_, format);
+  const PatchOrder order = patch_order(format, weight_layout_of(weight_));
+  const at::Tensor weight = weight_matrix(weight_, order);
   const int64_t out_channels = weight.size(0), pixels = g.pixels();
   at::Tensor output = at::empty({g.images, out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   const int64_t piece = g.piece_images(input.element_size());
@@ -317,7 +360,8 @@ at::Tensor conv_gemm_cpu(const at::Tensor& input_, const at::Tensor& weight_, at
           col = pixel_rows(input, first, count);
         } else {
           col = at::empty({count * pixels, g.patch()}, input.options());
-          im2col_channels_last(input.const_data_ptr<scalar_t>(), g, first, count, col.mutable_data_ptr<scalar_t>());
+          im2col_channels_last(input.const_data_ptr<scalar_t>(), g, first, count, order,
+                               col.mutable_data_ptr<scalar_t>());
         }
         at::mm_out(rows, col, weight.t());
       } else {
@@ -353,7 +397,8 @@ at::Tensor conv_input_grad_gemm_cpu(const at::Tensor& grad_output_, const at::Te
               "] (the convolution's output), got ", grad_output_.sizes());
   const auto format = layout_of(grad_output_);
   const at::Tensor grad_output = grad_output_.contiguous(format);
-  const at::Tensor weight = weight_matrix(weight_, format);
+  const PatchOrder order = patch_order(format, weight_layout_of(weight_));
+  const at::Tensor weight = weight_matrix(weight_, order);
   at::Tensor grad_input =
       at::empty({g.images, g.channels, g.height, g.width}, grad_output.options().memory_format(format));
   const int64_t piece = g.piece_images(grad_output.element_size());
@@ -367,7 +412,7 @@ at::Tensor conv_input_grad_gemm_cpu(const at::Tensor& grad_output_, const at::Te
           at::mm_out(grad_rows, rows, weight);
         } else {
           const at::Tensor grad_col = at::mm(rows, weight);
-          col2im_channels_last(grad_col.const_data_ptr<scalar_t>(), g, first, count,
+          col2im_channels_last(grad_col.const_data_ptr<scalar_t>(), g, first, count, order,
                                grad_input.mutable_data_ptr<scalar_t>());
         }
       } else {
@@ -385,7 +430,7 @@ at::Tensor conv_input_grad_gemm_cpu(const at::Tensor& grad_output_, const at::Te
 
 at::Tensor conv_weight_grad_gemm_cpu(const at::Tensor& input_, const at::Tensor& grad_output_,
                                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation) {
+                                     at::IntArrayRef dilation, std::optional<at::MemoryFormat> weight_format) {
   const char* op = "conv_weight_grad_gemm";
   check_operand(op, "input", input_, input_.scalar_type());
   check_operand(op, "grad_output", grad_output_, input_.scalar_type());
@@ -395,6 +440,14 @@ at::Tensor conv_weight_grad_gemm_cpu(const at::Tensor& input_, const at::Tensor&
               "fused_resnet::", op, ": expected grad_output of shape [", g.images, ", K, ", g.out_h, ", ", g.out_w,
               "] (the convolution's output), got ", grad_output_.sizes());
   const auto format = layout_of(input_);
+  const at::MemoryFormat result_format = weight_format.value_or(format);
+  const bool pointwise_kernel = g.kernel_h == 1 && g.kernel_w == 1;
+  TORCH_CHECK(result_format == at::MemoryFormat::Contiguous ||
+                  (result_format == at::MemoryFormat::ChannelsLast &&
+                   (format == at::MemoryFormat::ChannelsLast || pointwise_kernel)),
+              "fused_resnet::", op, ": expected weight_format torch.contiguous_format, or torch.channels_last for a ",
+              "channels_last input or a 1x1 kernel, got ", result_format, " for a ", format, " input");
+  const PatchOrder order = patch_order(format, result_format);
   const at::Tensor input = input_.contiguous(format);
   const at::Tensor grad_output = grad_output_.contiguous(format);
   const int64_t piece = g.piece_images(input.element_size());
@@ -415,7 +468,8 @@ at::Tensor conv_weight_grad_gemm_cpu(const at::Tensor& input_, const at::Tensor&
           col = pixel_rows(input, first, count);
         } else {
           col = at::empty({count * pixels, g.patch()}, input.options());
-          im2col_channels_last(input.const_data_ptr<scalar_t>(), g, first, count, col.mutable_data_ptr<scalar_t>());
+          im2col_channels_last(input.const_data_ptr<scalar_t>(), g, first, count, order,
+                               col.mutable_data_ptr<scalar_t>());
         }
         rows = pixel_rows(grad_output, first, count).t();
       } else {
@@ -438,7 +492,9 @@ at::Tensor conv_weight_grad_gemm_cpu(const at::Tensor& input_, const at::Tensor&
   if (low_precision) {
     grad_weight = grad_weight.to(input.scalar_type());
   }
-  if (format == at::MemoryFormat::ChannelsLast) {
+  // A 1x1 kernel's two patch orders are one: its gradient takes the strides asked for (they differ in the size-1
+  // dimensions, and a parameter's gradient must have the parameter's).
+  if (pointwise_kernel ? result_format == at::MemoryFormat::ChannelsLast : order == PatchOrder::kKernelMajor) {
     return grad_weight.view({out_channels, g.kernel_h, g.kernel_w, g.channels}).permute({0, 3, 1, 2});
   }
   return grad_weight.view({out_channels, g.channels, g.kernel_h, g.kernel_w});

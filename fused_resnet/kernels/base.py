@@ -134,9 +134,9 @@ class KernelSet(abc.ABC):
     # -----------------------------------------------------------------------------------------------------------
     # Convolutions: each set's own forward, ATen's backward
 
-    def preferred_memory_format(self, x: Tensor) -> torch.memory_format:
-        """The memory format in which a chain of blocks runs fastest for an input like x: x's own unless this set's
-        convolutions prefer another."""
+    def preferred_memory_format(self, x: Tensor, training: bool = False) -> torch.memory_format:
+        """The memory format in which a chain of blocks runs fastest for an input like x, in inference or (`training`)
+        under autograd: x's own unless this set's convolutions prefer another."""
         return memory_format_of(x)
 
     @abc.abstractmethod
@@ -169,7 +169,11 @@ class KernelSet(abc.ABC):
             return None, None, None
         # Under autocast the forward convolved in x's lower precision with the weight cast to it; the backward
         # does the same, and hands the parameter gradients back in the parameters' dtype.
-        weight = as_dtype(conv.weight, x.dtype)
+        # oneDNN and cuDNN run a convolution in its activations' layout: a weight laid out otherwise (an NCHW model's,
+        # with the channels_last activations its blocks run in on the CPU) is converted once here for both gradients
+        # (inside ATen the input and the weight gradient would each convert it), and its gradient handed back below
+        # in the weight's own layout.
+        weight = as_dtype(conv.weight, x.dtype).contiguous(memory_format=memory_format_of(x))
         if need_weight and x.device.type == "cpu" and onednn_weight_grad_may_crash(conv):
             # A 1x1 convolution with stride s and no padding reads only x[:, :, ::s, ::s]: its weight gradient is
             # that of a stride-1 convolution (a GEMM) of the subsampled input.
@@ -179,7 +183,7 @@ class KernelSet(abc.ABC):
             grad_x, _, grad_b = self.conv_backward(grad_y, x, conv, need_input, False, need_bias)
             return grad_x, grad_w, grad_b
         if need_weight and _onednn_low_precision_weight_grad_fails(x, conv):
-            grad_w = self.conv_backward(grad_y.float(), x.float(), conv._replace(weight=weight.float(), bias=None),
+            grad_w = self.conv_backward(grad_y.float(), x.float(), conv._replace(weight=conv.weight.float(), bias=None),
                                         False, True, False)[1]
             grad_x, _, grad_b = self.conv_backward(grad_y, x, conv, need_input, False, need_bias)
             return grad_x, as_dtype(grad_w, conv.weight.dtype), grad_b
@@ -196,6 +200,10 @@ class KernelSet(abc.ABC):
             conv.groups,
             [need_input, need_weight, need_bias and conv.bias is not None],
         )
+        if grad_w is not None:
+            # In the weight's own layout: ATen returns it in the activations' (an NCHW model's weight gradient comes
+            # channels_last from channels_last activations), which AccumulateGrad would copy anyway.
+            grad_w = grad_w.contiguous(memory_format=memory_format_of(conv.weight))
         return (grad_x, grad_w if grad_w is None else as_dtype(grad_w, conv.weight.dtype),
                 grad_b if grad_b is None else as_dtype(grad_b, conv.bias.dtype))
 

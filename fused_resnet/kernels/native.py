@@ -22,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import _native
 from ..params import ConvParams, ZeroPadIdentity
 from ..settings import Setting
-from ..tensors import accumulation_dtype, as_dtype, is_channels_last, memory_format_of
+from ..tensors import accumulation_dtype, as_dtype, is_channels_last, memory_format_of, strides_format
 from .base import BackwardCoefs, KernelSet, onednn_weight_grad_may_crash
 from .choices import MeasuredChoices
 
@@ -79,10 +79,17 @@ def _describe(configuration: tuple) -> str:
         residual, relu, threads = rest
         return (f"{shape} -> {weight_shape[0]}{' + residual' if residual else ''}{', relu' if relu else ''}, "
                 f"{threads} threads")
-    stride, padding, dilation, channels_last, threads = rest
+    stride, padding, dilation, channels_last, nchw_weight, threads = rest
     return (f"{_GEMM_KINDS[kind]} {shape}{' channels_last' if channels_last else ''} -> "
-            f"{'x'.join(map(str, weight_shape))}, stride {stride[0]}, padding {padding[0]}"
+            f"{'x'.join(map(str, weight_shape))}{' NCHW' if channels_last and nchw_weight else ''}, "
+            f"stride {stride[0]}, padding {padding[0]}"
             f"{f', dilation {dilation[0]}' if dilation != (1, 1) else ''}, {threads} threads")
+
+
+def _nchw_weight(weight: Tensor) -> bool:
+    """Whether the weight is laid out NCHW and not channels_last too (a 1x1 weight is both, which no algorithm
+    minds)."""
+    return not weight.is_contiguous(memory_format=torch.channels_last)
 
 
 # The dtypes whose training convolutions may run as GEMMs (bfloat16 and float16 multiply in MKL's or oneDNN's
@@ -166,6 +173,18 @@ class OneDnnKernels(NativeKernels):
                                              False)
         if self._gemm_chosen("forward", x, conv):
             return self._gemm("forward", x, conv)
+        return self._direct_forward(x, conv)
+
+    def _direct_forward(self, x: Tensor, conv: ConvParams) -> Tensor:
+        """oneDNN's convolution. Channels_last activations with an NCHW 3x3 or 7x7 weight (an NCHW model's blocks in
+        training, which run channels_last: FusedStem.enter_blocks) convolve in NCHW, the activations converted there
+        and back: oneDNN's channels_last forward rounds about twice as much as its NCHW one on an AVX-512 CPU, and an
+        NCHW model is held to torchvision's NCHW rounding (tests/test_training_accuracy.py). resnet18 at 96x96,
+        batch 4, on a 2-core AVX-512 Xeon: block outputs 1.3-1.7x as far from float64 as torchvision's with the
+        channels_last convolution, 1.0-1.1x this way; the step time is the measured choice's to weigh against the
+        GEMM's, which reads the NCHW weight as it is."""
+        if is_channels_last(x) and _nchw_weight(conv.weight):
+            return super().conv(x.contiguous(), conv).contiguous(memory_format=torch.channels_last)
         return super().conv(x, conv)
 
     def conv_backward(
@@ -200,7 +219,8 @@ class OneDnnKernels(NativeKernels):
             return self.ops.conv_gemm(x, conv.weight, *geometry)
         if kind == "input_grad":
             return self.ops.conv_input_grad_gemm(grad_y, conv.weight, list(x.shape), *geometry)
-        return self.ops.conv_weight_grad_gemm(x, grad_y, list(conv.weight.shape[2:]), *geometry)
+        return self.ops.conv_weight_grad_gemm(x, grad_y, list(conv.weight.shape[2:]), *geometry,
+                                              strides_format(conv.weight))
 
     def _gemm_chosen(self, kind: str, x: Tensor, conv: ConvParams, grad_y: Tensor | None = None) -> bool:
         """Whether this convolution's `kind` (see _gemm) runs as a GEMM rather than oneDNN's direct convolution:
@@ -216,20 +236,29 @@ class OneDnnKernels(NativeKernels):
             return False
         def direct() -> Tensor:
             if kind == "forward":
-                return super(OneDnnKernels, self).conv(x, conv)
+                return self._direct_forward(x, conv)
             need_input = kind == "input_grad"
             grads = super(OneDnnKernels, self).conv_backward(grad_y, x, conv, need_input, not need_input, False)
             return grads[0 if need_input else 1]
 
         configuration = (kind, tuple(x.shape), tuple(conv.weight.shape), tuple(conv.stride), tuple(conv.padding),
-                         tuple(conv.dilation), is_channels_last(x), torch.get_num_threads())
+                         tuple(conv.dilation), is_channels_last(x), _nchw_weight(conv.weight),
+                         torch.get_num_threads())
         candidates = {"direct": direct, "gemm": lambda: self._gemm(kind, x, conv, grad_y)}
         return _measured_choice(configuration, candidates, x) == "gemm"
 
     @staticmethod
+    def _gemms_may_run(x: Tensor) -> bool:
+        """Whether training convolutions of tensors like x may run as GEMMs (see _gemm_suits): what makes
+        channels_last activations pay in training (preferred_memory_format)."""
+        return (_CPU_CONVOLUTIONS.requested() == "auto" and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled("cpu") and x.device.type == "cpu" and x.dtype in _GEMM_DTYPES)
+
+    @staticmethod
     def _gemm_suits(kind: str, x: Tensor, conv: ConvParams, grad_y: Tensor | None) -> bool:
         """Whether the GEMM is a candidate: float32, bfloat16 or float16 CPU tensors of one dtype and one layout (the
-        weight's too, unless 1x1, so that no operand is converted), one group, no bias in the forward, outside
+        weight's may be NCHW for channels_last activations, the patches then taking its order; NCHW activations
+        need an NCHW weight, unless 1x1: no operand is converted), one group, no bias in the forward, outside
         torch.compile's trace and autocast, not the bfloat16 or float16 input gradient of a kernel larger than 1x1
         (its GEMM rounds each patch's gradient before col2im sums up to kh x kw of them: 1.5-1.8x the rounding of
         oneDNN's, which rounds each sum once; forward, weight gradients and 1x1 input gradients round as oneDNN's),
@@ -243,7 +272,7 @@ class OneDnnKernels(NativeKernels):
                 and not torch.is_autocast_enabled("cpu") and x.device.type == "cpu" and conv.groups == 1
                 and x.dtype in _GEMM_DTYPES and all(t.dtype == x.dtype and t.dim() == 4 for t in tensors)
                 and (grad_y is None or is_channels_last(grad_y) == layout)
-                and (conv.weight.shape[2:] == (1, 1) or is_channels_last(conv.weight) == layout)
+                and (layout or conv.weight.shape[2:] == (1, 1) or not is_channels_last(conv.weight))
                 and not (kind == "forward" and conv.bias is not None)
                 and not (kind == "input_grad" and x.dtype != torch.float32 and conv.weight.shape[2:] != (1, 1))
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
@@ -298,11 +327,18 @@ class OneDnnKernels(NativeKernels):
                          torch.get_num_threads())
         return _measured_choice(configuration, {"winograd": winograd, "direct": direct}, x)
 
-    def preferred_memory_format(self, x: Tensor) -> torch.memory_format:
+    def preferred_memory_format(self, x: Tensor, training: bool = False) -> torch.memory_format:
         # oneDNN runs NCHW convolutions through reorders to and from its blocked layouts: a converted resnet50's
         # inference (batch 16, 160x160, float32) took 662 ms on NCHW input against 528 in channels_last. Inside
         # torch.compile's (or torch.jit.trace's) trace only float32 is answered, since the dtype query would break
         # the graph (and its boolean result cannot be traced).
+        # In training an NCHW model's weights stay NCHW (its parameters, gradients and optimizer state are the
+        # user's); channels_last activations pay off where the GEMMs, which read NCHW weights as they are, are
+        # candidates: with oneDNN alone each convolution would convert its weight in every call and its weight
+        # gradient back (a converted resnet18 in NCHW, batch 2 @64: 71 copies a step; the training entry point,
+        # resnet18 batch 32 @64, ran at 0.82x torchvision's).
+        if training and not self._gemms_may_run(x):
+            return super().preferred_memory_format(x)
         tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
         dtypes = frozenset([torch.float32]) if tracing else self._onednn_dtypes
         if x.device.type == "cpu" and x.dim() == 4 and x.dtype in dtypes:
@@ -511,8 +547,11 @@ def _register_fake_implementations() -> None:
         return laid_out_as(grad_output, input_size)
 
     @torch.library.register_fake("fused_resnet::conv_weight_grad_gemm")
-    def _(input, grad_output, kernel_size, stride, padding, dilation):
-        return laid_out_as(input, (grad_output.shape[1], input.shape[1], *kernel_size))
+    def _(input, grad_output, kernel_size, stride, padding, dilation, weight_format=None):
+        shape = (grad_output.shape[1], input.shape[1], *kernel_size)
+        if weight_format is None:
+            return laid_out_as(input, shape)
+        return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=weight_format)
 
     @torch.library.register_fake("fused_resnet::bn_act_backward_elemt")
     def _(grad_output, output, input, mean, coef_dy, coef_xmu, coef_const, input2, mean2, coef2_dy, coef2_xmu,

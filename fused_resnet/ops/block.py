@@ -81,11 +81,11 @@ def _pooled(out: Tensor, max_pool: MaxPoolParams | None) -> Tensor:
     return out if max_pool is None else max_pool.apply(out)
 
 
-def preferred_memory_format(x: Tensor, backend: str | None = None) -> torch.memory_format:
-    """The memory format in which fused blocks run fastest on an input like x: x's own, or the one the backend's
-    convolutions prefer (channels_last on the cpu backend)."""
+def preferred_memory_format(x: Tensor, backend: str | None = None, training: bool = False) -> torch.memory_format:
+    """The memory format in which fused blocks run fastest on an input like x, in inference or (`training`) under
+    autograd: x's own, or the one the backend's convolutions prefer (channels_last on the cpu backend)."""
     name = select_backend(x.device, backend)
-    return memory_format_of(x) if name == "torch" else kernels_for(name).preferred_memory_format(x)
+    return memory_format_of(x) if name == "torch" else kernels_for(name).preferred_memory_format(x, training)
 
 
 def _needs_autograd(inputs: Sequence[Tensor], units: Sequence[ConvBN]) -> bool:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..kernels import kernels_for
 from ..params import BatchNormParams, ConvBN, ConvParams, ZeroPadIdentity
-from ..tensors import memory_format_of
+from ..tensors import dense_strides, memory_format_of
 from .folding import FoldedWeights, fold_batch_norm
 
 
@@ -78,7 +78,7 @@ def _folded_conv_act_op(
     unit = ConvBN(conv, BatchNormParams(bn_weight, bn_bias, running_mean, running_var, eps=eps, training=False))
     zero_pad = ZeroPadIdentity(zero_pad_stride, zero_pad_channels_before) if zero_pad_stride else None
     out = _folded_conv_act(backend, x, unit, index, FoldedWeights.with_handle(cache), residual, relu, zero_pad)
-    if out.stride() == _dense_strides(out.shape, memory_format_of(x)):  # what the fake implementation promises
+    if out.stride() == dense_strides(out.shape, memory_format_of(x)):  # what the fake implementation promises
         return out
     return _output_like(x, out.shape).copy_(out)
 
@@ -107,10 +107,3 @@ def _output_like(x: Tensor, shape: Sequence[int]) -> Tensor:
     """An empty output of `shape` for input x, in x's memory format (as every backend's convolutions lay it out)."""
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
-
-def _dense_strides(shape: Sequence[int], memory_format: torch.memory_format) -> tuple[int, ...]:
-    """The strides of torch.empty(shape, memory_format=memory_format) for a 4-D shape, without making one."""
-    _, channels, height, width = shape
-    if memory_format == torch.channels_last:
-        return (height * width * channels, 1, width * channels, channels)
-    return (channels * height * width, height * width, width, 1)
