@@ -75,34 +75,37 @@ std::pair<int64_t, int64_t> inside_columns(const Geometry& g, int64_t offset) {
   return {begin, std::clamp<int64_t>(ceil_div(g.width - offset, g.stride_w), begin, g.out_w)};
 }
 
-// Channels_last patches of images [first, first + count): col[(image, oh, ow), j], tap (kh, kw) of each patch a copy
-// of one input pixel's channels (one block, or every kh * kw-th element in PatchOrder::kChannelMajor) or zeros in
-// the padding.
+// Channels_last patches of images [first, first + count): col[(image, oh, ow), j], tap (kh, kw) of each patch one
+// input pixel's channels, or zeros in the padding. PatchOrder::kKernelMajor copies each tap's channels as one block;
+// kChannelMajor interleaves the taps channel by channel, writing the row in order from kh * kw read streams (writing
+// each tap's channels at a stride of kh * kw instead took 1.5x as long: 64 channels at 40x40, batch 16).
 template <typename scalar_t>
 void im2col_channels_last(const scalar_t* input, const Geometry& g, int64_t first, int64_t count, PatchOrder order,
                           scalar_t* col) {
-  const int64_t row_length = g.patch();
-  const PatchSteps steps(g, order);
+  const int64_t row_length = g.patch(), taps = g.kernel_h * g.kernel_w;
+  const std::vector<scalar_t> zeros(g.channels, scalar_t(0));  // a padding pixel's channels
   at::parallel_for(0, count * g.pixels(), 16, [&](int64_t begin, int64_t end) {
+    std::vector<const scalar_t*> sources(taps);  // each tap's input pixel
     for (int64_t row = begin; row < end; ++row) {
       const int64_t ow = row % g.out_w, oh = (row / g.out_w) % g.out_h, image = first + row / g.pixels();
       for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
         const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dilation_h;
         for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
           const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dilation_w;
-          scalar_t* out = col + row * row_length + (kh * g.kernel_w + kw) * steps.tap_step;
-          const bool padding = ih < 0 || ih >= g.height || iw < 0 || iw >= g.width;
-          const scalar_t* pixel = input + ((image * g.height + ih) * g.width + iw) * g.channels;
-          if (steps.channel_step == 1) {
-            if (padding) {
-              std::fill(out, out + g.channels, scalar_t(0));
-            } else {
-              std::memcpy(out, pixel, g.channels * sizeof(scalar_t));
-            }
-          } else {
-            for (int64_t c = 0; c < g.channels; ++c) {
-              out[c * steps.channel_step] = padding ? scalar_t(0) : pixel[c];
-            }
+          const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+          sources[kh * g.kernel_w + kw] =
+              inside ? input + ((image * g.height + ih) * g.width + iw) * g.channels : zeros.data();
+        }
+      }
+      scalar_t* out = col + row * row_length;
+      if (order == PatchOrder::kKernelMajor) {
+        for (int64_t t = 0; t < taps; ++t) {
+          std::memcpy(out + t * g.channels, sources[t], g.channels * sizeof(scalar_t));
+        }
+      } else {
+        for (int64_t c = 0; c < g.channels; ++c) {
+          for (int64_t t = 0; t < taps; ++t) {
+            *out++ = sources[t][c];
           }
         }
       }
