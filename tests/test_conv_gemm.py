@@ -5,6 +5,7 @@ choice between them and oneDNN's direct convolutions in training."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import fused_resnet
 from conftest import assert_rel, randomize_batchnorms, rel_err
 from fused_resnet import _native, use_backend
 from fused_resnet.kernels import kernels_for
+from fused_resnet.kernels import native
 from fused_resnet.kernels.native import CONVOLUTION_CHOICES
 from fused_resnet.params import ConvParams
 from fused_resnet.tensors import memory_format_of
@@ -220,19 +222,22 @@ def gemm_calls(block, x):
 
 class Measured:
     """CONVOLUTION_CHOICES's measure: runs each candidate once, checks that they agree (values and layout), and
-    gives the GEMM the smaller time where `gemm_wins`; `calls` lists the measurements."""
+    gives the candidate named `winner` the smaller time (1 ms, the others 2), the GEMM where there is no such
+    candidate; `calls` lists the measurements."""
 
     def __init__(self) -> None:
-        self.gemm_wins = True
+        self.winner = "gemm"
         self.calls: list[list[str]] = []
 
     def __call__(self, candidates):
         self.calls.append(sorted(candidates))
         results = {name: run() for name, run in candidates.items()}
         tolerance = LOW_PRECISION_TOLERANCE.get(results["gemm"].dtype, TOLERANCE)
-        assert_rel(results["gemm"], results["direct"], tolerance, "the candidates compute the same")
-        assert layout_strides(results["gemm"]) == layout_strides(results["direct"])
-        return {"gemm": 1e-3, "direct": 2e-3} if self.gemm_wins else {"gemm": 2e-3, "direct": 1e-3}
+        for name, result in results.items():
+            assert_rel(result, results["gemm"], tolerance, f"{name} computes what the GEMM does")
+            assert layout_strides(result) == layout_strides(results["gemm"]), name
+        winner = self.winner if self.winner in candidates else "gemm"
+        return {name: 1e-3 if name == winner else 2e-3 for name in candidates}
 
 
 @pytest.fixture
@@ -246,7 +251,7 @@ def measured(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_training_runs_each_convolution_as_measured_faster_once(measured, layout):
+def test_training_runs_each_convolution_as_measured_faster_once(measured, monkeypatch, layout):
     """Each configuration (forward, input gradient, weight gradient) is measured at its first call and computed as
     chosen from then on; cpu_convolution_choices() names each with its times (an NCHW weight with channels_last
     activations as such: its own configuration)."""
@@ -268,16 +273,48 @@ def test_training_runs_each_convolution_as_measured_faster_once(measured, layout
         # input, itself a candidate
         f"weight gradient 2x8x6x6{suffix} -> 16x8x1x1, stride 1, padding 0",
     ]
+    # oneDNN's channels_last forward of an NCHW weight is never a candidate here (its rounding is still measured)
+    monkeypatch.setattr(native, "ROUNDING_ALLOWANCE", -1.0)
     # each measurement runs the GEMM once, then the step runs it
     assert gemm_calls(block, x) == 2 * 7 and len(measured.calls) == 7
     assert gemm_calls(block, x) == 7 and len(measured.calls) == 7
-    assert fused_resnet.cpu_convolution_choices() == {
+    choices = fused_resnet.cpu_convolution_choices()
+    roundings = {name: choice.pop("channels_last rounding") for name, choice in choices.items()
+                 if "channels_last rounding" in choice}
+    assert choices == {
         f"{name}, {threads} threads": {"algorithm": "gemm", "ms": {"direct": 2.0, "gemm": 1.0}}
         for name in expected_names}
-    measured.gemm_wins = False  # a new batch size: new configurations, measured, then run directly
+    # measured for the forwards of NCHW 3x3 weights with channels_last activations, and only those
+    assert sorted(roundings) == sorted(name for name in choices if name.startswith("forward") and " NCHW" in name)
+    assert len(roundings) == (2 if layout == "nchw_weight" else 0)
+    assert all(0 < ratio < math.inf for ratio in roundings.values())
+    measured.winner = "direct"  # a new batch size: new configurations, measured, then run directly
     assert gemm_calls(block, torch.randn(3, 8, 12, 12).contiguous(memory_format=memory_format)) == 7
     assert len(measured.calls) == 14
     assert gemm_calls(block, torch.randn(3, 8, 12, 12).contiguous(memory_format=memory_format)) == 0
+
+
+@pytest.mark.parametrize("allowance, candidate", [(math.inf, True), (-1.0, False)])
+def test_an_nchw_weights_channels_last_forward_is_a_candidate_where_it_rounds_as_nchw(measured, monkeypatch, allowance,
+                                                                                     candidate):
+    """oneDNN's channels_last forward of an NCHW weight (channels_last activations) is a candidate where its error
+    against float64 on the configuration's first call is within ROUNDING_ALLOWANCE of the NCHW forward's: measured
+    once per configuration (the ratio cpu_convolution_choices() shows), then each call either way."""
+    monkeypatch.setattr(native, "ROUNDING_ALLOWANCE", allowance)
+    monkeypatch.setattr(native, "CHANNELS_LAST_ROUNDING", {})
+    measured.winner = "channels_last"
+    kernels = kernels_for("cpu")
+    conv = ConvParams(torch.randn(8, 5, 3, 3), None, (1, 1), (1, 1), (1, 1), 1)
+    x = torch.randn(2, 5, 7, 7).contiguous(memory_format=torch.channels_last)
+    exact = F.conv2d(x.double(), conv.weight.double(), padding=1)
+    for _ in range(2):
+        out = kernels.conv(x, conv)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_rel(out, exact, TOLERANCE, "forward")
+    assert measured.calls == [["channels_last", "direct", "gemm"] if candidate else ["direct", "gemm"]]
+    (name, choice), = fused_resnet.cpu_convolution_choices().items()
+    assert choice["algorithm"] == ("channels_last" if candidate else "gemm")
+    assert choice["channels_last rounding"] == round(next(iter(native.CHANNELS_LAST_ROUNDING.values())), 2) > 0
 
 
 def test_what_is_not_a_candidate(measured):
@@ -309,13 +346,18 @@ def test_what_is_not_a_candidate(measured):
         "forward", "weight gradient"]
 
 
-@pytest.mark.parametrize("gemm_wins", [True, False])
 @pytest.mark.parametrize("memory", ["default", "min"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_training_step_through_either_algorithm_matches_float64(measured, layout, gemm_wins, memory):
+@pytest.mark.parametrize("layout, winner", [
+    (layout, winner) for layout in LAYOUTS
+    for winner in ("gemm", "direct", *(("channels_last",) if layout == "nchw_weight" else ()))])
+def test_a_training_step_through_either_algorithm_matches_float64(measured, monkeypatch, layout, winner, memory):
     """Output, every gradient (in its parameter's layout, NCHW ones too under channels_last activations) and the
-    running statistics against the float64 module, in both memory policies, on a step after the one that chose."""
-    measured.gemm_wins = gemm_wins
+    running statistics against the float64 module, in both memory policies, on a step after the one that chose:
+    with the GEMMs chosen, oneDNN's convolutions, or (an NCHW weight with channels_last activations) oneDNN's
+    channels_last forward for the 3x3 layer, the GEMMs for the 1x1 ones."""
+    measured.winner = winner
+    # oneDNN's channels_last forward of an NCHW weight as a candidate (and, by Measured, the winner) wherever asked
+    monkeypatch.setattr(native, "ROUNDING_ALLOWANCE", math.inf)
     memory_format, weight_format = LAYOUTS[layout]
     block = randomize_batchnorms(fused_resnet.Bottleneck(64, 16, stride=2, downsample=torch.nn.Sequential(
         torch.nn.Conv2d(64, 64, 1, stride=2, bias=False), torch.nn.BatchNorm2d(64)), memory=memory))
@@ -326,8 +368,11 @@ def test_a_training_step_through_either_algorithm_matches_float64(measured, layo
     grad = torch.randn(3, 64, 5, 5).contiguous(memory_format=memory_format)
     # 4 convolutions, each forward, input and weight gradient measured; "min" recomputes conv3's and the
     # projection's outputs in backward
-    runs = 12 + (12 + (2 if memory == "min" else 0) if gemm_wins else 0)
-    assert gemm_calls(block, x) == runs and len(measured.calls) == 12
+    runs = gemm_calls(block, x)
+    chosen = [choice["algorithm"] for choice in fused_resnet.cpu_convolution_choices().values()]
+    assert len(measured.calls) == 12 and chosen.count(winner) == (1 if winner == "channels_last" else 12)
+    # each measurement runs the GEMM once, then the step each chosen one; "min" recomputes the two 1x1 outputs
+    assert runs == 12 + chosen.count("gemm") + (2 if memory == "min" and winner != "direct" else 0)
     x.grad = None
     block.zero_grad()
     block.load_state_dict(exact.state_dict())  # the same starting point

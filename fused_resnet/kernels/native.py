@@ -61,14 +61,18 @@ def cpu_convolution_choices() -> dict[str, dict]:
     """What the cpu backend runs for each convolution configuration it has measured so far
     (use_cpu_convolutions("auto")): {"<input shape> -> <output channels>[ + residual][, relu], <n> threads" for an
     inference 3x3 convolution, "<forward | input gradient | weight gradient> <input shape> [channels_last] ->
-    <weight shape>, stride <s>, padding <p>[, dilation <d>], <n> threads" for a training one: {"algorithm":
-    "winograd" or "direct", or "gemm" or "direct", "ms": each candidate's median milliseconds per call}}. Each
-    configuration is measured once, at its first call, and runs the chosen algorithm from then on."""
+    <weight shape>[ NCHW], stride <s>, padding <p>[, dilation <d>], <n> threads" for a training one: {"algorithm":
+    "winograd" or "direct", or "gemm", "direct" or "channels_last", "ms": each candidate's median milliseconds per
+    call}}, and for the forward of an NCHW weight with channels_last activations "channels_last rounding": how many
+    times as much as oneDNN's NCHW forward its channels_last one rounded (a candidate up to ROUNDING_ALLOWANCE).
+    Each configuration is measured once, at its first call, and runs the chosen algorithm from then on."""
     choices = {}
     for configuration, choice in CONVOLUTION_CHOICES.items():
         choices[_describe(configuration)] = {
             "algorithm": choice.algorithm,
             "ms": {algorithm: round(seconds * 1e3, 3) for algorithm, seconds in choice.seconds.items()}}
+        if configuration in CHANNELS_LAST_ROUNDING:
+            choices[_describe(configuration)]["channels_last rounding"] = round(CHANNELS_LAST_ROUNDING[configuration], 2)
     return choices
 
 
@@ -171,19 +175,19 @@ class OneDnnKernels(NativeKernels):
         if self._winograd_runs(x, conv):
             return self.ops.winograd_conv3x3(x, self.ops.winograd_weight_transform(conv.weight), conv.bias, None,
                                              False)
-        if self._gemm_chosen("forward", x, conv):
+        algorithm = self._training_algorithm("forward", x, conv)
+        if algorithm == "gemm":
             return self._gemm("forward", x, conv)
-        return self._direct_forward(x, conv)
+        return self._direct_forward(x, conv, in_channels_last=algorithm == "channels_last")
 
-    def _direct_forward(self, x: Tensor, conv: ConvParams) -> Tensor:
+    def _direct_forward(self, x: Tensor, conv: ConvParams, in_channels_last: bool = False) -> Tensor:
         """oneDNN's convolution. Channels_last activations with an NCHW 3x3 or 7x7 weight (an NCHW model's blocks in
         training, which run channels_last: FusedStem.enter_blocks) convolve in NCHW, the activations converted there
-        and back: oneDNN's channels_last forward rounds about twice as much as its NCHW one on an AVX-512 CPU, and an
-        NCHW model is held to torchvision's NCHW rounding (tests/test_training_accuracy.py). resnet18 at 96x96,
-        batch 4, on a 2-core AVX-512 Xeon: block outputs 1.3-1.7x as far from float64 as torchvision's with the
-        channels_last convolution, 1.0-1.1x this way; the step time is the measured choice's to weigh against the
-        GEMM's, which reads the NCHW weight as it is."""
-        if is_channels_last(x) and _nchw_weight(conv.weight):
+        and back, unless `in_channels_last` (_rounds_as_nchw): oneDNN's channels_last forward can round several times
+        as much as its NCHW one, and an NCHW model is held to torchvision's NCHW rounding
+        (tests/test_training_accuracy.py). resnet18 at 96x96, batch 4, on a 2-core AVX-512 Xeon: block outputs
+        1.3-1.7x as far from float64 as torchvision's with every such layer channels_last, 1.0-1.1x in NCHW."""
+        if is_channels_last(x) and _nchw_weight(conv.weight) and not in_channels_last:
             return super().conv(x.contiguous(), conv).contiguous(memory_format=torch.channels_last)
         return super().conv(x, conv)
 
@@ -192,8 +196,10 @@ class OneDnnKernels(NativeKernels):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         winograd_input = need_input and self._winograd_runs(grad_y, conv)
         winograd_weight = need_weight and self._winograd_runs(x, conv) and is_channels_last(grad_y)
-        gemm_input = need_input and not winograd_input and self._gemm_chosen("input_grad", x, conv, grad_y)
-        gemm_weight = need_weight and not winograd_weight and self._gemm_chosen("weight_grad", x, conv, grad_y)
+        gemm_input = (need_input and not winograd_input
+                      and self._training_algorithm("input_grad", x, conv, grad_y) == "gemm")
+        gemm_weight = (need_weight and not winograd_weight
+                       and self._training_algorithm("weight_grad", x, conv, grad_y) == "gemm")
         if not (winograd_input or winograd_weight or gemm_input or gemm_weight):
             return super().conv_backward(grad_y, x, conv, need_input, need_weight, need_bias)
         grad_x, grad_weight, grad_bias = super().conv_backward(
@@ -222,10 +228,13 @@ class OneDnnKernels(NativeKernels):
         return self.ops.conv_weight_grad_gemm(x, grad_y, list(conv.weight.shape[2:]), *geometry,
                                               strides_format(conv.weight))
 
-    def _gemm_chosen(self, kind: str, x: Tensor, conv: ConvParams, grad_y: Tensor | None = None) -> bool:
-        """Whether this convolution's `kind` (see _gemm) runs as a GEMM rather than oneDNN's direct convolution:
-        measured the first time its configuration (kind, input and weight shapes, geometry, layout, thread count)
-        comes, on these very tensors, and fixed from then on (CONVOLUTION_CHOICES, _measured_choice). oneDNN's
+    def _training_algorithm(self, kind: str, x: Tensor, conv: ConvParams, grad_y: Tensor | None = None) -> str:
+        """"gemm" where this convolution's `kind` (see _gemm) runs as a GEMM, "direct" where as oneDNN's direct
+        convolution, "channels_last" where an NCHW weight's forward with channels_last activations runs as oneDNN's
+        channels_last convolution (_direct_forward): measured the first time its configuration (kind, input and
+        weight shapes, geometry, layouts, thread count) comes, on these very tensors, and fixed from then on
+        (CONVOLUTION_CHOICES, _measured_choice). The last is a candidate only where it rounds as the NCHW
+        convolution does (_rounds_as_nchw). oneDNN's
         direct convolutions run far below the GEMM's speed on small images with many channels: on a 2-core AVX-512
         Xeon, ResNet's 512-channel 3x3 layer at 4x4 pixels, batch 4, channels_last, took 2.2 ms forward, 2.4 for
         the input gradient and 8.9 for the weight gradient, against 1.5, 1.5 and 1.2 as GEMMs; the GEMMs lose on
@@ -233,7 +242,8 @@ class OneDnnKernels(NativeKernels):
         machine at hand decides. Candidates (_gemm_suits): float32 convolutions of one group, eagerly, under "auto"
         (or "winograd", where Winograd does not run)."""
         if not self._gemm_suits(kind, x, conv, grad_y):
-            return False
+            return "direct"
+
         def direct() -> Tensor:
             if kind == "forward":
                 return self._direct_forward(x, conv)
@@ -245,7 +255,10 @@ class OneDnnKernels(NativeKernels):
                          tuple(conv.dilation), is_channels_last(x), _nchw_weight(conv.weight),
                          torch.get_num_threads())
         candidates = {"direct": direct, "gemm": lambda: self._gemm(kind, x, conv, grad_y)}
-        return _measured_choice(configuration, candidates, x) == "gemm"
+        if kind == "forward" and is_channels_last(x) and _nchw_weight(conv.weight) and _rounds_as_nchw(
+                configuration, x, conv):
+            candidates["channels_last"] = lambda: self._direct_forward(x, conv, in_channels_last=True)
+        return _measured_choice(configuration, candidates, x)
 
     @staticmethod
     def _gemms_may_run(x: Tensor) -> bool:
@@ -422,6 +435,35 @@ def _measured_choice(configuration: tuple, candidates: dict[str, Callable[[], ob
         made = CONVOLUTION_CHOICES.made(configuration)
         return made.algorithm if made is not None else "direct"
     return CONVOLUTION_CHOICES.choose(configuration, candidates)
+
+
+# Whether oneDNN's channels_last forward rounds as its NCHW one, for each configuration asked (_rounds_as_nchw), with
+# the ratio of the two errors measured.
+CHANNELS_LAST_ROUNDING: dict[tuple, float] = {}
+# How much more than oneDNN's NCHW convolution another forward may round, by its largest error against float64
+# relative to the largest output, on a configuration's first call: the GEMMs' own measure 1.0-1.6x on ResNet's
+# layers, and with them a model's activations stay within the accuracy test's bound (resnet18 at 96x96: 1.1-1.3x
+# torchvision's NCHW distance with every forward a GEMM). oneDNN's channels_last forward measured 2.5-7.7x on the
+# 64-512-channel 3x3 layers of an AVX-512 Xeon, 1.0x on the 3-channel 7x7 stem, where it runs 3x as fast.
+ROUNDING_ALLOWANCE = 1.6
+
+
+def _rounds_as_nchw(configuration: tuple, x: Tensor, conv: ConvParams) -> bool:
+    """Whether oneDNN's channels_last forward of this configuration (channels_last x, an NCHW weight) rounds within
+    ROUNDING_ALLOWANCE of its NCHW forward: measured once per configuration on x against float64
+    (CHANNELS_LAST_ROUNDING), never on fake tensors or in a trace (there: no)."""
+    if configuration not in CHANNELS_LAST_ROUNDING:
+        if torch.jit.is_tracing() or isinstance(x, FakeTensor):
+            return False
+        geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        exact = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                         *geometry)
+        scale = exact.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        errors = [(F.conv2d(x_laid, weight, conv.bias, *geometry).double() - exact).abs().max() / scale
+                  for x_laid, weight in ((x.contiguous(), conv.weight),
+                                         (x, conv.weight.contiguous(memory_format=torch.channels_last)))]
+        CHANNELS_LAST_ROUNDING[configuration] = (errors[1] / errors[0].clamp_min(1e-30)).item()
+    return CHANNELS_LAST_ROUNDING[configuration] <= ROUNDING_ALLOWANCE
 
 
 def _winograd_suits(x: Tensor, conv: ConvParams) -> bool:
