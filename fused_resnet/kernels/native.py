@@ -68,11 +68,11 @@ def cpu_convolution_choices() -> dict[str, dict]:
     Each configuration is measured once, at its first call, and runs the chosen algorithm from then on."""
     choices = {}
     for configuration, choice in CONVOLUTION_CHOICES.items():
-        choices[_describe(configuration)] = {
+        entry = choices[_describe(configuration)] = {
             "algorithm": choice.algorithm,
             "ms": {algorithm: round(seconds * 1e3, 3) for algorithm, seconds in choice.seconds.items()}}
         if configuration in CHANNELS_LAST_ROUNDING:
-            choices[_describe(configuration)]["channels_last rounding"] = round(CHANNELS_LAST_ROUNDING[configuration], 2)
+            entry["channels_last rounding"] = round(CHANNELS_LAST_ROUNDING[configuration], 2)
     return choices
 
 
