@@ -70,7 +70,8 @@ class FusedStem(Fusable):
         each end. In inference an NCHW input runs channels_last on the cpu backend, with weights folded in that
         layout once. Under autograd too, where the cpu backend's GEMMs may run: they read the NCHW parameters as
         they are and give their gradients in that layout (resnet50 at batch 16, 160x160, float32 NCHW on a 2-core
-        AVX-512 Xeon: a fused train step 1,034 ms with NCHW blocks, ZZZ with channels_last ones, torchvision's 1,093).
+        AVX-512 Xeon, paired: the fused train step 1.03x torchvision's with NCHW blocks, 1.17x with channels_last
+        ones; docs/design.md §4).
         Under torch.compile the preferred layout in training too: a compiled NCHW model with NCHW blocks trained
         slower than eager (resnet50 at batch 4, 128x128: 0.85x torchvision eager, against 0.98x with channels_last
         blocks, paired runs on an AVX-512 Xeon; at batch 16, 160x160: 0.84x, against 1.10x)."""
